@@ -1,0 +1,153 @@
+"""Typed configuration: one pydantic model per top-level key of `parameters_sft.yml`.
+
+Each node parses the parameter sections it reads once, at its start, so a typo or a bad value
+fails with the key path and the allowed values before any expensive work (DESIGN principle 5).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A parameter section failed validation; the message names every bad key path."""
+
+
+class _Section(BaseModel):
+    # extra="forbid": an unknown key is almost always a typo (`learning_rte`), never intended.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+SchemaName = Literal["auto", "prompt_response", "alpaca", "messages", "sharegpt", "text"]
+
+
+class DataConfig(_Section):
+    path: str | list[str] = "data/01_raw/demo_sft.jsonl"
+    schema_: SchemaName = Field("auto", alias="schema")
+    # Maps our field names (prompt, response, instruction, input, output, system, messages,
+    # conversations, text) to the dataset's column names.
+    columns: dict[str, str] = Field(default_factory=dict)
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    seed: int = 42
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ValidationConfig(_Section):
+    max_rejected_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    max_chars: int = Field(32_000, gt=0)
+    require_assistant_last: bool = True
+    reject_duplicates: bool = True
+
+
+class ModelConfig(_Section):
+    name_or_path: str = "smollm2-135m-instruct"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
+
+
+class TemplateConfig(_Section):
+    # "tokenizer" uses the tokenizer's own chat template; else chatml, alpaca or a .jinja path.
+    chat_template: str = "tokenizer"
+    system_prompt: str | None = None
+
+
+class TokenizationConfig(_Section):
+    max_seq_length: int = Field(512, gt=1)
+    batch_size: int = Field(256, gt=0)
+
+
+class QuantizationConfig(_Section):
+    load_in_4bit: bool = True
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class LoraConfig(_Section):
+    enabled: bool = True
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = "all-linear"
+    use_rslora: bool = False
+    use_dora: bool = False
+
+
+class TrainingConfig(_Section):
+    output_dir: str = "data/06_models/checkpoints"
+    num_train_epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1
+    per_device_train_batch_size: int = Field(8, gt=0)
+    per_device_eval_batch_size: int = Field(8, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    optim: Literal["adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit", "adafactor"] = (
+        "adamw_torch"
+    )
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    gradient_checkpointing: bool = False
+    packing: bool = True
+    pad_to_multiple_of: int | None = 8
+    logging_steps: int = Field(1, gt=0)
+    save_steps: int = Field(50, gt=0)
+    save_total_limit: int | None = 2
+    eval_steps: int | None = None
+    resume: Literal["auto", "never"] = "auto"
+    report_to: str | list[str] = "none"
+    seed: int = 42
+    num_processes: int = Field(1, gt=0)
+    dataloader_num_workers: int = Field(0, ge=0)
+
+
+class EvaluationConfig(_Section):
+    max_samples: int = Field(50, ge=0)
+    max_new_tokens: int = Field(64, gt=0)
+    batch_size: int = Field(8, gt=0)
+
+
+class SFTParameters(_Section):
+    """All of `parameters_sft.yml`; nodes usually parse only their own sections."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    template: TemplateConfig = Field(default_factory=TemplateConfig)
+    tokenization: TokenizationConfig = Field(default_factory=TokenizationConfig)
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _none_is_default(cls, value: Any) -> Any:
+        # An empty YAML section (`lora:`) parses as None; treat it as "all defaults".
+        return {} if value is None else value
+
+
+_S = TypeVar("_S", bound=BaseModel)
+
+
+def parse_section(model: type[_S], values: dict[str, Any] | None, key: str) -> _S:
+    """Parse one parameter section, re-raising pydantic's errors with `key.path` and hints."""
+    try:
+        return model.model_validate(values or {})
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            path = ".".join([key, *(str(p) for p in err["loc"])])
+            hint = ""
+            if err["type"] == "extra_forbidden":
+                allowed = sorted(f.alias or n for n, f in model.model_fields.items())
+                hint = f" (allowed keys: {', '.join(allowed)})"
+            problems.append(f"  {path}: {err['msg']}{hint}")
+        raise ConfigError(f"invalid parameters in `{key}`:\n" + "\n".join(problems)) from None

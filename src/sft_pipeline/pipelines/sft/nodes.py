@@ -1,0 +1,146 @@
+"""Thin node functions: parse the parameter sections, call the library, return artifacts.
+
+The work lives in modules that do not import Kedro (DESIGN principle 2); each node here only
+turns Kedro's inputs into typed config and library calls.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from sft_pipeline import config as C
+
+log = logging.getLogger(__name__)
+REJECTED_RECORDS_PATH = "data/08_reporting/rejected_records.jsonl"
+
+
+def ingest_records(data: dict[str, Any]) -> pd.DataFrame:
+    from sft_pipeline.ingestion import ingest
+
+    records = ingest(C.parse_section(C.DataConfig, data, "data"))
+    log.info("ingested %d records", len(records))
+    return records
+
+
+def validate_records(
+    records: pd.DataFrame, validation: dict[str, Any]
+) -> tuple[pd.DataFrame, list[dict[str, Any]], dict[str, Any]]:
+    from sft_pipeline.validation import validate
+
+    return validate(records, C.parse_section(C.ValidationConfig, validation, "validation"))
+
+
+def split_records(
+    valid_records: pd.DataFrame,
+    validation_report: dict[str, Any],
+    data: dict[str, Any],
+    validation: dict[str, Any],
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    from sft_pipeline.splitting import split
+    from sft_pipeline.validation import check_rejected_fraction
+
+    # The gate runs here, after validate_records has saved the rejects, so the error can point
+    # at a file that exists.
+    check_rejected_fraction(
+        validation_report,
+        C.parse_section(C.ValidationConfig, validation, "validation"),
+        REJECTED_RECORDS_PATH,
+    )
+    return split(valid_records, C.parse_section(C.DataConfig, data, "data"))
+
+
+def prepare_base_model(model: dict[str, Any]):
+    from sft_pipeline.models import prepare_base_model as prepare
+
+    return prepare(C.parse_section(C.ModelConfig, model, "model"))
+
+
+def render_conversations(
+    train_records: pd.DataFrame,
+    eval_records: pd.DataFrame,
+    base_model: Path,
+    template: dict[str, Any],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    from sft_pipeline.models import load_tokenizer
+    from sft_pipeline.templating import render_records
+
+    cfg = C.parse_section(C.TemplateConfig, template, "template")
+    tokenizer = load_tokenizer(base_model)
+    return render_records(train_records, tokenizer, cfg), render_records(
+        eval_records, tokenizer, cfg
+    )
+
+
+def tokenize_conversations(
+    train_texts: list[dict[str, Any]],
+    eval_texts: list[dict[str, Any]],
+    base_model: Path,
+    tokenization: dict[str, Any],
+):
+    from sft_pipeline.models import load_tokenizer
+    from sft_pipeline.tokenization import summarize_token_stats, tokenize_texts
+
+    cfg = C.parse_section(C.TokenizationConfig, tokenization, "tokenization")
+    tokenizer = load_tokenizer(base_model)
+    train_tokens, train_rejected = tokenize_texts(train_texts, tokenizer, cfg)
+    eval_tokens, eval_rejected = tokenize_texts(eval_texts, tokenizer, cfg)
+    stats = summarize_token_stats(
+        {"train": (train_texts, train_tokens, train_rejected),
+         "eval": (eval_texts, eval_tokens, eval_rejected)},
+        cfg,
+    )
+    return train_tokens, eval_tokens, stats
+
+
+def train_adapter(
+    base_model: Path,
+    train_tokens,
+    eval_tokens,
+    quantization: dict[str, Any],
+    lora: dict[str, Any],
+    training: dict[str, Any],
+):
+    from sft_pipeline.training import train
+
+    return train(
+        base_model,
+        train_tokens,
+        eval_tokens,
+        C.parse_section(C.QuantizationConfig, quantization, "quantization"),
+        C.parse_section(C.LoraConfig, lora, "lora"),
+        C.parse_section(C.TrainingConfig, training, "training"),
+    )
+
+
+def merge_adapter(
+    base_model: Path, adapter: Path, data: dict[str, Any], training_summary: dict[str, Any]
+):
+    from sft_pipeline.merging import merge
+
+    return merge(base_model, adapter, C.parse_section(C.DataConfig, data, "data"), training_summary)
+
+
+def evaluate_model(
+    base_model: Path,
+    merged_model: Path,
+    eval_texts: list[dict[str, Any]],
+    eval_tokens,
+    training_history: list[dict[str, Any]],
+    token_stats: dict[str, Any],
+    evaluation: dict[str, Any],
+):
+    from sft_pipeline.evaluation import evaluate
+
+    return evaluate(
+        base_model,
+        merged_model,
+        eval_texts,
+        eval_tokens,
+        training_history,
+        token_stats,
+        C.parse_section(C.EvaluationConfig, evaluation, "evaluation"),
+    )

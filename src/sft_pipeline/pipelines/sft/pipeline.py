@@ -1,0 +1,81 @@
+"""The `sft` pipeline, declared. Node names and dataset names are part of the interface."""
+
+from kedro.pipeline import Pipeline, node
+
+from sft_pipeline.pipelines.sft import nodes
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline(
+        [
+            node(
+                nodes.ingest_records,
+                inputs="params:data",
+                outputs="records",
+                name="ingest_records",
+            ),
+            node(
+                nodes.validate_records,
+                inputs=["records", "params:validation"],
+                outputs=["valid_records", "rejected_records", "validation_report"],
+                name="validate_records",
+            ),
+            node(
+                nodes.split_records,
+                inputs=["valid_records", "validation_report", "params:data", "params:validation"],
+                outputs=["train_records", "eval_records"],
+                name="split_records",
+            ),
+            node(
+                nodes.prepare_base_model,
+                inputs="params:model",
+                outputs="base_model",
+                name="prepare_base_model",
+            ),
+            node(
+                nodes.render_conversations,
+                inputs=["train_records", "eval_records", "base_model", "params:template"],
+                outputs=["train_texts", "eval_texts"],
+                name="render_conversations",
+            ),
+            node(
+                nodes.tokenize_conversations,
+                inputs=["train_texts", "eval_texts", "base_model", "params:tokenization"],
+                outputs=["train_tokens", "eval_tokens", "token_stats"],
+                name="tokenize_conversations",
+            ),
+            node(
+                nodes.train_adapter,
+                inputs=[
+                    "base_model",
+                    "train_tokens",
+                    "eval_tokens",
+                    "params:quantization",
+                    "params:lora",
+                    "params:training",
+                ],
+                outputs=["adapter", "training_history", "training_summary"],
+                name="train_adapter",
+            ),
+            node(
+                nodes.merge_adapter,
+                inputs=["base_model", "adapter", "params:data", "training_summary"],
+                outputs="merged_model",
+                name="merge_adapter",
+            ),
+            node(
+                nodes.evaluate_model,
+                inputs=[
+                    "base_model",
+                    "merged_model",
+                    "eval_texts",
+                    "eval_tokens",
+                    "training_history",
+                    "token_stats",
+                    "params:evaluation",
+                ],
+                outputs=["metrics", "eval_generations", "evaluation_plots"],
+                name="evaluate_model",
+            ),
+        ]
+    )
