@@ -13,23 +13,88 @@ import json
 import random
 from pathlib import Path
 
-ITEMS = ["mug", "notebook", "backpack", "lamp", "umbrella", "scarf", "kettle", "chair",
-         "pillow", "wallet", "teapot", "candle", "jacket", "headphones", "bottle", "towel"]
+ITEMS = [
+    "mug",
+    "notebook",
+    "backpack",
+    "lamp",
+    "umbrella",
+    "scarf",
+    "kettle",
+    "chair",
+    "pillow",
+    "wallet",
+    "teapot",
+    "candle",
+    "jacket",
+    "headphones",
+    "bottle",
+    "towel",
+]
 COLORS = ["red", "blue", "green", "black", "white", "yellow", "grey", "orange", "purple", "pink"]
-CITIES = ["Berlin", "Lisbon", "Oslo", "Madrid", "Dublin", "Vienna", "Prague", "Warsaw",
-          "Athens", "Zurich", "Rome", "Paris", "Helsinki", "Budapest", "Brussels", "Porto"]
+CITIES = [
+    "Berlin",
+    "Lisbon",
+    "Oslo",
+    "Madrid",
+    "Dublin",
+    "Vienna",
+    "Prague",
+    "Warsaw",
+    "Athens",
+    "Zurich",
+    "Rome",
+    "Paris",
+    "Helsinki",
+    "Budapest",
+    "Brussels",
+    "Porto",
+]
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
-NAMES = ["Ana", "Ben", "Chloe", "Dmitri", "Elif", "Farid", "Greta", "Hugo", "Ines", "Jonas",
-         "Kira", "Luca", "Mina", "Nils", "Olga", "Pedro", "Quinn", "Rosa", "Sven", "Tara"]
-NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven",
-                8: "eight", 9: "nine", 10: "ten", 12: "twelve"}
+NAMES = [
+    "Ana",
+    "Ben",
+    "Chloe",
+    "Dmitri",
+    "Elif",
+    "Farid",
+    "Greta",
+    "Hugo",
+    "Ines",
+    "Jonas",
+    "Kira",
+    "Luca",
+    "Mina",
+    "Nils",
+    "Olga",
+    "Pedro",
+    "Quinn",
+    "Rosa",
+    "Sven",
+    "Tara",
+]
+NUMBER_WORDS = {
+    1: "one",
+    2: "two",
+    3: "three",
+    4: "four",
+    5: "five",
+    6: "six",
+    7: "seven",
+    8: "eight",
+    9: "nine",
+    10: "ten",
+    12: "twelve",
+}
 
 TEMPLATES = [
     "Hi, this is {name}. I'd like {qty} {color} {item}{s} delivered to {city} by {day}.",
     "Please send {qty} {item}{s} in {color} to {city}. I need them before {day}. Thanks, {name}",
-    "{name} here: could you ship {qty} {color} {item}{s} to our office in {city}? {day} at the latest.",
+    "{name} here: could you ship {qty} {color} {item}{s} to our office in {city}? "
+    "{day} at the latest.",
     "Order request from {name} - {qty} x {item} ({color}), destination {city}, deliver by {day}.",
-    "Hello! Can I get {qty} of the {color} {item}{s}? Ship to {city}, please, no later than {day}. - {name}",
+    "Hello! Can I get {qty} of the {color} {item}{s}? Ship to {city}, please, "
+    "no later than {day}. - {name}",
     "We need {qty} {item}{s}, colour {color}, in {city} by {day}. Contact: {name}.",
 ]
 INSTRUCTION = (

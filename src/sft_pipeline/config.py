@@ -90,9 +90,7 @@ class TrainingConfig(_Section):
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, ge=0.0)
-    optim: Literal["adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit", "adafactor"] = (
-        "adamw_torch"
-    )
+    optim: Literal["adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit", "adafactor"] = "adamw_torch"
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     gradient_checkpointing: bool = False
     packing: bool = True

@@ -48,9 +48,7 @@ class JSONLinesDataset(_FileDataset):
 
     def save(self, data: list[dict[str, Any]] | pd.DataFrame) -> None:
         rows = data.to_dict(orient="records") if isinstance(data, pd.DataFrame) else data
-        write_text(
-            self._filepath, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        )
+        write_text(self._filepath, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 class JSONDataset(_FileDataset):

@@ -89,8 +89,10 @@ def tokenize_conversations(
     train_tokens, train_rejected = tokenize_texts(train_texts, tokenizer, cfg)
     eval_tokens, eval_rejected = tokenize_texts(eval_texts, tokenizer, cfg)
     stats = summarize_token_stats(
-        {"train": (train_texts, train_tokens, train_rejected),
-         "eval": (eval_texts, eval_tokens, eval_rejected)},
+        {
+            "train": (train_texts, train_tokens, train_rejected),
+            "eval": (eval_texts, eval_tokens, eval_rejected),
+        },
         cfg,
     )
     return train_tokens, eval_tokens, stats
