@@ -1,0 +1,52 @@
+"""Errors that stop a run with a message a user can act on.
+
+File-level problems (the input cannot be read as records at all) raise `InputFileError`;
+record-level problems never raise, they are quarantined by validation. `RejectedFractionError`
+stops a run when validation rejected more records than the configured budget allows.
+"""
+
+from __future__ import annotations
+
+
+class InputFileError(ValueError):
+    """An input file (or path) cannot be read as records.
+
+    The message always names the file, and where known the line (or row), the column and the field,
+    what was found and what was expected, so the user can fix the file without a debugger.
+    """
+
+    def __init__(
+        self,
+        file: str,
+        problem: str,
+        *,
+        line: int | None = None,
+        column: int | None = None,
+        field: str | None = None,
+        expected: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.file = file
+        self.line = line
+        self.column = column
+        self.field = field
+        self.problem = problem
+        self.expected = expected
+        self.hint = hint
+        where = file
+        if line is not None:
+            where += f", line {line}"
+            if column is not None:
+                where += f", column {column}"
+        message = f"{where}: {problem}"
+        if field is not None:
+            message += f" (field {field!r})"
+        if expected is not None:
+            message += f"; expected {expected}"
+        if hint is not None:
+            message += f". {hint}"
+        super().__init__(message)
+
+
+class RejectedFractionError(RuntimeError):
+    """Validation rejected more records than `validation.max_rejected_fraction` allows."""
