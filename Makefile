@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test lint format dvc-yaml viz clean-data bench
+.PHONY: setup run test lint format dvc-yaml viz bench lock
 
 setup: $(STAMP)
 
@@ -48,3 +48,7 @@ viz: setup
 bench: setup
 	$(BIN)/python benchmarks/trainer_throughput.py
 	$(BIN)/python benchmarks/dvc_overhead.py
+
+# Re-pin every transitive dependency after changing pyproject.toml (torch is pinned there).
+lock: setup
+	$(BIN)/pip freeze --exclude-editable | grep -v -iE '^(torch|llm.smollm2)==' > requirements.lock
