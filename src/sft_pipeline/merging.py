@@ -1,0 +1,314 @@
+"""Merge a trained adapter into a full-precision base and save a standalone model folder.
+
+The base is always reloaded from disk in fp32: merging into a 4-bit model re-quantizes the
+merged weights, and on CPUs with avx512_bf16 bitsandbytes repacks 4-bit weights in place after
+the first inference, which silently corrupts a merge (../shared/research/stack-probe-cpu.md, 3).
+The saved folder is usable without this project: safetensors weights, tokenizer with its chat
+template, a generation config that stops at the end-of-turn token and pads with a non-EOS
+token, and a model card.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sft_pipeline.config import DataConfig
+from sft_pipeline.models import load_model, load_tokenizer, read_manifest
+
+log = logging.getLogger(__name__)
+
+# Common names of padding-capable tokens, tried after the tokenizer's own pad and unk tokens.
+_PAD_CANDIDATES = (
+    "<|endoftext|>",
+    "<pad>",
+    "<|pad|>",
+    "[PAD]",
+    "<|finetune_right_pad_id|>",
+    "<unk>",
+)
+_ADDED_PAD = "<|pad|>"
+
+
+@dataclass
+class MergedModel:
+    """A merged (or passed-through) model ready to be saved as a standalone folder."""
+
+    model: Any
+    tokenizer: Any
+    model_card: str
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        (path / "README.md").write_text(self.model_card, encoding="utf-8")
+
+
+def adapter_kind(adapter_dir: Path) -> str:
+    """ "peft" for a PEFT adapter folder, "full" for a full model folder (full fine-tuning)."""
+    if (adapter_dir / "adapter_config.json").is_file():
+        return "peft"
+    if (adapter_dir / "config.json").is_file() and any(adapter_dir.glob("*.safetensors")):
+        return "full"
+    raise FileNotFoundError(
+        f"{adapter_dir}: expected a PEFT adapter (adapter_config.json + adapter_model.safetensors)"
+        " or a full model (config.json + *.safetensors)"
+    )
+
+
+def merge(
+    base_model_dir: str | os.PathLike,
+    adapter_dir: str | os.PathLike,
+    data_cfg: DataConfig,
+    training_summary: dict[str, Any],
+) -> MergedModel:
+    import torch
+
+    base_model_dir, adapter_dir = Path(base_model_dir), Path(adapter_dir)
+    manifest = read_manifest(base_model_dir)
+    kind = adapter_kind(adapter_dir)
+    has_tokenizer = any(adapter_dir.glob("tokenizer*"))
+    tokenizer = load_tokenizer(adapter_dir if has_tokenizer else base_model_dir)
+    adapter_config: dict[str, Any] = {}
+    if kind == "peft":
+        adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text("utf-8"))
+        model = merge_adapter(base_model_dir, adapter_dir, len(tokenizer))
+        # Merge in fp32, then store in the base's own dtype (fp32 for the GGUF default).
+        target = manifest.get("dtype") or "float32"
+        model = model.to(getattr(torch, target))
+    else:
+        from transformers import AutoModelForCausalLM
+
+        log.info("%s holds a full model (full fine-tuning): passing it through", adapter_dir)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(adapter_dir),
+            use_safetensors=True,
+            dtype="auto",
+            trust_remote_code=bool(manifest.get("trust_remote_code")),
+        )
+    eos_ids, pad_id = configure_special_tokens(model, tokenizer)
+    card = model_card(
+        manifest, kind, adapter_config, data_cfg, training_summary, eos_ids, pad_id, tokenizer
+    )
+    return MergedModel(model=model.eval(), tokenizer=tokenizer, model_card=card)
+
+
+def merge_adapter(base_model_dir: Path, adapter_dir: Path, vocab_size: int):
+    """Base reloaded in fp32 from disk + PEFT adapter, merged into plain linear layers."""
+    import torch
+    from peft import PeftModel
+
+    base = load_model(base_model_dir, quantization=None, dtype=torch.float32)
+    if vocab_size > base.get_input_embeddings().num_embeddings:
+        # The trainer added tokens (e.g. a pad token): the adapter's saved embeddings expect them.
+        base.resize_token_embeddings(vocab_size)
+    peft_model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    model = peft_model.merge_and_unload()
+    leftovers = sorted(
+        {
+            type(m).__name__
+            for m in model.modules()
+            if "4bit" in type(m).__name__ or "Lora" in type(m).__name__
+        }
+    )
+    if leftovers:
+        raise RuntimeError(f"merge left non-plain layers in the model: {leftovers}")
+    return model
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """EOS plus the special token(s) the chat template puts after an assistant reply.
+
+    Instruct models often end a turn with a token other than the tokenizer's EOS (`<|im_end|>`,
+    `<|eot_id|>`, `<end_of_turn>`); generation must stop there too, or it runs on into a
+    hallucinated next turn.
+    """
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    if not getattr(tokenizer, "chat_template", None):
+        return ids
+    marker = "sft-pipeline-reply-marker"
+    conversation = [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": marker},
+    ]
+    try:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False)
+    except Exception as exc:  # a template may reject this minimal conversation; EOS still stops
+        log.warning("chat template could not render a probe conversation (%s)", exc)
+        return ids
+    if marker not in text:
+        return ids
+    tail = text[text.rindex(marker) + len(marker) :]
+    special = set(tokenizer.all_special_ids) | {
+        i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special
+    }
+    for token_id in tokenizer(tail, add_special_tokens=False)["input_ids"]:
+        if token_id in special and token_id not in ids:
+            ids.append(token_id)
+    return ids
+
+
+def choose_pad_token_id(tokenizer, eos_ids: list[int]) -> int | None:
+    """An existing token that is not an EOS id, or None when a pad token must be added."""
+    vocab = tokenizer.get_vocab()
+    candidates = [tokenizer.pad_token_id, tokenizer.unk_token_id]
+    candidates += [vocab.get(name) for name in _PAD_CANDIDATES]
+    # Other special tokens except BOS (padding with BOS would confuse models that look for it).
+    candidates += sorted(set(tokenizer.all_special_ids) - {tokenizer.bos_token_id})
+    for token_id in candidates:
+        if token_id is not None and token_id not in eos_ids:
+            return token_id
+    return None
+
+
+def configure_special_tokens(model, tokenizer) -> tuple[list[int], int]:
+    """Set generation_config eos (end-of-turn included) and a non-EOS pad on model and tokenizer."""
+    gen = model.generation_config
+    existing = gen.eos_token_id if gen.eos_token_id is not None else []
+    existing = [existing] if isinstance(existing, int) else list(existing)
+    eos_ids = list(dict.fromkeys([*existing, *end_of_turn_ids(tokenizer)]))
+    if not eos_ids:
+        raise ValueError("neither the model nor the tokenizer defines an EOS token")
+    pad_id = choose_pad_token_id(tokenizer, eos_ids)
+    if pad_id is None:
+        # Last resort: a new token changes the vocabulary, so the embeddings grow by one row.
+        log.warning("no non-EOS token to pad with: adding %s and resizing embeddings", _ADDED_PAD)
+        tokenizer.add_special_tokens({"pad_token": _ADDED_PAD})
+        model.resize_token_embeddings(len(tokenizer))
+        pad_id = tokenizer.pad_token_id
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
+    gen.eos_token_id = eos_ids if len(eos_ids) > 1 else eos_ids[0]
+    gen.pad_token_id = pad_id
+    if tokenizer.bos_token_id is not None:
+        gen.bos_token_id = tokenizer.bos_token_id
+    model.config.pad_token_id = pad_id
+    return eos_ids, pad_id
+
+
+# --- model card ---------------------------------------------------------------------------------
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        elif isinstance(value, str | int | float | bool) or value is None:
+            flat[name] = value
+        elif isinstance(value, list) and len(value) <= 16:
+            flat[name] = ", ".join(map(str, value))
+    return flat
+
+
+def _method(kind: str, flat_summary: dict[str, Any]) -> str:
+    if kind == "full" or flat_summary.get("method") == "full":
+        return "full-fine-tuning"
+    if flat_summary.get("method") in ("qlora", "lora"):
+        return flat_summary["method"]
+    quantized = any(k.endswith("load_in_4bit") and v is True for k, v in flat_summary.items())
+    return "qlora" if quantized else "lora"
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "" if value is None else str(value).replace("|", "\\|")
+
+
+def model_card(
+    manifest: dict[str, Any],
+    kind: str,
+    adapter_config: dict[str, Any],
+    data_cfg: DataConfig,
+    training_summary: dict[str, Any],
+    eos_ids: list[int],
+    pad_id: int,
+    tokenizer,
+) -> str:
+    """README.md with YAML front-matter; deterministic for the same inputs (no timestamps)."""
+    # Wall-clock fields differ on every run; leaving them out keeps the card reproducible.
+    flat = {k: v for k, v in _flatten(training_summary or {}).items() if "runtime" not in k}
+    method = _method(kind, flat)
+    base = manifest.get("name") or manifest.get("model_path")
+    tags = ["sft-pipeline", method] + (["lora"] if method == "qlora" else [])
+    front = ["---", f"base_model: {json.dumps(base)}", "library_name: transformers"]
+    front += ["pipeline_tag: text-generation", "tags:", *[f"- {t}" for t in tags], "---", ""]
+    lines = [
+        f"# {base} fine-tuned with sft-pipeline ({method})",
+        "",
+        "A standalone model: the adapter is merged into the full-precision base weights, so no"
+        " PEFT or sft-pipeline code is needed to load it.",
+        "",
+        "## Base model",
+        "",
+        "| field | value |",
+        "|---|---|",
+    ]
+    for key in ("name", "source", "model_path", "revision", "content_hash", "architecture"):
+        lines.append(f"| {key} | {_format(manifest.get(key))} |")
+    lines.append(f"| parameters | {manifest.get('num_parameters', 0):,} |")
+    lines.append(f"| dtype | {_format(manifest.get('dtype'))} |")
+    paths = data_cfg.path if isinstance(data_cfg.path, list) else [data_cfg.path]
+    lines += [
+        "",
+        "## Data",
+        "",
+        f"- path: {', '.join(f'`{p}`' for p in paths)}",
+        f"- schema: `{data_cfg.schema_}`",
+        f"- column map: `{json.dumps(data_cfg.columns, sort_keys=True)}`",
+        f"- eval fraction: {data_cfg.eval_fraction} (split seed {data_cfg.seed})",
+        "",
+        "## Training",
+        "",
+    ]
+    if adapter_config:
+        for key in ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora"):
+            if key in adapter_config:
+                value = adapter_config[key]
+                if isinstance(value, list):
+                    # PEFT stores "all-linear" expanded to full module paths: show leaf names.
+                    value = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in value}))
+                lines.append(f"- adapter {key}: `{value}`")
+        lines.append("")
+    losses = {k: v for k, v in flat.items() if "loss" in k and isinstance(v, int | float)}
+    if losses:
+        lines += ["Final losses:", ""]
+        lines += [f"- {k}: {_format(v)}" for k, v in sorted(losses.items())] + [""]
+    if flat:
+        lines += ["| parameter | value |", "|---|---|"]
+        lines += [f"| {k} | {_format(v)} |" for k, v in sorted(flat.items())]
+        lines.append("")
+    eos_tokens = ", ".join(f"`{tokenizer.convert_ids_to_tokens(i)}` ({i})" for i in eos_ids)
+    lines += [
+        "## Generation",
+        "",
+        f"- stops at: {eos_tokens}",
+        f"- pads with: `{tokenizer.convert_ids_to_tokens(pad_id)}` ({pad_id}), not an EOS token",
+        f"- chat template: {'included' if tokenizer.chat_template else 'none'}",
+        "",
+        "## How to load",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
+        'messages = [{"role": "user", "content": "Hello!"}]',
+        "inputs = tokenizer.apply_chat_template(",
+        '    messages, add_generation_prompt=True, return_dict=True, return_tensors="pt"',
+        ")",
+        "output = model.generate(**inputs, max_new_tokens=128, do_sample=False)",
+        'reply = output[0, inputs["input_ids"].shape[1] :]',
+        "print(tokenizer.decode(reply, skip_special_tokens=True))",
+        "```",
+        "",
+    ]
+    return "\n".join(front + lines)
