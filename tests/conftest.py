@@ -93,6 +93,8 @@ def build_tiny_model(family: str, vocab_size: int, seed: int = 0, **overrides):
         num_key_value_heads=2,
         max_position_embeddings=1024,
         tie_word_embeddings=False,
+        # Some families default to a pad id past a tiny vocabulary (phi3: 32000).
+        pad_token_id=0,
     )
     if family == "gemma":
         common["head_dim"] = 16
