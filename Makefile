@@ -34,6 +34,7 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/kedro dvc check
 
 format: setup
 	$(BIN)/ruff check --fix .

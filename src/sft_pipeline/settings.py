@@ -3,4 +3,10 @@
 from kedro.config import OmegaConfigLoader
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
-CONFIG_LOADER_ARGS = {"base_env": "base", "default_run_env": "local"}
+CONFIG_LOADER_ARGS = {
+    "base_env": "base",
+    "default_run_env": "local",
+    # "soft": an environment file (conf/local, conf/ci) that sets one key of a section overrides
+    # that key only; the default "destructive" merge would reset the section's other keys.
+    "merge_strategy": {"parameters": "soft"},
+}

@@ -464,7 +464,7 @@ def _train_here(
     if method == "full":
         # Training turns the KV cache off; the saved model should generate normally.
         trained_model.config.use_cache = True
-    history = [dict(entry) for entry in trainer.state.log_history]
+    history = per_step_history(trainer.state.log_history)
     trainable, total = count_parameters(trained_model)
     summary = _summary(
         history,
@@ -507,6 +507,20 @@ def _prepare_run(
     if resume_from is not None:
         log.info("resuming from %s", resume_from)
     return fingerprint, resume_from
+
+
+def per_step_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per logged training step, each with `step` and `loss` (a DVC plot needs both).
+
+    Evaluation entries join the training row of the latest step at or before them; the
+    trainer's end-of-training totals are in the summary instead.
+    """
+    rows = [dict(entry) for entry in log_history if "loss" in entry]
+    for entry in log_history:
+        if "eval_loss" in entry and rows:
+            earlier = [row for row in rows if row["step"] <= entry["step"]] or rows[:1]
+            earlier[-1].update({k: v for k, v in entry.items() if k.startswith("eval_")})
+    return rows
 
 
 def _precision_of(args) -> Literal["bf16", "fp16", "fp32"]:
