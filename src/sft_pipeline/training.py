@@ -232,9 +232,11 @@ def run_fingerprint(
     quant: QuantizationConfig,
     lora: LoraConfig,
     training: TrainingConfig,
+    max_length: int | None = None,
 ) -> dict[str, Any]:
     """What makes two runs the same run: base model, data, parameters that shape weights, code."""
     params = {
+        "max_length": max_length,
         "code": code_fingerprint(),
         "base_model": manifest,
         "train_data": data_fingerprint(train_tokens),
@@ -389,18 +391,30 @@ def train(
     lora: LoraConfig,
     training: TrainingConfig,
     *,
+    max_length: int | None = None,
     callbacks: Sequence[Any] = (),
 ) -> tuple[Any, list[dict[str, Any]], dict[str, Any]]:
     """Fine-tune the base model; return (artifact with save_pretrained, history, summary).
 
-    `callbacks` are extra `transformers.TrainerCallback`s (tests use one to simulate a crash);
-    they are not carried into `accelerate launch` processes.
+    `max_length` is the tokenization length, the bin size when packing (None: the longest row,
+    which leaves packing no room). `callbacks` are extra `transformers.TrainerCallback`s (tests
+    use one to simulate a crash); they are not carried into `accelerate launch` processes.
     """
     training_method(quant, lora)  # fail on a contradictory config before any work
+    max_length = max_length or max_row_length(train_tokens, eval_tokens)
     if training.num_processes > 1:
-        return _train_distributed(base_model_dir, train_tokens, eval_tokens, quant, lora, training)
+        return _train_distributed(
+            base_model_dir, train_tokens, eval_tokens, quant, lora, training, max_length
+        )
     return _train_here(
-        Path(base_model_dir), train_tokens, eval_tokens, quant, lora, training, callbacks
+        Path(base_model_dir),
+        train_tokens,
+        eval_tokens,
+        quant,
+        lora,
+        training,
+        callbacks,
+        max_length=max_length,
     )
 
 
@@ -413,6 +427,8 @@ def _train_here(
     training: TrainingConfig,
     callbacks: Sequence[Any] = (),
     prepared: tuple[dict[str, Any], Path | None] | None = None,
+    *,
+    max_length: int,
 ) -> tuple[TrainedArtifact, list[dict[str, Any]], dict[str, Any]]:
     """Train in this process.
 
@@ -426,9 +442,10 @@ def _train_here(
 
     method = training_method(quant, lora)
     has_eval = eval_tokens is not None and len(eval_tokens) > 0
-    max_length = max_row_length(train_tokens, eval_tokens if has_eval else None)
     if prepared is None:
-        prepared = _prepare_run(base_model_dir, train_tokens, eval_tokens, quant, lora, training)
+        prepared = _prepare_run(
+            base_model_dir, train_tokens, eval_tokens, quant, lora, training, max_length
+        )
     fingerprint, resume_from = prepared
 
     args = build_sft_config(
@@ -496,12 +513,13 @@ def _prepare_run(
     quant: QuantizationConfig,
     lora: LoraConfig,
     training: TrainingConfig,
+    max_length: int,
 ) -> tuple[dict[str, Any], Path | None]:
     """(run fingerprint, checkpoint to resume from or None), with the output folder made ready."""
     from sft_pipeline.models import read_manifest
 
     fingerprint = run_fingerprint(
-        read_manifest(base_model_dir), train_tokens, eval_tokens, quant, lora, training
+        read_manifest(base_model_dir), train_tokens, eval_tokens, quant, lora, training, max_length
     )
     resume_from = prepare_output_dir(Path(training.output_dir), fingerprint, training.resume)
     if resume_from is not None:
@@ -601,10 +619,11 @@ def _train_distributed(
     quant: QuantizationConfig,
     lora: LoraConfig,
     training: TrainingConfig,
+    max_length: int,
 ) -> tuple[FolderArtifact, list[dict[str, Any]], dict[str, Any]]:
     output_dir = Path(training.output_dir)
     fingerprint, resume_from = _prepare_run(
-        Path(base_model_dir), train_tokens, eval_tokens, quant, lora, training
+        Path(base_model_dir), train_tokens, eval_tokens, quant, lora, training, max_length
     )
     # The processes read the data from Arrow files and write their result next to them. One
     # fixed folder, emptied per launch, so launches do not pile up; the fingerprint ignores it.
@@ -621,6 +640,7 @@ def _train_distributed(
         "quantization": quant.model_dump(),
         "lora": lora.model_dump(),
         "training": training.model_dump(),
+        "max_length": max_length,
         "result_dir": str(work / "result"),
         "fingerprint": fingerprint,
         "resume_from": str(resume_from) if resume_from else None,
@@ -651,6 +671,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         LoraConfig.model_validate(spec["lora"]),
         training,
         prepared=(spec["fingerprint"], Path(spec["resume_from"]) if spec["resume_from"] else None),
+        max_length=spec["max_length"],
     )
     if int(os.environ.get("RANK", "0")) == 0:
         result = Path(spec["result_dir"])

@@ -105,6 +105,7 @@ def train_adapter(
     quantization: dict[str, Any],
     lora: dict[str, Any],
     training: dict[str, Any],
+    tokenization: dict[str, Any],
 ):
     from sft_pipeline.training import train
 
@@ -115,6 +116,10 @@ def train_adapter(
         C.parse_section(C.QuantizationConfig, quantization, "quantization"),
         C.parse_section(C.LoraConfig, lora, "lora"),
         C.parse_section(C.TrainingConfig, training, "training"),
+        # Packing fills bins up to the tokenization length, not just the longest row.
+        max_length=C.parse_section(
+            C.TokenizationConfig, tokenization, "tokenization"
+        ).max_seq_length,
     )
 
 

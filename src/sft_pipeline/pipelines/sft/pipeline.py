@@ -53,6 +53,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "params:quantization",
                     "params:lora",
                     "params:training",
+                    "params:tokenization",
                 ],
                 outputs=["adapter", "training_history", "training_summary"],
                 name="train_adapter",
