@@ -1,0 +1,68 @@
+"""`DataCollatorForSFT`: pads tokenized rows into a batch without touching their labels.
+
+Labels come from tokenization (DESIGN "label rule") and are only padded here, with -100; the pad
+token id is used for `input_ids` only, so a tokenizer whose pad token is its EOS never loses the
+EOS labels (the classic "model never stops" bug).
+
+Packed rows (with `seq_lengths`) get `position_ids` that restart at 0 for every sequence and a
+`document_ids` tensor (1, 2, ... per sequence, 0 on padding) from which the trainer builds the
+block-diagonal attention mask for its attention backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sft_pipeline.tokenization import IGNORE_INDEX
+
+
+@dataclass
+class DataCollatorForSFT:
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("DataCollatorForSFT got an empty list of rows")
+        longest = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch_size = len(features)
+        input_ids = torch.full((batch_size, longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch_size, longest), IGNORE_INDEX, dtype=torch.long)
+        packed = "seq_lengths" in features[0]
+        if packed:
+            position_ids = torch.zeros((batch_size, longest), dtype=torch.long)
+            document_ids = torch.zeros((batch_size, longest), dtype=torch.long)
+        else:
+            attention_mask = torch.zeros((batch_size, longest), dtype=torch.long)
+        for row, feature in enumerate(features):
+            ids = torch.as_tensor(feature["input_ids"], dtype=torch.long)
+            n = ids.numel()
+            input_ids[row, :n] = ids
+            row_labels = feature.get("labels")
+            labels[row, :n] = ids if row_labels is None else torch.as_tensor(row_labels)
+            if packed:
+                start = 0
+                for doc, length in enumerate(feature["seq_lengths"], start=1):
+                    position_ids[row, start : start + length] = torch.arange(length)
+                    document_ids[row, start : start + length] = doc
+                    start += length
+                # Padding restarts positions too, so it reads as one more (ignored) sequence.
+                position_ids[row, start:] = torch.arange(longest - start)
+            else:
+                attention_mask[row, :n] = 1
+        # What position i predicts; the trainer's loss and num_items_in_batch both count these.
+        shift_labels = torch.full_like(labels, IGNORE_INDEX)
+        shift_labels[:, :-1] = labels[:, 1:]
+        batch = {"input_ids": input_ids, "labels": labels, "shift_labels": shift_labels}
+        if packed:
+            batch["position_ids"] = position_ids
+            batch["document_ids"] = document_ids
+        else:
+            batch["attention_mask"] = attention_mask
+        return batch

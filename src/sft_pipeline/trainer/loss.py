@@ -1,0 +1,114 @@
+"""Cross-entropy on supervised positions only, with the LM head applied chunk by chunk.
+
+A causal LM's usual loss materializes fp32 logits for every position of the batch (batch x length
+x vocab: 8 x 512 x 49k floats is 800 MB) and then throws most of them away, because prompts and
+padding are not supervised. Here the final hidden states of the supervised positions are gathered
+first, and the LM head, log-softmax, loss, gradient and accuracy are computed `chunk_size` rows at
+a time inside one autograd function. The gradient of each chunk is computed in the forward pass
+(softmax minus one-hot is all the backward needs), so no chunk's logits are kept for backward and
+nothing is recomputed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sft_pipeline.tokenization import IGNORE_INDEX
+
+
+class _SupervisedLinearCrossEntropy(torch.autograd.Function):
+    """Sum of token NLLs of `hidden @ weight.T (+ bias)` against `targets`, chunked."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, compute_dtype, want_grads):
+        want_hidden, want_weight, want_bias = want_grads
+        w = weight.to(compute_dtype)
+        b = None if bias is None else bias.to(compute_dtype)
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if want_bias else None
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start : start + chunk_size].to(compute_dtype)
+            t = targets[start : start + chunk_size]
+            logits = F.linear(h, w, b).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            loss_sum += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            correct += (logits.argmax(dim=-1) == t).sum()
+            if not any(want_grads):
+                continue
+            # d(sum NLL)/d(logits) = softmax - one_hot, computed in place over the logits buffer.
+            dlogits = logits.sub_(lse[:, None]).exp_()
+            dlogits[torch.arange(t.numel(), device=t.device), t] -= 1.0
+            d = dlogits.to(compute_dtype)
+            if want_hidden:
+                grad_hidden[start : start + chunk_size] = (d @ w).to(hidden.dtype)
+            if want_weight:
+                grad_weight += (d.t() @ h).float()
+            if want_bias:
+                grad_bias += dlogits.sum(dim=0)
+        ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight, grad_bias) if g is not None))
+        ctx.want_grads = want_grads
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(correct)
+        return loss_sum, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_correct):
+        saved = iter(ctx.saved_tensors)
+        grads = []
+        for want, dtype in zip(ctx.want_grads, (None, *ctx.dtypes), strict=True):
+            if not want:
+                grads.append(None)
+                continue
+            g = next(saved) * grad_loss
+            grads.append(g if dtype is None else g.to(dtype))
+        return (*grads, None, None, None, None)
+
+
+def supervised_cross_entropy(
+    hidden: torch.Tensor,
+    shift_labels: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    chunk_size: int = 512,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return (sum of NLL, correct argmax count, supervised token count) for one batch.
+
+    `hidden` is the backbone's final hidden state (batch, length, dim); `shift_labels[b, i]` is the
+    token position i must predict, or -100. Divide the sum by the number of supervised tokens of
+    the whole optimizer step to get the loss.
+    """
+    flat_labels = shift_labels.reshape(-1)
+    index = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
+    selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+    targets = flat_labels.index_select(0, index)
+    compute_dtype = weight.dtype
+    if torch.is_autocast_enabled(hidden.device.type):
+        compute_dtype = torch.get_autocast_dtype(hidden.device.type)
+    grad_on = torch.is_grad_enabled()
+    want_grads = (
+        grad_on and selected.requires_grad,
+        grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad,
+    )
+    with torch.autocast(hidden.device.type, enabled=False):
+        loss_sum, correct = _SupervisedLinearCrossEntropy.apply(
+            selected, weight, bias, targets, chunk_size, compute_dtype, want_grads
+        )
+    return loss_sum, correct, torch.tensor(index.numel(), device=hidden.device)
+
+
+def logits_cross_entropy(
+    logits: torch.Tensor, shift_labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same triple from full logits: the fallback for heads the chunked path cannot take."""
+    flat_labels = shift_labels.reshape(-1)
+    index = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
+    selected = logits.reshape(-1, logits.shape[-1]).index_select(0, index).float()
+    targets = flat_labels.index_select(0, index)
+    loss_sum = F.cross_entropy(selected, targets, reduction="sum")
+    correct = (selected.detach().argmax(dim=-1) == targets).sum()
+    return loss_sum, correct, torch.tensor(index.numel(), device=logits.device)

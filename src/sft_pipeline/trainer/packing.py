@@ -1,0 +1,64 @@
+"""Best-fit-decreasing packing of tokenized rows into fixed-capacity bins.
+
+A packed row keeps each sequence's boundaries (`seq_lengths`), so the collator can restart
+`position_ids` and the trainer can keep the sequences apart in attention. The first label of every
+packed sequence is set to -100: predicting it from the previous sequence's last token would teach
+the model a transition that never occurs at inference.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from typing import Any
+
+from sft_pipeline.tokenization import IGNORE_INDEX
+
+
+def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Group row indices into bins of total length <= `capacity`, longest rows first.
+
+    Each row goes into the fullest bin that still has room (best fit), which leaves little
+    padding; a row longer than `capacity` is an error here (truncate before packing).
+    """
+    if capacity <= 0:
+        raise ValueError(f"packing capacity must be > 0, got {capacity}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    # Sorted (free space, bin id) pairs: bisect finds the tightest bin with enough room.
+    free: list[tuple[int, int]] = []
+    for index in order:
+        length = lengths[index]
+        if length > capacity:
+            raise ValueError(f"row {index} has {length} tokens, more than the bin size {capacity}")
+        pos = bisect.bisect_left(free, (length, -1))
+        if pos == len(free):
+            bins.append([index])
+            bisect.insort(free, (capacity - length, len(bins) - 1))
+            continue
+        space, bin_id = free.pop(pos)
+        bins[bin_id].append(index)
+        bisect.insort(free, (space - length, bin_id))
+    return bins
+
+
+def pack_rows(
+    input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], capacity: int
+) -> dict[str, list[Any]]:
+    """Pack rows into columns `input_ids`, `labels`, `seq_lengths` (one entry per packed row)."""
+    bins = best_fit_decreasing([len(ids) for ids in input_ids], capacity)
+    packed: dict[str, list[Any]] = {"input_ids": [], "labels": [], "seq_lengths": []}
+    for members in bins:
+        ids: list[int] = []
+        labs: list[int] = []
+        lengths: list[int] = []
+        for index in members:
+            row_labels = list(labels[index])
+            row_labels[0] = IGNORE_INDEX
+            ids.extend(input_ids[index])
+            labs.extend(row_labels)
+            lengths.append(len(input_ids[index]))
+        packed["input_ids"].append(ids)
+        packed["labels"].append(labs)
+        packed["seq_lengths"].append(lengths)
+    return packed

@@ -1,0 +1,329 @@
+"""`SFTTrainer`: a `transformers.Trainer` for supervised fine-tuning with a TRL-like constructor.
+
+What it adds to `Trainer`:
+- datasets in every format of the data half, or pre-tokenized, turned into `input_ids`/`labels`
+  by the pipeline's own templating and tokenization code (`dataset.py`);
+- best-fit-decreasing packing whose sequences never see each other: an explicit block-diagonal
+  4-D mask on sdpa/eager, padding-free varlen on flash-attention, `use_cache=False` always;
+- a loss that is the mean over the supervised tokens of the whole optimizer step, computed with
+  the LM head applied only to supervised positions, in chunks (`loss.py`);
+- logged `mean_token_accuracy`, `num_tokens`, `supervised_tokens` and non-padding tokens/s.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from datasets import Dataset
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+from sft_pipeline.tokenization import IGNORE_INDEX
+from sft_pipeline.trainer.collator import DataCollatorForSFT
+from sft_pipeline.trainer.config import SFTConfig
+from sft_pipeline.trainer.dataset import prepare_dataset
+from sft_pipeline.trainer.loss import logits_cross_entropy, supervised_cross_entropy
+
+log = logging.getLogger(__name__)
+
+# Config attributes that change logits after the LM head; with any of them set, the loss goes
+# through the model's own forward (full logits) instead of the chunked head.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+class SFTTrainer(Trainer):
+    """Supervised fine-tuning trainer; accepts what users of TRL's `SFTTrainer` write."""
+
+    def __init__(
+        self,
+        model: nn.Module | str | os.PathLike | None = None,
+        args: TrainingArguments | None = None,
+        data_collator: Callable | None = None,
+        train_dataset: Dataset | None = None,
+        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        processing_class=None,
+        *,
+        tokenizer=None,
+        dataset_text_field: str | None = None,
+        formatting_func: Callable[[dict[str, Any]], str] | None = None,
+        max_seq_length: int | None = None,
+        max_length: int | None = None,
+        peft_config=None,
+        packing: bool | None = None,
+        **kwargs: Any,
+    ):
+        if model is None:
+            raise ValueError("SFTTrainer needs `model`: a model object or a name/path to load")
+        args = _sft_args(args, model)
+        eval_follows_train = args.eval_packing == args.packing
+        overrides = {
+            "dataset_text_field": dataset_text_field,
+            "max_length": max_seq_length if max_seq_length is not None else max_length,
+            "packing": packing,
+        }
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(args, key, value)
+        args.max_seq_length = args.max_length
+        if packing is not None and eval_follows_train:
+            args.eval_packing = packing
+        # Our prepared datasets hold only what the collator needs; Trainer's column pruning by
+        # the model's forward signature would drop `seq_lengths`.
+        args.remove_unused_columns = False
+        if args.packing and args.train_sampling_strategy == "group_by_length":
+            args.train_sampling_strategy = "random"  # packed rows are all about the same length
+
+        if isinstance(model, (str, os.PathLike)):
+            init_kwargs = {"dtype": torch.float32, **(args.model_init_kwargs or {})}
+            model = AutoModelForCausalLM.from_pretrained(str(model), **init_kwargs)
+        processing_class = processing_class if processing_class is not None else tokenizer
+        if processing_class is None:
+            processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
+        if processing_class.pad_token_id is None:
+            # Only pads input_ids: labels are padded with -100, so EOS labels are never erased.
+            processing_class.pad_token = processing_class.eos_token
+        if peft_config is not None:
+            model = _apply_peft(model, peft_config, args)
+        if args.gradient_checkpointing and hasattr(model, "peft_config"):
+            # Frozen embeddings give checkpointed blocks inputs without grad (transformers#42489).
+            model.enable_input_require_grads()
+
+        if train_dataset is not None:
+            train_dataset = prepare_dataset(
+                train_dataset,
+                processing_class,
+                args,
+                formatting_func,
+                "train_dataset",
+                args.packing,
+            )
+        if eval_dataset is not None:
+            eval_dataset = _map_eval(eval_dataset, processing_class, args, formatting_func)
+        if data_collator is None:
+            data_collator = DataCollatorForSFT(
+                pad_token_id=processing_class.pad_token_id,
+                pad_to_multiple_of=args.pad_to_multiple_of,
+            )
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        # compute_loss divides by `num_items_in_batch` (supervised tokens of the whole optimizer
+        # step, counted by Trainer from the collator's `shift_labels`), so Trainer must count
+        # them and must not divide by the accumulation steps again.
+        self.model_accepts_loss_kwargs = True
+        self.loss_is_scaled_for_ga = True
+        self._sft_metrics = {"train": _Window(), "eval": _Window()}
+
+    # ------------------------------------------------------------------ loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        shift_labels = inputs.pop("shift_labels", None)
+        if shift_labels is None:
+            shift_labels = nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        document_ids = inputs.pop("document_ids", None)
+        model_inputs, unflatten = self._model_inputs(model, inputs, document_ids)
+        head = self._chunkable_head(model)
+        if head is not None:
+            decoder, weight, bias = head
+            hidden = decoder(**model_inputs).last_hidden_state
+            loss_sum, correct, count = supervised_cross_entropy(
+                unflatten(hidden), shift_labels, weight, bias, self.args.loss_chunk_size
+            )
+        else:
+            logits = model(**model_inputs).logits
+            loss_sum, correct, count = logits_cross_entropy(unflatten(logits), shift_labels)
+        denominator = num_items_in_batch if num_items_in_batch is not None else count
+        loss = loss_sum / torch.clamp(torch.as_tensor(denominator, device=loss_sum.device), min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch counts every process's tokens; DDP averages the gradients.
+            loss = loss * self.accelerator.num_processes
+        if document_ids is not None:
+            real_tokens = (document_ids > 0).sum()
+        else:
+            real_tokens = inputs["attention_mask"].sum()
+        window = self._sft_metrics["train" if model.training else "eval"]
+        window.add(loss_sum.detach(), correct, count, real_tokens)
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _model_inputs(self, model, inputs: dict, document_ids: torch.Tensor | None):
+        """Forward kwargs that keep packed sequences apart on the model's attention backend."""
+        # With the cache on, transformers 5 ignores the packed position_ids (sequences attend
+        # to each other), and training never needs a cache.
+        model_inputs = {**inputs, "use_cache": False}
+        if document_ids is None:
+            return model_inputs, _identity
+        config = _unwrap(model).config
+        impl = getattr(config, "_attn_implementation", None) or "eager"
+        batch, length = document_ids.shape
+        if "flash" in impl:
+            # Varlen flash attention reads sequence starts from position_ids restarting at 0;
+            # one flattened row per batch makes every sequence (and the padding) its own span.
+            model_inputs["input_ids"] = inputs["input_ids"].reshape(1, -1)
+            model_inputs["position_ids"] = inputs["position_ids"].reshape(1, -1)
+            return model_inputs, lambda t: t.reshape(batch, length, -1)
+        window = getattr(config, "sliding_window", None)
+        if window is not None and length > window:
+            # transformers builds sliding-window masks itself from the restarted position_ids.
+            return model_inputs, _identity
+        allowed = document_ids[:, :, None] == document_ids[:, None, :]
+        allowed &= torch.ones(length, length, dtype=torch.bool, device=allowed.device).tril()
+        # Padding is one more "sequence": its queries see themselves, so no row is all -inf.
+        if impl == "sdpa":
+            mask = allowed[:, None]
+        else:
+            dtype = _unwrap(model).dtype
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+            mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+            mask = mask[:, None]
+        model_inputs["attention_mask"] = mask
+        return model_inputs, _identity
+
+    def _chunkable_head(self, model):
+        """(decoder, lm_head weight, bias) when the chunked loss applies to `model`, else None."""
+        if model is not self.model:
+            # Wrapped for distribution (DDP, FSDP): only its own forward syncs gradients.
+            return None
+        base = _unwrap(model)
+        head = base.get_output_embeddings()
+        decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+        if type(head) is not nn.Linear or decoder is None or decoder is base:
+            return None
+        if any(
+            getattr(base.config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS
+        ):
+            return None
+        return decoder, head.weight, head.bias
+
+    # ------------------------------------------------------------------ eval
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # Never return logits: gathering full-vocabulary logits over the eval set is the
+        # classic eval OOM (trl#4679, transformers#12878); metrics come from compute_loss.
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # ------------------------------------------------------------------ logging
+
+    def _track_num_input_tokens(self, inputs):
+        if "document_ids" in inputs and self.args.include_num_input_tokens_seen == "non_padding":
+            # Packed rows carry no attention_mask, and a pad id equal to EOS would miscount.
+            real = (inputs["document_ids"] > 0).sum()
+            self.state.num_input_tokens_seen += self.accelerator.gather(real).sum().item()
+            return
+        super()._track_num_input_tokens(inputs)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        is_eval = any(key.startswith("eval_") for key in logs)
+        window = self._sft_metrics["eval" if is_eval else "train"]
+        # In place: `evaluate()` returns this same dict to its caller.
+        logs.update(window.flush(prefix="eval_" if is_eval else ""))
+        super().log(logs, start_time)
+
+
+class _Window:
+    """Token counts since the last log (kept as tensors: no device sync per step)."""
+
+    def __init__(self) -> None:
+        self.total_tokens = 0
+        self.total_supervised = 0
+        self.started = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss_sum = self.correct = self.supervised = self.tokens = 0
+
+    def add(self, loss_sum, correct, supervised, tokens) -> None:
+        if self.started is None:
+            self.started = time.perf_counter()
+        self.loss_sum += loss_sum
+        self.correct += correct
+        self.supervised += supervised
+        self.tokens += tokens
+
+    def flush(self, prefix: str) -> dict[str, float]:
+        supervised = int(self.supervised)
+        if supervised == 0:
+            return {}
+        tokens = int(self.tokens)
+        self.total_tokens += tokens
+        self.total_supervised += supervised
+        out = {
+            "mean_token_accuracy": float(self.correct) / supervised,
+            "num_tokens": float(self.total_tokens),
+            "supervised_tokens": float(self.total_supervised),
+        }
+        now = time.perf_counter()
+        if prefix:
+            # Token-weighted mean over the whole eval set (Trainer's is a mean of batch means).
+            out["loss"] = float(self.loss_sum) / supervised
+            self.started = None
+        else:
+            elapsed = max(now - self.started, 1e-9)
+            out["tokens_per_second"] = tokens / elapsed
+            out["supervised_tokens_per_second"] = supervised / elapsed
+            self.started = now
+        self._reset()
+        return {prefix + key: value for key, value in out.items()}
+
+
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (LoRA layers stay injected in it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _sft_args(args: TrainingArguments | None, model) -> SFTConfig:
+    if args is None:
+        name = str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
+        return SFTConfig(output_dir=f"{os.path.basename(name.rstrip('/'))}-sft")
+    if isinstance(args, SFTConfig):
+        return args
+    return SFTConfig.from_training_args(args)
+
+
+def _apply_peft(model: nn.Module, peft_config, args: SFTConfig) -> nn.Module:
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    if isinstance(model, PeftModel):
+        raise ValueError(
+            "model is already a PeftModel; pass the base model with peft_config, or the "
+            "PeftModel without peft_config"
+        )
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=bool(args.gradient_checkpointing),
+            gradient_checkpointing_kwargs=args.activation_checkpointing_kwargs,
+        )
+    return get_peft_model(model, peft_config)
+
+
+def _map_eval(eval_dataset, tokenizer, args: SFTConfig, formatting_func):
+    if isinstance(eval_dataset, dict):
+        return {
+            key: prepare_dataset(
+                ds, tokenizer, args, formatting_func, f"eval_dataset[{key}]", args.eval_packing
+            )
+            for key, ds in eval_dataset.items()
+        }
+    return prepare_dataset(
+        eval_dataset, tokenizer, args, formatting_func, "eval_dataset", args.eval_packing
+    )
