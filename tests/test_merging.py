@@ -184,7 +184,7 @@ def test_adapter_trained_on_4bit_base_merges_into_full_precision(lora_setup, tmp
     from transformers import AutoModelForCausalLM
 
     _, base_dir, _ = lora_setup
-    quant = QuantizationConfig(bnb_4bit_compute_dtype="float32")
+    quant = QuantizationConfig(load_in_4bit=True, bnb_4bit_compute_dtype="float32")
     model = prepare_model_for_kbit_training(
         load_model(base_dir, quantization=quant), use_gradient_checkpointing=False
     )

@@ -110,7 +110,7 @@ def test_load_model_4bit_nf4(tiny_model_dir, tmp_path):
     import bitsandbytes as bnb
 
     _prepare(str(tiny_model_dir("llama")), tmp_path / "base")
-    quant = QuantizationConfig(bnb_4bit_compute_dtype="float32")
+    quant = QuantizationConfig(load_in_4bit=True, bnb_4bit_compute_dtype="float32")
     model = load_model(tmp_path / "base", quantization=quant)
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers

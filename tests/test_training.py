@@ -31,7 +31,7 @@ from sft_pipeline.training import (
     training_method,
 )
 
-QLORA = (QuantizationConfig(), LoraConfig(r=8, alpha=16, dropout=0.0))
+QLORA = (QuantizationConfig(load_in_4bit=True), LoraConfig(r=8, alpha=16, dropout=0.0))
 LORA = (QuantizationConfig(load_in_4bit=False), LoraConfig(r=8, alpha=16, dropout=0.0))
 FULL = (QuantizationConfig(load_in_4bit=False), LoraConfig(enabled=False))
 METHODS = {"qlora": QLORA, "lora": LORA, "full": FULL}
@@ -376,3 +376,18 @@ def test_distributed_path_runs_the_module_entry_point(
     artifact.save_pretrained(tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "adapter" / PARAMS_FILE).is_file()
+
+
+def test_auto_quantization_is_qlora_on_cuda_and_full_precision_on_cpu(monkeypatch):
+    import torch
+
+    from sft_pipeline.training import resolve_quantization
+
+    auto, lora = QuantizationConfig(), LoraConfig()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_quantization(auto, lora).load_in_4bit is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_quantization(auto, lora).load_in_4bit is True
+    # Full fine-tuning never loads 4-bit weights, and an explicit choice is kept.
+    assert resolve_quantization(auto, LoraConfig(enabled=False)).load_in_4bit is False
+    assert resolve_quantization(QLORA[0], lora).load_in_4bit is True

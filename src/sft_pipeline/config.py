@@ -62,7 +62,10 @@ class TokenizationConfig(_Section):
 
 
 class QuantizationConfig(_Section):
-    load_in_4bit: bool = True
+    # auto: a 4-bit NF4 base (QLoRA) where bitsandbytes has fast 4-bit kernels (CUDA). On a CPU
+    # its 4-bit matmuls run several times slower than fp32 ones (measured: see README), so auto
+    # loads the base in full precision there; `true` forces 4-bit anywhere (to save memory).
+    load_in_4bit: bool | Literal["auto"] = "auto"
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     bnb_4bit_use_double_quant: bool = True
     bnb_4bit_compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

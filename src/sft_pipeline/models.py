@@ -436,7 +436,11 @@ def load_model(
         kwargs["attn_implementation"] = manifest["attn_implementation"]
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    if quantization is not None and quantization.load_in_4bit:
+    # "auto": 4-bit where bitsandbytes has fast kernels (CUDA), as training.resolve_quantization.
+    auto_4bit = quantization is not None and quantization.load_in_4bit == "auto"
+    if quantization is not None and (
+        quantization.load_in_4bit is True or (auto_4bit and torch.cuda.is_available())
+    ):
         compute = resolve_compute_dtype(quantization.bnb_4bit_compute_dtype)
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,

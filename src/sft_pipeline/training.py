@@ -98,6 +98,21 @@ def resolve_precision(requested: str) -> Literal["bf16", "fp16", "fp32"]:
     return "bf16" if cpu_bf16_is_faster() else "fp32"
 
 
+def resolve_quantization(quant: QuantizationConfig, lora: LoraConfig) -> QuantizationConfig:
+    """Turn `load_in_4bit: auto` into a decision: 4-bit for LoRA on CUDA, else full precision."""
+    if quant.load_in_4bit != "auto":
+        return quant
+    import torch
+
+    use_4bit = lora.enabled and torch.cuda.is_available()
+    log.info(
+        "quantization.load_in_4bit: auto -> %s (%s)",
+        use_4bit,
+        "CUDA: QLoRA" if use_4bit else "no CUDA or full fine-tuning: full-precision base",
+    )
+    return quant.model_copy(update={"load_in_4bit": use_4bit})
+
+
 def max_row_length(*datasets) -> int:
     """The longest `input_ids` row over the datasets (the trainer's `max_length`)."""
     import pyarrow.compute as pc
@@ -400,6 +415,7 @@ def train(
     which leaves packing no room). `callbacks` are extra `transformers.TrainerCallback`s (tests
     use one to simulate a crash); they are not carried into `accelerate launch` processes.
     """
+    quant = resolve_quantization(quant, lora)
     training_method(quant, lora)  # fail on a contradictory config before any work
     max_length = max_length or max_row_length(train_tokens, eval_tokens)
     if training.num_processes > 1:
