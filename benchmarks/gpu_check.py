@@ -130,9 +130,7 @@ def run_system(system: str, model_path: Path, rows, tokenizer, steps: int, out: 
     if system.startswith("ours"):
         from sft_pipeline import SFTConfig, SFTTrainer
 
-        data = Dataset.from_list(
-            [{**r, "attention_mask": [1] * len(r["input_ids"])} for r in rows]
-        )
+        data = Dataset.from_list([{**r, "attention_mask": [1] * len(r["input_ids"])} for r in rows])
         args = SFTConfig(
             **common, max_length=512, packing=system.endswith("packed"), pad_to_multiple_of=8
         )
