@@ -139,7 +139,7 @@ class _GradCapture(TrainerCallback):
         self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
-def _one_step(tmp_path, rows, batch_size, accumulation):
+def _one_step(tmp_path, rows, batch_size, accumulation, max_tokens_per_forward=0):
     model = build_tiny_model("llama", VOCAB, seed=1)
     capture = _GradCapture()
     trainer = _trainer(
@@ -152,6 +152,7 @@ def _one_step(tmp_path, rows, batch_size, accumulation):
         max_grad_norm=0,
         train_sampling_strategy="sequential",
         logging_steps=1,
+        max_tokens_per_forward=max_tokens_per_forward,
     )
     trainer.add_callback(capture)
     trainer.train()
@@ -166,3 +167,13 @@ def test_gradient_accumulation_matches_full_batch(tmp_path):
     assert abs(loss_full - loss_accum) < 1e-5
     for name, grad in grads_full.items():
         assert torch.allclose(grad, grads_accum[name], atol=1e-5), name
+
+
+def test_slicing_a_batch_into_forwards_keeps_loss_and_gradients(tmp_path):
+    rows = _rows(8, seed=4)
+    loss_full, grads_full = _one_step(tmp_path / "a", rows, 8, 1)
+    # A 40-token budget runs the 8 rows (padded to ~22 tokens) one or two at a time.
+    loss_sliced, grads_sliced = _one_step(tmp_path / "b", rows, 8, 1, max_tokens_per_forward=40)
+    assert abs(loss_full - loss_sliced) < 1e-5
+    for name, grad in grads_full.items():
+        assert torch.allclose(grad, grads_sliced[name], atol=1e-5), name

@@ -127,6 +127,25 @@ class SFTTrainer(Trainer):
 
     # ------------------------------------------------------------------ loss
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        rows, length = inputs["input_ids"].shape
+        budget = self.args.max_tokens_per_forward
+        per_slice = max(1, budget // length) if budget else rows
+        if per_slice >= rows or num_items_in_batch is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        # Slices of the batch, each backpropagated at once: the gradient sum is the batch's
+        # (every slice's loss is divided by the same num_items_in_batch), activations are not.
+        total = 0
+        for start in range(0, rows, per_slice):
+            part = {
+                key: value[start : start + per_slice]
+                if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == rows
+                else value
+                for key, value in inputs.items()
+            }
+            total = total + super().training_step(model, part, num_items_in_batch)
+        return total
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         labels = inputs.pop("labels")
