@@ -251,8 +251,10 @@ def test_learning_rate_experiment_reruns_training_merge_evaluation(project: Path
     assert pc.ran_stages(out) == DOWNSTREAM_OF_TRAINING, out
     # The new value reached the trainer (with an override file that sets `training`, only if
     # Kedro merges environments key by key: settings.py, merge_strategy soft).
-    history = pc.read_json(project, "data/08_reporting/training_history.json")
-    assert max(h.get("learning_rate", 0) for h in history) == pytest.approx(1e-3)
+    # (The logged learning rate never peaks within a 2-step warmup+cosine schedule, so read the
+    # effective parameters the trainer was given.)
+    effective = pc.read_json(project, "data/06_models/adapter/training_params.json")
+    assert effective["training"]["learning_rate"] == pytest.approx(1e-3)
     assert yaml.safe_load((project / "conf/base/parameters_sft.yml").read_text())["training"][
         "learning_rate"
     ] == pytest.approx(1e-3)
