@@ -255,7 +255,7 @@ def _figure(title: str):
 def plot_training_history(history: list[dict[str, Any]]):
     figure, axes = _figure("Training loss")
     for key, style in (("loss", "-"), ("eval_loss", "o-")):
-        points = [(h["step"], h[key]) for h in history or [] if "step" in h and key in h]
+        points = [(h["step"], h[key]) for h in history or [] if h.get(key) is not None]
         if points:
             axes.plot(*zip(*points, strict=True), style, label=key)
     if axes.lines:

@@ -554,7 +554,10 @@ def per_step_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if "eval_loss" in entry and rows:
             earlier = [row for row in rows if row["step"] <= entry["step"]] or rows[:1]
             earlier[-1].update({k: v for k, v in entry.items() if k.startswith("eval_")})
-    return rows
+    # Every row with the same keys (null where a step has no value): DVC's plot reader fails on
+    # rows with differing key sets.
+    keys = sorted(set().union(*rows)) if rows else []
+    return [{key: row.get(key) for key in keys} for row in rows]
 
 
 def _precision_of(args) -> Literal["bf16", "fp16", "fp32"]:
@@ -580,8 +583,8 @@ def _summary(
     max_length: int,
     rows: tuple[int, int],
 ) -> dict[str, Any]:
-    train_losses = [h["loss"] for h in history if "loss" in h]
-    eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
+    train_losses = [h["loss"] for h in history if h.get("loss") is not None]
+    eval_losses = [h["eval_loss"] for h in history if h.get("eval_loss") is not None]
     args = trainer.args
     return {
         "method": method,
