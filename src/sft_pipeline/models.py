@@ -424,7 +424,9 @@ def load_model(
     model_dir = Path(model_dir)
     manifest = _manifest_or_default(model_dir)
     path, revision = model_source(model_dir)
-    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    # Under `accelerate launch` each process owns the GPU of its LOCAL_RANK.
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     kwargs: dict[str, Any] = {
         "use_safetensors": True,
         "trust_remote_code": bool(manifest.get("trust_remote_code")),
