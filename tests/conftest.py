@@ -104,21 +104,24 @@ def build_tiny_model(family: str, vocab_size: int, seed: int = 0, **overrides):
     return AutoModelForCausalLM.from_config(config)
 
 
+def save_tiny_model(path: Path, family: str = "llama", **overrides) -> Path:
+    """Save a tiny random model of `family` and the tiny tokenizer into `path`."""
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(family, len(tokenizer), **overrides)
+    for cfg in (model.config, model.generation_config):
+        cfg.bos_token_id = tokenizer.bos_token_id
+        cfg.eos_token_id = tokenizer.eos_token_id
+        cfg.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture
-def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+def tiny_model_dir(tmp_path_factory):
     """Factory: a folder with a tiny random model of `family` and the tiny tokenizer."""
 
     def make(family: str = "llama", **overrides) -> Path:
-        path = tmp_path_factory.mktemp(f"tiny-{family}")
-        tokenizer = build_tiny_tokenizer()
-        model = build_tiny_model(family, len(tokenizer), **overrides)
-        model.config.bos_token_id = tokenizer.bos_token_id
-        model.config.eos_token_id = tokenizer.eos_token_id
-        model.config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        return path
+        return save_tiny_model(tmp_path_factory.mktemp(f"tiny-{family}"), family, **overrides)
 
     return make

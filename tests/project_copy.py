@@ -81,16 +81,9 @@ def ran_stages(dvc_output: str) -> set[str]:
 
 def write_tiny_model(folder: Path) -> None:
     """The tiny random llama + tokenizer of tests/conftest.py, saved like `tiny_model_dir`."""
-    from conftest import build_tiny_model, build_tiny_tokenizer
+    from conftest import save_tiny_model
 
-    tokenizer = build_tiny_tokenizer()
-    model = build_tiny_model("llama", len(tokenizer))
-    for cfg in (model.config, model.generation_config):
-        cfg.bos_token_id = tokenizer.bos_token_id
-        cfg.eos_token_id = tokenizer.eos_token_id
-        cfg.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tiny_model(folder, "llama")
 
 
 def make_project(

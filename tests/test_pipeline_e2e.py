@@ -3,69 +3,32 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
+import project_copy as pc
 import pytest
-import yaml
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
-TINY_PARAMS = {
-    "data": {"path": "data/01_raw/demo_sft.jsonl", "eval_fraction": 0.2},
-    "tokenization": {"max_seq_length": 256},
-    "training": {
-        "max_steps": 4,
-        "per_device_train_batch_size": 4,
-        "save_steps": 2,
-        "learning_rate": 1e-3,
-    },
-    "lora": {"r": 4, "alpha": 8},
+# The end-to-end run's own budget, on top of project_copy's tiny environment (tiny llama, LoRA):
+# 4 steps with a checkpoint every 2, 3 generated eval samples.
+E2E_PARAMS = {
+    "data": {"eval_fraction": 0.2},
+    "training": {"max_steps": 4, "save_steps": 2, "learning_rate": 1e-3},
     "evaluation": {"max_samples": 3, "max_new_tokens": 8, "batch_size": 4},
 }
 
 
-def make_project(tmp_path: Path, params: dict, rows: int = 60) -> Path:
-    """A copy of the project (conf, raw data) with `params` as the local override."""
-    project = tmp_path / "project"
-    project.mkdir()
-    shutil.copy(PROJECT_ROOT / "pyproject.toml", project)
-    # Kedro's bootstrap insists on a source folder inside the project; the package is installed.
-    (project / "src").mkdir()
-    shutil.copytree(PROJECT_ROOT / "conf", project / "conf", ignore=shutil.ignore_patterns("local"))
-    (project / "conf" / "local").mkdir()
-    (project / "conf" / "local" / "parameters_sft.yml").write_text(yaml.safe_dump(params))
-    raw = project / "data" / "01_raw"
-    raw.mkdir(parents=True)
-    lines = (PROJECT_ROOT / "data/01_raw/demo_sft.jsonl").read_text().splitlines(keepends=True)
-    (raw / "demo_sft.jsonl").write_text("".join(lines[:rows]))
-    return project
+def kedro(project: Path, *args: str) -> str:
+    return pc.run([sys.executable, "-m", "kedro", *args, "--env", pc.TINY_ENV], project)
 
 
-def kedro(project: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "kedro", *args],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
-
-
-def test_full_sft_pipeline_runs_end_to_end(tmp_path, tiny_model_dir):
+def test_full_sft_pipeline_runs_end_to_end(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    params = {**TINY_PARAMS, "model": {"name_or_path": str(tiny_model_dir("llama"))}}
-    project = make_project(tmp_path, params)
+    project = pc.make_project(tmp_path / "project", records=60)
+    pc.set_params(project, E2E_PARAMS)
     kedro(project, "run", "--pipeline=sft")
 
     data = project / "data"
@@ -95,9 +58,9 @@ DATASETS = {
 
 
 @pytest.mark.parametrize("name", sorted(DATASETS))
-def test_data_half_on_real_datasets_with_params_only(name, tmp_path, tiny_model_dir, fixtures_dir):
+def test_data_half_on_real_datasets_with_params_only(name, tmp_path, fixtures_dir):
     relpath, columns = DATASETS[name]
-    project = make_project(tmp_path, {"model": {"name_or_path": str(tiny_model_dir("llama"))}})
+    project = pc.make_project(tmp_path / "project")
     # Kedro's --params syntax: comma-separated dotted keys. Real data has a few bad records:
     # let them be quarantined rather than fail the run.
     overrides = [f"data.path={fixtures_dir / 'datasets' / relpath}"]
