@@ -11,7 +11,9 @@ SmolLM's default system prompt; completion = output + <|im_end|>), max length 51
 lr 2e-4, no gradient checkpointing. Each system runs in its own subprocess so its peak RSS is its
 own. Throughput counts non-padding tokens (and supervised tokens) of the batches that optimizer
 steps 2..N consumed, over the wall time from the end of step 1 to the end of step N (step 1 pays
-one-off costs). The last column is the whole `train()` call.
+one-off costs). The last column is the whole `train()` call. "held-out" is the completion loss
+of each trained model on the same 64 later Alpaca records, computed by one function for all
+systems: the logged loss of step N is one batch's, and the systems draw different batches.
 
 MFU counts the FLOPs the fine-tune needs, not what a system spends: per non-padding token
 4 x (decoder linear parameters) (forward + activation gradients of the frozen base) + 6 x (LoRA
@@ -53,6 +55,7 @@ SYSTEMS = {
     "trl-bf16-packed": ("trl", "bf16", True),
 }
 BASELINE = {"fp32": "trl-fp32", "bf16": "trl-bf16"}
+HELDOUT = 64  # Alpaca records after the training ones, for the loss after training
 
 
 # ----------------------------------------------------------------------------- shared data
@@ -85,6 +88,44 @@ def prompt_completion(rows: list[dict], tokenizer) -> list[dict[str, str]]:
         )
         out.append({"prompt": prompt, "completion": messages[-1]["content"] + "<|im_end|>"})
     return out
+
+
+def heldout_loss(model, tokenizer, rows: list[dict], batch_size: int = 8) -> float:
+    """Mean completion-token loss of `model` on `rows`, the same code for every system.
+
+    The logged loss of step N is one batch's loss, and the systems draw different batches
+    (ours groups rows by length when not packing, as it should), so it cannot rank them; the
+    loss on the same held-out rows after training can.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    pairs = prompt_completion(rows, tokenizer)
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(pairs), batch_size):
+            ids, labels = [], []
+            for pair in pairs[start : start + batch_size]:
+                prompt = tokenizer(pair["prompt"], add_special_tokens=False)["input_ids"]
+                completion = tokenizer(pair["completion"], add_special_tokens=False)["input_ids"]
+                ids.append((prompt + completion)[:512])
+                labels.append(([-100] * len(prompt) + completion)[:512])
+            width = max(map(len, ids))
+            pad = tokenizer.pad_token_id or 0
+            input_ids = torch.tensor([i + [pad] * (width - len(i)) for i in ids])
+            mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
+            target = torch.tensor([t + [-100] * (width - len(t)) for t in labels])
+            device = next(model.parameters()).device
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+            total += F.cross_entropy(
+                logits[:, :-1].float().flatten(0, 1),
+                target[:, 1:].flatten().to(device),
+                ignore_index=-100,
+                reduction="sum",
+            ).item()
+            count += int((target[:, 1:] != -100).sum())
+    return total / count
 
 
 def lora_config():
@@ -216,6 +257,7 @@ def run_system(name: str, steps: int, records: int, out_dir: str) -> dict:
     trainer.train()
     elapsed = time.perf_counter() - start
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    heldout = heldout_loss(trainer.model, tokenizer, alpaca_rows(records + HELDOUT)[records:])
     # Throughput over steps 2..N: step 1 pays one-off costs (allocator growth, kernel choice).
     timed = counter.batches[1:steps]
     seconds = step_times.times[-1] - step_times.times[0]
@@ -232,6 +274,7 @@ def run_system(name: str, steps: int, records: int, out_dir: str) -> dict:
         "supervised_per_s": supervised / seconds,
         "loss_first": losses[0],
         "loss_last": losses[-1],
+        "heldout_loss": heldout,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30
         if torch.cuda.is_available()
@@ -294,7 +337,7 @@ def matmul_peak(dtype_name: str, seconds: float = 1.5) -> float:
 def _table(results: list[dict], peaks: dict[str, float]) -> str:
     head = (
         f"{'system':<18}{'tok/s':>9}{'sup tok/s':>11}{'x TRL':>7}{'loss@1':>8}{'loss@end':>9}"
-        f"{'RSS GiB':>9}{'GPU GiB':>9}{'MFU':>8}{'s':>8}"
+        f"{'held-out':>9}{'RSS GiB':>9}{'GPU GiB':>9}{'MFU':>8}{'s':>8}"
     )
     lines = [head, "-" * len(head)]
     by_name = {r["system"]: r for r in results}
@@ -306,7 +349,8 @@ def _table(results: list[dict], peaks: dict[str, float]) -> str:
         gpu = "-" if r["peak_gpu_gib"] is None else f"{r['peak_gpu_gib']:.2f}"
         lines.append(
             f"{r['system']:<18}{r['tokens_per_s']:>9.1f}{r['supervised_per_s']:>11.1f}{ratio:>7}"
-            f"{r['loss_first']:>8.4f}{r['loss_last']:>9.4f}{r['peak_rss_gib']:>9.2f}"
+            f"{r['loss_first']:>8.4f}{r['loss_last']:>9.4f}{r['heldout_loss']:>9.4f}"
+            f"{r['peak_rss_gib']:>9.2f}"
             f"{gpu:>9}{100 * mfu:>7.2f}%{r['seconds_total']:>8.1f}"
         )
     return "\n".join(lines)
@@ -382,7 +426,8 @@ def main() -> None:
         results.append(result)
         print(
             f"{name}: {result['tokens_per_s']:.1f} tok/s, loss {result['loss_first']:.4f} -> "
-            f"{result['loss_last']:.4f}, {result['seconds_total']:.0f} s",
+            f"{result['loss_last']:.4f} (held-out {result['heldout_loss']:.4f}), "
+            f"{result['seconds_total']:.0f} s",
             flush=True,
         )
     peaks = {

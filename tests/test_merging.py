@@ -252,3 +252,25 @@ def test_real_phi3_tokenizer_end_of_turn_and_pad(fixtures_dir):
     assert set(tokenizer.convert_ids_to_tokens(eos)) == {"<|endoftext|>", "<|end|>"}
     pad = choose_pad_token_id(tokenizer, eos)
     assert pad not in eos and tokenizer.convert_ids_to_tokens(pad) == "<unk>"
+
+
+def test_merged_tokenizer_carries_the_training_template(lora_setup, tmp_path):
+    """A base model trained with template.chat_template=alpaca answers in that format after
+    the merge: its tokenizer renders a chat the way the training data was rendered."""
+    from transformers import AutoTokenizer
+
+    from sft_pipeline.config import TemplateConfig
+
+    _, base_dir, adapter_dir = lora_setup
+    cfg = TemplateConfig(chat_template="alpaca", system_prompt="Answer briefly.")
+    out = tmp_path / "merged"
+    merge(base_dir, adapter_dir, DataConfig(), SUMMARY, cfg).save_pretrained(out)
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    messages = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Name a colour."},
+    ]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert "### Instruction:" in prompt and prompt.rstrip().endswith("### Response:")
+    assert "Answer briefly." in (out / "README.md").read_text()

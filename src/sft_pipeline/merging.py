@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sft_pipeline.config import DataConfig
+from sft_pipeline.config import DataConfig, TemplateConfig
 from sft_pipeline.models import load_model, load_tokenizer, read_manifest
 
 log = logging.getLogger(__name__)
@@ -66,14 +66,22 @@ def merge(
     adapter_dir: str | os.PathLike,
     data_cfg: DataConfig,
     training_summary: dict[str, Any],
+    template_cfg: TemplateConfig | None = None,
 ) -> MergedModel:
     import torch
+
+    from sft_pipeline.templating import resolve_template
 
     base_model_dir, adapter_dir = Path(base_model_dir), Path(adapter_dir)
     manifest = read_manifest(base_model_dir)
     kind = adapter_kind(adapter_dir)
     has_tokenizer = any(adapter_dir.glob("tokenizer*"))
     tokenizer = load_tokenizer(adapter_dir if has_tokenizer else base_model_dir)
+    if template_cfg is not None and template_cfg.chat_template != "tokenizer":
+        # The merged model answers in the format it was trained on, so its tokenizer carries
+        # the template the data was rendered with, not the base's own (or none).
+        tokenizer.chat_template, name = resolve_template(tokenizer, template_cfg)
+        log.info("merged tokenizer gets %s as its chat template", name)
     adapter_config: dict[str, Any] = {}
     if kind == "peft":
         adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text("utf-8"))
@@ -93,7 +101,15 @@ def merge(
         )
     eos_ids, pad_id = configure_special_tokens(model, tokenizer)
     card = model_card(
-        manifest, kind, adapter_config, data_cfg, training_summary, eos_ids, pad_id, tokenizer
+        manifest,
+        kind,
+        adapter_config,
+        data_cfg,
+        training_summary,
+        eos_ids,
+        pad_id,
+        tokenizer,
+        system_prompt=template_cfg.system_prompt if template_cfg else None,
     )
     return MergedModel(model=model.eval(), tokenizer=tokenizer, model_card=card)
 
@@ -232,6 +248,7 @@ def model_card(
     eos_ids: list[int],
     pad_id: int,
     tokenizer,
+    system_prompt: str | None = None,
 ) -> str:
     """README.md with YAML front-matter; deterministic for the same inputs (no timestamps)."""
     # Wall-clock fields differ on every run; leaving them out keeps the card reproducible.
@@ -293,6 +310,7 @@ def model_card(
         f"- stops at: {eos_tokens}",
         f"- pads with: `{tokenizer.convert_ids_to_tokens(pad_id)}` ({pad_id}), not an EOS token",
         f"- chat template: {'included' if tokenizer.chat_template else 'none'}",
+        *([f"- trained with the system prompt: {system_prompt!r}"] if system_prompt else []),
         "",
         "## How to load",
         "",

@@ -124,11 +124,21 @@ def train_adapter(
 
 
 def merge_adapter(
-    base_model: Path, adapter: Path, data: dict[str, Any], training_summary: dict[str, Any]
+    base_model: Path,
+    adapter: Path,
+    data: dict[str, Any],
+    template: dict[str, Any],
+    training_summary: dict[str, Any],
 ):
     from sft_pipeline.merging import merge
 
-    return merge(base_model, adapter, C.parse_section(C.DataConfig, data, "data"), training_summary)
+    return merge(
+        base_model,
+        adapter,
+        C.parse_section(C.DataConfig, data, "data"),
+        training_summary,
+        C.parse_section(C.TemplateConfig, template, "template"),
+    )
 
 
 def evaluate_model(

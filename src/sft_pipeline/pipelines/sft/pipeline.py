@@ -60,7 +60,13 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             node(
                 nodes.merge_adapter,
-                inputs=["base_model", "adapter", "params:data", "training_summary"],
+                inputs=[
+                    "base_model",
+                    "adapter",
+                    "params:data",
+                    "params:template",
+                    "training_summary",
+                ],
                 outputs="merged_model",
                 name="merge_adapter",
             ),
