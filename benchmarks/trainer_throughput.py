@@ -46,6 +46,10 @@ SYSTEMS = {
     # name: (kind, precision, packing)
     "ours-fp32": ("ours", "fp32", False),
     "ours-fp32-packed": ("ours", "fp32", True),
+    # Our trainer drawing TRL's batches (random sampler, same seed): its step-N loss is TRL's;
+    # padded like TRL's, or re-packed per batch (padding_free: same rows, no padding compute).
+    "ours-fp32-random": ("ours", "fp32", False),
+    "ours-fp32-random-padfree": ("ours", "fp32", False),
     "trl-fp32": ("trl", "fp32", False),
     "trl-fp32-packed": ("trl", "fp32", True),
     "naive-fp32": ("naive", "fp32", False),
@@ -133,7 +137,11 @@ def lora_config():
 
     # lora_dropout=0: peft's default, and the same for every system.
     return LoraConfig(
-        r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
     )
 
 
@@ -215,7 +223,13 @@ def run_system(name: str, steps: int, records: int, out_dir: str) -> dict:
     if kind == "ours":
         from sft_pipeline.trainer import SFTConfig, SFTTrainer
 
-        args = _train_args(SFTConfig, out_dir, steps, precision, max_length=512, packing=packing)
+        # Without packing ours groups rows by length (less padding) unless told to draw randomly.
+        extra = {"train_sampling_strategy": "random"} if "-random" in name else {}
+        if name.endswith("-padfree"):
+            extra["padding_free"] = True
+        args = _train_args(
+            SFTConfig, out_dir, steps, precision, max_length=512, packing=packing, **extra
+        )
         trainer = SFTTrainer(
             model=model,
             args=args,
@@ -228,7 +242,13 @@ def run_system(name: str, steps: int, records: int, out_dir: str) -> dict:
         from trl import SFTTrainer as TRLTrainer
 
         args = _train_args(
-            TRLConfig, out_dir, steps, precision, max_length=512, packing=packing, loss_type="nll"
+            TRLConfig,
+            out_dir,
+            steps,
+            precision,
+            max_length=512,
+            packing=packing,
+            loss_type="nll",
         )
         trainer = TRLTrainer(
             model=model,
@@ -239,7 +259,11 @@ def run_system(name: str, steps: int, records: int, out_dir: str) -> dict:
         )
     else:
         from peft import get_peft_model
-        from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+        from transformers import (
+            DataCollatorForLanguageModeling,
+            Trainer,
+            TrainingArguments,
+        )
 
         texts = [r["prompt"] + r["completion"] for r in prompt_completion(rows, tokenizer)]
         enc = tokenizer(texts, truncation=True, max_length=512, add_special_tokens=False)

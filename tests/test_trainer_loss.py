@@ -139,7 +139,7 @@ class _GradCapture(TrainerCallback):
         self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
-def _one_step(tmp_path, rows, batch_size, accumulation, max_tokens_per_forward=0):
+def _one_step(tmp_path, rows, batch_size, accumulation, max_tokens_per_forward=0, **config):
     model = build_tiny_model("llama", VOCAB, seed=1)
     capture = _GradCapture()
     trainer = _trainer(
@@ -153,6 +153,7 @@ def _one_step(tmp_path, rows, batch_size, accumulation, max_tokens_per_forward=0
         train_sampling_strategy="sequential",
         logging_steps=1,
         max_tokens_per_forward=max_tokens_per_forward,
+        **config,
     )
     trainer.add_callback(capture)
     trainer.train()
@@ -177,3 +178,18 @@ def test_slicing_a_batch_into_forwards_keeps_loss_and_gradients(tmp_path):
     assert abs(loss_full - loss_sliced) < 1e-5
     for name, grad in grads_full.items():
         assert torch.allclose(grad, grads_sliced[name], atol=1e-5), name
+
+
+def test_padding_free_batches_keep_loss_and_gradients_without_padding(tmp_path):
+    rows = _rows(8, seed=5)
+    loss_padded, grads_padded = _one_step(tmp_path / "a", rows, 8, 1)
+    loss_free, grads_free = _one_step(tmp_path / "b", rows, 8, 1, padding_free=True)
+    assert abs(loss_padded - loss_free) < 1e-5
+    for name, grad in grads_padded.items():
+        assert torch.allclose(grad, grads_free[name], atol=1e-5), name
+
+    padded = DataCollatorForSFT(pad_token_id=0)(rows)
+    free = DataCollatorForSFT(pad_token_id=0, padding_free_capacity=64)(rows)
+    assert free["input_ids"].numel() < padded["input_ids"].numel()
+    assert int((free["document_ids"] > 0).sum()) == sum(len(r["input_ids"]) for r in rows)
+    assert int((free["shift_labels"] != -100).sum()) == int((padded["shift_labels"] != -100).sum())

@@ -311,6 +311,8 @@ def test_rerun_after_interruption_resumes_from_last_checkpoint(
     straight = training_config(tmp_path / "straight", max_steps=10, save_steps=3, packing=True)
     artifact2, history2, _ = train(base, *tokens, quant, lora, straight)
     assert train_losses(history) == pytest.approx(train_losses(history2), rel=1e-4)
+    for counter in ("num_tokens", "supervised_tokens"):  # running totals go on after a resume
+        assert [h[counter] for h in history] == [h[counter] for h in history2]
     artifact.save_pretrained(tmp_path / "a")
     artifact2.save_pretrained(tmp_path / "b")
     name = "model.safetensors" if method == "full" else "adapter_model.safetensors"

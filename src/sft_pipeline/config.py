@@ -97,6 +97,9 @@ class TrainingConfig(_Section):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     gradient_checkpointing: bool = False
     packing: bool = True
+    # Without packing: each batch's rows re-packed into rows of at most max_length tokens
+    # (same rows and loss per step, no compute on padding).
+    padding_free: bool = False
     pad_to_multiple_of: int | None = 8
     logging_steps: int = Field(1, gt=0)
     save_steps: int = Field(50, gt=0)

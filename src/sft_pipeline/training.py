@@ -196,6 +196,7 @@ def build_sft_config(
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=False,
         packing=training.packing,
+        padding_free=training.padding_free,
         pad_to_multiple_of=training.pad_to_multiple_of,
         max_length=max_length,
     )

@@ -7,6 +7,10 @@ EOS labels (the classic "model never stops" bug).
 Packed rows (with `seq_lengths`) get `position_ids` that restart at 0 for every sequence and a
 `document_ids` tensor (1, 2, ... per sequence, 0 on padding) from which the trainer builds the
 block-diagonal attention mask for its attention backend.
+
+With `padding_free_capacity`, unpacked rows are first re-packed, batch by batch, into as few rows
+of at most that many tokens as best-fit-decreasing finds: the batch holds the same rows (so the
+same loss as the padded batch: a sum over its supervised tokens), but no compute goes to padding.
 """
 
 from __future__ import annotations
@@ -18,16 +22,20 @@ from typing import Any
 import torch
 
 from sft_pipeline.tokenization import IGNORE_INDEX
+from sft_pipeline.trainer.packing import pack_rows
 
 
 @dataclass
 class DataCollatorForSFT:
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    padding_free_capacity: int | None = None
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not features:
             raise ValueError("DataCollatorForSFT got an empty list of rows")
+        if self.padding_free_capacity and "seq_lengths" not in features[0]:
+            features = self._repack(features)
         longest = max(len(f["input_ids"]) for f in features)
         if self.pad_to_multiple_of:
             longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -66,3 +74,12 @@ class DataCollatorForSFT:
         else:
             batch["attention_mask"] = attention_mask
         return batch
+
+    def _repack(self, features: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        ids = [list(f["input_ids"]) for f in features]
+        labels = [
+            ids[i] if f.get("labels") is None else list(f["labels"]) for i, f in enumerate(features)
+        ]
+        capacity = max(self.padding_free_capacity, *map(len, ids))
+        packed = pack_rows(ids, labels, capacity)
+        return [dict(zip(packed, row, strict=True)) for row in zip(*packed.values(), strict=True)]

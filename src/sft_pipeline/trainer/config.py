@@ -40,6 +40,14 @@ class SFTConfig(TrainingArguments):
             "help": "Best-fit-decreasing packing of rows into `max_length` bins, kept apart."
         },
     )
+    padding_free: bool = field(
+        default=False,
+        metadata={
+            "help": "Without packing: re-pack each batch's rows into rows of at most "
+            "`max_length` tokens, kept apart like packed ones. Same rows per step (same loss), "
+            "no compute on padding; random batches then cost no more than length-grouped ones."
+        },
+    )
     eval_packing: bool | None = field(
         default=None, metadata={"help": "Pack the eval set too; defaults to `packing`."}
     )
@@ -79,7 +87,7 @@ class SFTConfig(TrainingArguments):
         default="group_by_length",
         metadata={
             "help": "As in TrainingArguments, but batches rows of similar length by default "
-            "(less padding); packing switches to 'random'.",
+            "(less padding); packing and padding_free switch to 'random'.",
             "choices": ["random", "sequential", "group_by_length", "batch_rebalance"],
         },
     )

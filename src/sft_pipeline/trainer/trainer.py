@@ -5,6 +5,7 @@ What it adds to `Trainer`:
   by the pipeline's own templating and tokenization code (`dataset.py`);
 - best-fit-decreasing packing whose sequences never see each other: an explicit block-diagonal
   4-D mask on sdpa/eager, padding-free varlen on flash-attention, `use_cache=False` always;
+  the same per batch with `padding_free` (same rows per step, no compute on padding);
 - a loss that is the mean over the supervised tokens of the whole optimizer step, computed with
   the LM head applied only to supervised positions, in chunks (`loss.py`);
 - logged `mean_token_accuracy`, `num_tokens`, `supervised_tokens` and non-padding tokens/s.
@@ -75,8 +76,12 @@ class SFTTrainer(Trainer):
         # Our prepared datasets hold only what the collator needs; Trainer's column pruning by
         # the model's forward signature would drop `seq_lengths`.
         args.remove_unused_columns = False
-        if args.packing and args.train_sampling_strategy == "group_by_length":
-            args.train_sampling_strategy = "random"  # packed rows are all about the same length
+        if (
+            args.packing or args.padding_free
+        ) and args.train_sampling_strategy == "group_by_length":
+            # Packed rows are all about the same length; padding-free batches have no padding
+            # for length grouping to save.
+            args.train_sampling_strategy = "random"
 
         if isinstance(model, (str, os.PathLike)):
             init_kwargs = {"dtype": torch.float32, **(args.model_init_kwargs or {})}
@@ -108,6 +113,7 @@ class SFTTrainer(Trainer):
             data_collator = DataCollatorForSFT(
                 pad_token_id=processing_class.pad_token_id,
                 pad_to_multiple_of=args.pad_to_multiple_of,
+                padding_free_capacity=args.max_length if args.padding_free else None,
             )
         super().__init__(
             model=model,
@@ -249,6 +255,9 @@ class SFTTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         is_eval = any(key.startswith("eval_") for key in logs)
         window = self._sft_metrics["eval" if is_eval else "train"]
+        if not is_eval and window.total_tokens == 0:
+            # A resumed run: the running totals go on from the checkpoint's last log.
+            window.continue_from(self.state.log_history)
         # In place: `evaluate()` returns this same dict to its caller.
         logs.update(window.flush(prefix="eval_" if is_eval else ""))
         super().log(logs, start_time)
@@ -265,6 +274,12 @@ class _Window:
 
     def _reset(self) -> None:
         self.loss_sum = self.correct = self.supervised = self.tokens = 0
+
+    def continue_from(self, log_history: list[dict[str, float]]) -> None:
+        logged = [entry for entry in log_history if "num_tokens" in entry]
+        if logged:
+            self.total_tokens = int(logged[-1]["num_tokens"])
+            self.total_supervised = int(logged[-1]["supervised_tokens"])
 
     def add(self, loss_sum, correct, supervised, tokens) -> None:
         if self.started is None:
