@@ -79,13 +79,6 @@ def ran_stages(dvc_output: str) -> set[str]:
     return set(_RUNNING.findall(dvc_output))
 
 
-def write_tiny_model(folder: Path) -> None:
-    """The tiny random llama + tokenizer of tests/conftest.py, saved like `tiny_model_dir`."""
-    from conftest import save_tiny_model
-
-    save_tiny_model(folder, "llama")
-
-
 def make_project(
     dst: Path, *, records: int = 16, model_dir: Path | None = None, with_model: bool = True
 ) -> Path:
@@ -106,7 +99,9 @@ def make_project(
     if model_dir is not None:
         shutil.copytree(model_dir, dst / TINY_MODEL)
     elif with_model:
-        write_tiny_model(dst / TINY_MODEL)
+        from conftest import save_tiny_model
+
+        save_tiny_model(dst / TINY_MODEL)
     return dst
 
 

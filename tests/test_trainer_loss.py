@@ -161,32 +161,30 @@ def _one_step(tmp_path, rows, batch_size, accumulation, max_tokens_per_forward=0
     return loss, capture.grads
 
 
+def assert_same_step(expected, got) -> None:
+    """Two (loss, gradients) results of `_one_step` agree within 1e-5."""
+    (loss_a, grads_a), (loss_b, grads_b) = expected, got
+    assert abs(loss_a - loss_b) < 1e-5
+    for name, grad in grads_a.items():
+        assert torch.allclose(grad, grads_b[name], atol=1e-5), name
+
+
 def test_gradient_accumulation_matches_full_batch(tmp_path):
     rows = _rows(8, seed=3)
-    loss_full, grads_full = _one_step(tmp_path / "a", rows, 8, 1)
-    loss_accum, grads_accum = _one_step(tmp_path / "b", rows, 1, 8)
-    assert abs(loss_full - loss_accum) < 1e-5
-    for name, grad in grads_full.items():
-        assert torch.allclose(grad, grads_accum[name], atol=1e-5), name
+    assert_same_step(_one_step(tmp_path / "a", rows, 8, 1), _one_step(tmp_path / "b", rows, 1, 8))
 
 
 def test_slicing_a_batch_into_forwards_keeps_loss_and_gradients(tmp_path):
     rows = _rows(8, seed=4)
-    loss_full, grads_full = _one_step(tmp_path / "a", rows, 8, 1)
+    full = _one_step(tmp_path / "a", rows, 8, 1)
     # A 40-token budget runs the 8 rows (padded to ~22 tokens) one or two at a time.
-    loss_sliced, grads_sliced = _one_step(tmp_path / "b", rows, 8, 1, max_tokens_per_forward=40)
-    assert abs(loss_full - loss_sliced) < 1e-5
-    for name, grad in grads_full.items():
-        assert torch.allclose(grad, grads_sliced[name], atol=1e-5), name
+    assert_same_step(full, _one_step(tmp_path / "b", rows, 8, 1, max_tokens_per_forward=40))
 
 
 def test_padding_free_batches_keep_loss_and_gradients_without_padding(tmp_path):
     rows = _rows(8, seed=5)
-    loss_padded, grads_padded = _one_step(tmp_path / "a", rows, 8, 1)
-    loss_free, grads_free = _one_step(tmp_path / "b", rows, 8, 1, padding_free=True)
-    assert abs(loss_padded - loss_free) < 1e-5
-    for name, grad in grads_padded.items():
-        assert torch.allclose(grad, grads_free[name], atol=1e-5), name
+    padded_step = _one_step(tmp_path / "a", rows, 8, 1)
+    assert_same_step(padded_step, _one_step(tmp_path / "b", rows, 8, 1, padding_free=True))
 
     padded = DataCollatorForSFT(pad_token_id=0)(rows)
     free = DataCollatorForSFT(pad_token_id=0, padding_free_capacity=64)(rows)

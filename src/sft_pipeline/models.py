@@ -408,6 +408,15 @@ def resolve_compute_dtype(name: str):
     return torch.bfloat16 if cpu_supports_bf16() else torch.float32
 
 
+def wants_4bit(quantization: QuantizationConfig) -> bool:
+    """`load_in_4bit` as a decision: `auto` is 4-bit where bitsandbytes has fast kernels (CUDA)."""
+    if quantization.load_in_4bit == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return quantization.load_in_4bit
+
+
 def load_model(
     model_dir: str | os.PathLike,
     quantization: QuantizationConfig | None = None,
@@ -438,11 +447,7 @@ def load_model(
         kwargs["attn_implementation"] = manifest["attn_implementation"]
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    # "auto": 4-bit where bitsandbytes has fast kernels (CUDA), as training.resolve_quantization.
-    auto_4bit = quantization is not None and quantization.load_in_4bit == "auto"
-    if quantization is not None and (
-        quantization.load_in_4bit is True or (auto_4bit and torch.cuda.is_available())
-    ):
+    if quantization is not None and wants_4bit(quantization):
         compute = resolve_compute_dtype(quantization.bnb_4bit_compute_dtype)
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,

@@ -83,8 +83,9 @@ def training_method(quant: QuantizationConfig, lora: LoraConfig) -> Method:
 def resolve_precision(requested: str) -> Literal["bf16", "fp16", "fp32"]:
     """`auto` -> bf16 on a GPU that supports it, fp16 on an older GPU; on CPU, the trainer's choice.
 
-    On CPU the trainer measures once whether bf16 matmuls beat fp32 here (they do with
-    AVX512-BF16/AMX) and we follow it, so `auto` never asks for something it would replace. An
+    On CPU we follow the trainer's choice (bf16 only with native AVX512-BF16/AMX instructions,
+    and only where a short timing shows it faster), so `auto` never asks for something it would
+    replace. An
     explicit request is passed through: the trainer warns and falls back where it cannot run.
     """
     if requested != "auto":
@@ -102,9 +103,9 @@ def resolve_quantization(quant: QuantizationConfig, lora: LoraConfig) -> Quantiz
     """Turn `load_in_4bit: auto` into a decision: 4-bit for LoRA on CUDA, else full precision."""
     if quant.load_in_4bit != "auto":
         return quant
-    import torch
+    from sft_pipeline.models import wants_4bit
 
-    use_4bit = lora.enabled and torch.cuda.is_available()
+    use_4bit = lora.enabled and wants_4bit(quant)
     log.info(
         "quantization.load_in_4bit: auto -> %s (%s)",
         use_4bit,

@@ -81,10 +81,7 @@ def supervised_cross_entropy(
     token position i must predict, or -100. Divide the sum by the number of supervised tokens of
     the whole optimizer step to get the loss.
     """
-    flat_labels = shift_labels.reshape(-1)
-    index = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
-    selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
-    targets = flat_labels.index_select(0, index)
+    selected, targets = _supervised_rows(hidden, shift_labels)
     compute_dtype = weight.dtype
     if torch.is_autocast_enabled(hidden.device.type):
         compute_dtype = torch.get_autocast_dtype(hidden.device.type)
@@ -98,17 +95,25 @@ def supervised_cross_entropy(
         loss_sum, correct = _SupervisedLinearCrossEntropy.apply(
             selected, weight, bias, targets, chunk_size, compute_dtype, want_grads
         )
-    return loss_sum, correct, torch.tensor(index.numel(), device=hidden.device)
+    return loss_sum, correct, torch.tensor(targets.numel(), device=hidden.device)
 
 
 def logits_cross_entropy(
     logits: torch.Tensor, shift_labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The same triple from full logits: the fallback for heads the chunked path cannot take."""
-    flat_labels = shift_labels.reshape(-1)
-    index = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
-    selected = logits.reshape(-1, logits.shape[-1]).index_select(0, index).float()
-    targets = flat_labels.index_select(0, index)
+    selected, targets = _supervised_rows(logits, shift_labels)
+    selected = selected.float()
     loss_sum = F.cross_entropy(selected, targets, reduction="sum")
     correct = (selected.detach().argmax(dim=-1) == targets).sum()
-    return loss_sum, correct, torch.tensor(index.numel(), device=logits.device)
+    return loss_sum, correct, torch.tensor(targets.numel(), device=logits.device)
+
+
+def _supervised_rows(
+    values: torch.Tensor, shift_labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values at supervised positions as rows, their target tokens), in position order."""
+    flat_labels = shift_labels.reshape(-1)
+    index = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
+    rows = values.reshape(-1, values.shape[-1]).index_select(0, index)
+    return rows, flat_labels.index_select(0, index)
