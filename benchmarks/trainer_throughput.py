@@ -5,7 +5,7 @@ One command, one run, side by side (issue 5, point 5):
     .venv/bin/python benchmarks/trainer_throughput.py            # 12 steps, every system
     .venv/bin/python benchmarks/trainer_throughput.py --quick    # 3 steps, 64 records, fp32 only
 
-Same model (SmolLM2-135M-Instruct, converted from the bundled GGUF by sft_pipeline.models), LoRA
+Same model (SmolLM2-135M-Instruct, converted from the bundled GGUF by sft_pipeline.base_model), LoRA
 r=16 on all linear layers, the first 256 Alpaca records of ../shared/fixtures (ChatML with
 SmolLM's default system prompt; completion = output + <|im_end|>), max length 512, batch 8,
 lr 2e-4, no gradient checkpointing. Each system runs in its own subprocess so its peak RSS is its
@@ -71,7 +71,7 @@ def model_dir() -> Path:
     override = os.environ.get("SFT_BENCH_MODEL")
     if override:
         return Path(override)
-    from sft_pipeline.models import bundled_gguf_path, convert_gguf
+    from sft_pipeline.base_model import bundled_gguf_path, convert_gguf
 
     return convert_gguf(bundled_gguf_path())
 
@@ -476,7 +476,7 @@ def main() -> None:
 def _bf16_pays_off(torch) -> bool:
     if torch.cuda.is_available():
         return True
-    from sft_pipeline.trainer.config import cpu_bf16_is_faster
+    from sft_pipeline.trainer.sft_config import cpu_bf16_is_faster
 
     return cpu_bf16_is_faster()
 

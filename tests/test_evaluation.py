@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from sft_pipeline.base_model import prepare_base_model
 from sft_pipeline.config import EvaluationConfig, ModelConfig
 from sft_pipeline.evaluation import (
     GENERATION_METRICS,
@@ -15,7 +16,7 @@ from sft_pipeline.evaluation import (
     generation_scores,
     supervised_loss,
 )
-from sft_pipeline.models import load_model, prepare_base_model
+from sft_pipeline.model_loading import load_model
 
 PAIRS = [
     ("What is the capital of France?", "Paris is the capital of France."),

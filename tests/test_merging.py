@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from sft_pipeline.base_model import prepare_base_model
 from sft_pipeline.config import DataConfig, ModelConfig, QuantizationConfig
 from sft_pipeline.merging import merge
-from sft_pipeline.models import load_model, prepare_base_model
+from sft_pipeline.model_loading import load_model
 
 IDS = torch.tensor([[3, 40, 41, 120, 7, 9, 250, 33]])
 SUMMARY = {"train_loss": 1.25, "eval_loss": 1.5, "lora": {"r": 4}, "steps": 10}

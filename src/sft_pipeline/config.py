@@ -1,7 +1,8 @@
 """Typed configuration: one pydantic model per top-level key of `parameters_sft.yml`.
 
 Each node parses the parameter sections it reads once, at its start, so a typo or a bad value
-fails with the key path and the allowed values before any expensive work (DESIGN principle 5).
+fails with the key path and the allowed values before any expensive work. Rules that involve
+more than one section (`training_method`) live here too.
 """
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ class ModelConfig(_Section):
 
 
 class TemplateConfig(_Section):
-    # "tokenizer" uses the tokenizer's own chat template; else chatml, alpaca or a .jinja path.
-    chat_template: str = "tokenizer"
+    # "auto": the tokenizer's own chat template, or the built-in "plain" layout when it has none
+    # (base models: prompt, then reply + EOS); "tokenizer" requires the tokenizer's own; else
+    # chatml, alpaca, plain or a .jinja path.
+    chat_template: str = "auto"
     system_prompt: str | None = None
 
 
@@ -112,10 +115,52 @@ class TrainingConfig(_Section):
     dataloader_num_workers: int = Field(0, ge=0)
 
 
+Method = Literal["qlora", "lora", "full"]
+
+
+def training_method(quant: QuantizationConfig, lora: LoraConfig) -> Method:
+    """Which of the three methods the two switches select (`load_in_4bit` already decided).
+
+    - `quantization.load_in_4bit: true`  + `lora.enabled: true`  -> QLoRA (the default on CUDA);
+    - `quantization.load_in_4bit: false` + `lora.enabled: true`  -> LoRA on a full-precision base;
+    - `quantization.load_in_4bit: false` + `lora.enabled: false` -> full fine-tuning;
+    - `quantization.load_in_4bit: true`  + `lora.enabled: false` -> error: 4-bit weights are
+      frozen integer codes, there is nothing for a full fine-tune to update.
+    """
+    if lora.enabled:
+        return "qlora" if quant.load_in_4bit is True else "lora"
+    if quant.load_in_4bit is True:
+        raise ConfigError(
+            "invalid parameters: `lora.enabled: false` asks for full fine-tuning, but "
+            "`quantization.load_in_4bit: true` loads the base as frozen 4-bit weights, which "
+            "cannot be fine-tuned directly.\n"
+            "  Expected one of: lora.enabled: true (QLoRA), or quantization.load_in_4bit: false "
+            "(with lora.enabled: true for LoRA on a full-precision base, false for full "
+            "fine-tuning)."
+        )
+    return "full"
+
+
 class EvaluationConfig(_Section):
     max_samples: int = Field(50, ge=0)
     max_new_tokens: int = Field(64, gt=0)
     batch_size: int = Field(8, gt=0)
+
+
+GGUFType = Literal["f32", "f16", "bf16", "q8_0"]
+
+
+class ExportConfig(_Section):
+    # GGUF files to write for llama.cpp and Ollama; empty writes none (the export is optional and
+    # a q8_0 of a 7B takes minutes and 7 GB).
+    gguf: list[GGUFType] = Field(default_factory=list)
+
+    @field_validator("gguf")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"each GGUF type once, got {value}")
+        return value
 
 
 class SFTParameters(_Section):
@@ -130,6 +175,7 @@ class SFTParameters(_Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
 
     @field_validator("*", mode="before")
     @classmethod

@@ -1,7 +1,7 @@
 """Build `dvc.yaml` from a Kedro pipeline: one DVC stage per node, with exact cache keys.
 
 A stage is re-run by DVC when one of its deps, params or outs changed, so each stage lists
-exactly what its node's result depends on (DESIGN, "Reproducibility"):
+exactly what its node's result depends on (docs/architecture.md, "Reproducibility"):
 
 - deps: the node's input artifacts (catalog filepaths); the source files of the code it runs,
   found by following `import` statements from the node function through the project package
@@ -19,7 +19,6 @@ config dicts; loading those from a project is the CLI's job (sft_pipeline.cli).
 
 from __future__ import annotations
 
-import ast
 import glob
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel
 
+from sft_pipeline.code_graph import CodeGraph, node_modules
 from sft_pipeline.config import (
     DataConfig,
     ModelConfig,
@@ -55,7 +55,7 @@ PLOTS: Mapping[str, Mapping[str, str]] = {"training_history": {"x": "step", "y":
 # distribution, base vs tuned).
 IMAGE_PLOTS = ("evaluation_plots",)
 # The trainer's checkpoints: kept across runs (resume after an interruption) and never cached,
-# since they are large and only a means to the adapter (treeverse/dvc#9221).
+# since they are large and only a means to the adapter.
 CHECKPOINTS_NODE = "train_adapter"
 
 
@@ -83,173 +83,6 @@ class Project:
     params: Mapping[str, Any]  # merged parameters
     param_files: Sequence[ConfigFile]  # base first, then the environment's
     catalog_files: Sequence[ConfigFile] = field(default_factory=tuple)
-
-
-# --------------------------------------------------------------------------------------------
-# Source files a node runs
-
-
-def _is_type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
-
-
-def _import_nodes(tree: ast.AST, *, into_functions: bool) -> Iterable[ast.Import | ast.ImportFrom]:
-    """Import statements that can execute: `if TYPE_CHECKING:` bodies never do.
-
-    With into_functions=False, only statements that run when the module is imported.
-    """
-    stack = [tree]
-    while stack:
-        current = stack.pop()
-        for child in ast.iter_child_nodes(current):
-            if isinstance(child, ast.Import | ast.ImportFrom):
-                yield child
-            elif isinstance(child, ast.If) and _is_type_checking(child.test):
-                stack.extend(child.orelse)
-            elif not into_functions and isinstance(
-                child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda
-            ):
-                continue
-            else:
-                stack.append(child)
-
-
-class CodeGraph:
-    """Resolves which source files of one package a piece of code can execute."""
-
-    def __init__(self, source_dir: Path, package: str) -> None:
-        self.source_dir = source_dir
-        self.package = package
-        self._trees: dict[Path, ast.Module] = {}
-
-    def module_file(self, module: str) -> Path | None:
-        base = self.source_dir.joinpath(*module.split("."))
-        for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-            if candidate.is_file():
-                return candidate
-        return None
-
-    def _tree(self, path: Path) -> ast.Module:
-        if path not in self._trees:
-            self._trees[path] = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-        return self._trees[path]
-
-    def _in_package(self, module: str) -> bool:
-        return module == self.package or module.startswith(self.package + ".")
-
-    def is_wiring(self, module: str) -> bool:
-        """Pipeline declarations: what they change is the wiring, which dvc.yaml itself encodes.
-
-        Following them would make every node depend on every node module's imports.
-        """
-        wiring = (f"{self.package}.pipelines", f"{self.package}.pipeline_registry")
-        return any(module == w or module.startswith(w + ".") for w in wiring)
-
-    def _resolve(
-        self, stmt: ast.Import | ast.ImportFrom, current: str, is_pkg: bool
-    ) -> dict[str, bool]:
-        """Project modules an import statement runs -> whether all of its code may run.
-
-        The named module (or, for `from pkg import attr`, the package) may have any function
-        called; its parent packages only run their top level (`import a.b.c` runs a/__init__
-        and a/b/__init__ first).
-        """
-        if isinstance(stmt, ast.Import):
-            names = [alias.name for alias in stmt.names]
-        else:
-            if stmt.level:
-                parts = current.split(".")
-                keep = len(parts) - stmt.level + (1 if is_pkg else 0)
-                base = ".".join([*parts[:keep], *([stmt.module] if stmt.module else [])])
-            else:
-                base = stmt.module or ""
-            names = []
-            for alias in stmt.names:
-                sub = f"{base}.{alias.name}"
-                names.append(sub if self.module_file(sub) else base)
-        found: dict[str, bool] = {}
-        for name in names:
-            if not self._in_package(name):
-                continue
-            parts = name.split(".")
-            for i in range(1, len(parts)):
-                found.setdefault(".".join(parts[:i]), False)
-            found[name] = True
-        return {m: full for m, full in found.items() if self.module_file(m)}
-
-    def imports_of(self, module: str, *, into_functions: bool) -> dict[str, bool]:
-        path = self.module_file(module)
-        if path is None:
-            return {}
-        is_pkg = path.name == "__init__.py"
-        found: dict[str, bool] = {}
-        for stmt in _import_nodes(self._tree(path), into_functions=into_functions):
-            for dep, full in self._resolve(stmt, module, is_pkg).items():
-                found[dep] = found.get(dep, False) or full
-        return found
-
-    def closure(self, modules: Mapping[str, bool]) -> set[str]:
-        """Modules reachable from `modules` (module -> whether all of its code may run).
-
-        Conservative inside a library module: any of its functions may be called, so an import
-        inside any function counts. A package `__init__` that only runs because a submodule is
-        imported contributes its top-level imports only.
-        """
-        full_done: set[str] = set()
-        top_done: set[str] = set()
-        todo = [(m, full) for m, full in modules.items() if not self.is_wiring(m)]
-        while todo:
-            module, full = todo.pop()
-            if module in full_done or (not full and module in top_done):
-                continue
-            (full_done if full else top_done).add(module)
-            for dep, dep_full in self.imports_of(module, into_functions=full).items():
-                if not self.is_wiring(dep):
-                    todo.append((dep, dep_full))
-        return full_done | top_done
-
-    def function_imports(self, func: Callable[..., Any]) -> dict[str, bool]:
-        """Project modules a node function can run: its module's top level, its own body and
-        the bodies of same-module functions it calls by name."""
-        module = func.__module__
-        path = self.module_file(module)
-        if path is None:
-            raise DvcGenerationError(
-                f"cannot find the source of {module} under {self.source_dir} (node function "
-                f"{getattr(func, '__qualname__', func)!r})"
-            )
-        tree = self._tree(path)
-        is_pkg = path.name == "__init__.py"
-        found = self.imports_of(module, into_functions=False)
-        functions = {
-            n.name: n for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)
-        }
-        name = getattr(func, "__name__", "")
-        if name not in functions:
-            # Not a plain module-level function (a partial, a lambda): any code may run.
-            return self.imports_of(module, into_functions=True)
-        todo, visited = [name], set()
-        while todo:
-            current = todo.pop()
-            if current in visited:
-                continue
-            visited.add(current)
-            for stmt in _import_nodes(functions[current], into_functions=True):
-                for dep, full in self._resolve(stmt, module, is_pkg).items():
-                    found[dep] = found.get(dep, False) or full
-            called = {n.id for n in ast.walk(functions[current]) if isinstance(n, ast.Name)}
-            todo.extend(called & functions.keys())
-        return found
-
-    def files(self, modules: Iterable[str]) -> set[Path]:
-        return {p for m in modules if (p := self.module_file(m)) is not None}
-
-
-def node_modules(graph: CodeGraph, func: Callable[..., Any]) -> set[str]:
-    """Project modules a node's function can run (its own module included)."""
-    return graph.closure(graph.function_imports(func)) | {func.__module__}
 
 
 # --------------------------------------------------------------------------------------------

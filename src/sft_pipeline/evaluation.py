@@ -15,13 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from sft_pipeline.config import EvaluationConfig
-from sft_pipeline.models import load_model, load_tokenizer
+from sft_pipeline.model_loading import load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
-# Supervised positions per LM-head call: bounds the fp32 logits to chunk x vocab floats.
-_HEAD_CHUNK = 512
 LOSS_METRICS = ("eval_loss", "perplexity", "mean_token_accuracy")
 GENERATION_METRICS = (
     "exact_match",
@@ -116,17 +113,18 @@ def _batches(rows: Sequence[int], size: int) -> Iterable[list[int]]:
 def supervised_loss(model, eval_tokens, batch_size: int) -> dict[str, float]:
     """Mean NLL, perplexity and argmax accuracy over every supervised token (token-weighted).
 
-    The LM head runs only on positions whose next token is supervised, in chunks, so a large
-    vocabulary never materializes full-sequence fp32 logits.
+    Batches are padded by the trainer's collator and scored by the trainer's loss
+    (`trainer.loss.causal_lm_loss`): the LM head runs only on supervised positions, in chunks.
     """
     import torch
-    import torch.nn.functional as F
+
+    from sft_pipeline.trainer.collator import DataCollatorForSFT
+    from sft_pipeline.trainer.loss import causal_lm_loss
 
     if len(eval_tokens) == 0:
         return {}
-    backbone, head = model.base_model, model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
     device = next(model.parameters()).device
+    collate = DataCollatorForSFT(pad_token_id=0)
     lengths = [len(ids) for ids in eval_tokens["input_ids"]]
     # Longest first: similar lengths share a batch, so little compute goes to padding.
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
@@ -134,29 +132,13 @@ def supervised_loss(model, eval_tokens, batch_size: int) -> dict[str, float]:
     with torch.inference_mode():
         for batch in _batches(order, batch_size):
             rows = eval_tokens.select(batch)
-            width = max(lengths[i] for i in batch)
-            input_ids = torch.zeros(len(batch), width, dtype=torch.long)
-            attention = torch.zeros(len(batch), width, dtype=torch.long)
-            labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-            for j, row in enumerate(rows):
-                n = len(row["input_ids"])
-                input_ids[j, :n] = torch.tensor(row["input_ids"])
-                attention[j, :n] = torch.tensor(row["attention_mask"])
-                labels[j, :n] = torch.tensor(row["labels"])
-            hidden = backbone(
-                input_ids=input_ids.to(device), attention_mask=attention.to(device)
-            ).last_hidden_state
-            targets = labels[:, 1:].to(device)
-            mask = targets != IGNORE_INDEX
-            selected, wanted = hidden[:, :-1][mask], targets[mask]
-            for start in range(0, len(wanted), _HEAD_CHUNK):
-                logits = head(selected[start : start + _HEAD_CHUNK]).float()
-                if softcap:
-                    logits = torch.tanh(logits / softcap) * softcap
-                goal = wanted[start : start + _HEAD_CHUNK]
-                total_nll += F.cross_entropy(logits, goal, reduction="sum").item()
-                total_correct += int((logits.argmax(-1) == goal).sum())
-            total_tokens += len(wanted)
+            features = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
+            padded = {k: v.to(device) for k, v in collate(features).items()}
+            inputs = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
+            nll, correct, count = causal_lm_loss(model, inputs, padded["shift_labels"])
+            total_nll += nll.item()
+            total_correct += int(correct)
+            total_tokens += int(count)
     if total_tokens == 0:
         return {"num_tokens": 0}
     loss = total_nll / total_tokens

@@ -2,7 +2,7 @@
 
 The base is always reloaded from disk in fp32: merging into a 4-bit model re-quantizes the
 merged weights, and on CPUs with avx512_bf16 bitsandbytes repacks 4-bit weights in place after
-the first inference, which silently corrupts a merge (../shared/research/stack-probe-cpu.md, 3).
+the first inference, which silently corrupts a merge (seen with bitsandbytes on CPU).
 The saved folder is usable without this project: safetensors weights, tokenizer with its chat
 template, a generation config that stops at the end-of-turn token and pads with a non-EOS
 token, and a model card.
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sft_pipeline.config import DataConfig, TemplateConfig
-from sft_pipeline.models import load_model, load_tokenizer, read_manifest
+from sft_pipeline.model_loading import load_model, load_tokenizer, read_manifest
 
 log = logging.getLogger(__name__)
 

@@ -2,6 +2,8 @@
 
 from kedro.config import OmegaConfigLoader
 
+from sft_pipeline.hooks import ArtifactPaths
+
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
@@ -10,3 +12,5 @@ CONFIG_LOADER_ARGS = {
     # that key only; the default "destructive" merge would reset the section's other keys.
     "merge_strategy": {"parameters": "soft"},
 }
+
+HOOKS = (ArtifactPaths(),)

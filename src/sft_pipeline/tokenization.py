@@ -8,8 +8,15 @@ non-whitespace character handles SentencePiece tokens whose offsets start at the
 absorbed (`▁Paris` after `[/INST]`), byte-level BPE tokens such as `ĠParis` after `Assistant: `,
 and added tokens that swallow the whitespace after them (Phi-3's `<|end|>` covers `<|end|>\\n`).
 
+A row that starts with the tokenizer's BOS (which the rendered text holds exactly when the model
+was trained with one) is tokenized as the BOS id followed by the rest of the text tokenized on its
+own, i.e. what `tokenizer(rest)` gives: the ids the model saw in pretraining and sees when a user
+calls the tokenizer on a prompt. Tokenizing the BOS text inline would differ for SentencePiece
+tokenizers that mark a word start (`▁`) only at the start of the input (Llama-2 converted from its
+`tokenizer.model`): the first word would lose its `▁` (`<s>What` instead of `<s>▁What`).
+
 Rows are truncated keeping their start; a row left without any supervised token is rejected with
-a reason rather than trained on (TRL #3927, #6668: silent zero-loss batches).
+a reason rather than trained on (a batch of such rows would train on a loss of zero, silently).
 """
 
 from __future__ import annotations
@@ -24,10 +31,10 @@ from datasets import Dataset, DatasetInfo, Features, Value
 from datasets import Sequence as HFSequence
 
 from sft_pipeline.config import TokenizationConfig
+from sft_pipeline.labels import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 HISTOGRAM_BINS = 16
 FEATURES = Features(
     {
@@ -69,6 +76,31 @@ def token_supervision(text: str, char_mask: np.ndarray, offsets: Sequence[Sequen
     return char_mask[anchor]
 
 
+def encode_texts(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[tuple]]]:
+    """Token ids and character offsets of each text, a leading BOS split off (module doc)."""
+    from sft_pipeline.templating import tokenizer_adds_bos
+
+    bos = tokenizer.bos_token if tokenizer_adds_bos(tokenizer) else ""
+    split = [bool(bos) and text.startswith(bos) for text in texts]
+    enc = tokenizer(
+        [text[len(bos) :] if cut else text for text, cut in zip(texts, split, strict=True)],
+        add_special_tokens=False,
+        return_offsets_mapping=True,
+        return_attention_mask=False,
+    )
+    ids, offsets = [], []
+    for cut, row_ids, row_offsets in zip(
+        split, enc["input_ids"], enc["offset_mapping"], strict=True
+    ):
+        if cut:
+            n = len(bos)
+            row_ids = [tokenizer.bos_token_id, *row_ids]
+            row_offsets = [(0, n), *((start + n, end + n) for start, end in row_offsets)]
+        ids.append(list(row_ids))
+        offsets.append(list(row_offsets))
+    return ids, offsets
+
+
 def _require_fast(tokenizer) -> None:
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError(
@@ -90,14 +122,9 @@ def tokenize_texts(
     for start in range(0, len(texts), cfg.batch_size):
         batch = texts[start : start + cfg.batch_size]
         joined = [supervised_char_mask(row["segments"]) for row in batch]
-        enc = tokenizer(
-            [text for text, _ in joined],
-            add_special_tokens=False,
-            return_offsets_mapping=True,
-            return_attention_mask=False,
-        )
+        batch_ids, batch_offsets = encode_texts(tokenizer, [text for text, _ in joined])
         for row, (text, char_mask), ids, offsets in zip(
-            batch, joined, enc["input_ids"], enc["offset_mapping"], strict=True
+            batch, joined, batch_ids, batch_offsets, strict=True
         ):
             supervised = token_supervision(text, char_mask, offsets) if ids else np.zeros(0, bool)
             if not supervised.any():

@@ -1,8 +1,8 @@
 """`DataCollatorForSFT`: pads tokenized rows into a batch without touching their labels.
 
-Labels come from tokenization (DESIGN "label rule") and are only padded here, with -100; the pad
-token id is used for `input_ids` only, so a tokenizer whose pad token is its EOS never loses the
-EOS labels (the classic "model never stops" bug).
+Labels come from tokenization (the label rule in docs/architecture.md) and are only padded here,
+with -100; the pad token id is used for `input_ids` only, so a tokenizer whose pad token is its
+EOS never loses the EOS labels (the classic "model never stops" bug).
 
 Packed rows (with `seq_lengths`) get `position_ids` that restart at 0 for every sequence and a
 `document_ids` tensor (1, 2, ... per sequence, 0 on padding) from which the trainer builds the
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from sft_pipeline.tokenization import IGNORE_INDEX
+from sft_pipeline.labels import IGNORE_INDEX
 from sft_pipeline.trainer.packing import pack_rows
 
 

@@ -7,14 +7,71 @@ first, and the LM head, log-softmax, loss, gradient and accuracy are computed `c
 a time inside one autograd function. The gradient of each chunk is computed in the forward pass
 (softmax minus one-hot is all the backward needs), so no chunk's logits are kept for backward and
 nothing is recomputed.
+
+`causal_lm_loss` is the one entry point: the trainer's `compute_loss` and the evaluation's
+held-out loss both call it, so training and evaluation score the same tokens the same way.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from sft_pipeline.tokenization import IGNORE_INDEX
+from sft_pipeline.labels import IGNORE_INDEX
+
+# Config fields that transform logits after the LM head: the chunked path would skip them.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+DEFAULT_CHUNK_SIZE = 512
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (LoRA layers stay injected in it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def chunkable_head(model: nn.Module) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None] | None:
+    """(decoder, lm_head weight, bias) when the chunked loss applies to `model`, else None."""
+    base = unwrap(model)
+    head = base.get_output_embeddings()
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if type(head) is not nn.Linear or decoder is None or decoder is base:
+        return None
+    if any(getattr(base.config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS):
+        return None
+    return decoder, head.weight, head.bias
+
+
+def causal_lm_loss(
+    model: nn.Module,
+    model_inputs: dict[str, Any],
+    shift_labels: torch.Tensor,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunked: bool = True,
+    unflatten: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sum of NLL, correct argmax count, supervised token count) of one batch.
+
+    The chunked LM head where it applies (`chunked` and a plain linear head), else the model's
+    own logits (soft-capped or scaled heads). `unflatten` restores (batch, length, ...) when
+    the forward ran on one flattened row.
+    """
+    head = chunkable_head(model) if chunked else None
+    if head is not None:
+        decoder, weight, bias = head
+        hidden = decoder(**model_inputs).last_hidden_state
+        return supervised_cross_entropy(unflatten(hidden), shift_labels, weight, bias, chunk_size)
+    logits = model(**model_inputs).logits
+    return logits_cross_entropy(unflatten(logits), shift_labels)
+
+
+def shift(labels: torch.Tensor) -> torch.Tensor:
+    """`shift_labels[b, i]` = the token position i predicts (labels moved left by one)."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
 class _SupervisedLinearCrossEntropy(torch.autograd.Function):
@@ -73,7 +130,7 @@ def supervised_cross_entropy(
     shift_labels: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
-    chunk_size: int = 512,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return (sum of NLL, correct argmax count, supervised token count) for one batch.
 

@@ -1,6 +1,6 @@
 """Thin node functions: parse the parameter sections, call the library, return artifacts.
 
-The work lives in modules that do not import Kedro (DESIGN principle 2); each node here only
+The work lives in modules that do not import Kedro (docs/architecture.md); each node here only
 turns Kedro's inputs into typed config and library calls.
 """
 
@@ -15,12 +15,12 @@ import pandas as pd
 from sft_pipeline import config as C
 
 log = logging.getLogger(__name__)
-REJECTED_RECORDS_PATH = "data/08_reporting/rejected_records.jsonl"
 
 
-def ingest_records(data: dict[str, Any]) -> pd.DataFrame:
+def ingest_records(path: str | list[str], schema: str, columns: dict[str, str]) -> pd.DataFrame:
     from sft_pipeline.ingestion import ingest
 
+    data = {"path": path, "schema": schema, "columns": columns}
     records = ingest(C.parse_section(C.DataConfig, data, "data"))
     log.info("ingested %d records", len(records))
     return records
@@ -37,9 +37,11 @@ def validate_records(
 def split_records(
     valid_records: pd.DataFrame,
     validation_report: dict[str, Any],
-    data: dict[str, Any],
-    validation: dict[str, Any],
+    eval_fraction: float,
+    seed: int,
+    max_rejected_fraction: float,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    from sft_pipeline.hooks import artifact_path
     from sft_pipeline.splitting import split
     from sft_pipeline.validation import check_rejected_fraction
 
@@ -47,14 +49,17 @@ def split_records(
     # at a file that exists.
     check_rejected_fraction(
         validation_report,
-        C.parse_section(C.ValidationConfig, validation, "validation"),
-        REJECTED_RECORDS_PATH,
+        C.parse_section(
+            C.ValidationConfig, {"max_rejected_fraction": max_rejected_fraction}, "validation"
+        ),
+        artifact_path("rejected_records"),
     )
+    data = {"eval_fraction": eval_fraction, "seed": seed}
     return split(valid_records, C.parse_section(C.DataConfig, data, "data"))
 
 
 def prepare_base_model(model: dict[str, Any]):
-    from sft_pipeline.models import prepare_base_model as prepare
+    from sft_pipeline.base_model import prepare_base_model as prepare
 
     return prepare(C.parse_section(C.ModelConfig, model, "model"))
 
@@ -65,7 +70,7 @@ def render_conversations(
     base_model: Path,
     template: dict[str, Any],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    from sft_pipeline.models import load_tokenizer
+    from sft_pipeline.model_loading import load_tokenizer
     from sft_pipeline.templating import render_records
 
     cfg = C.parse_section(C.TemplateConfig, template, "template")
@@ -81,7 +86,7 @@ def tokenize_conversations(
     base_model: Path,
     tokenization: dict[str, Any],
 ):
-    from sft_pipeline.models import load_tokenizer
+    from sft_pipeline.model_loading import load_tokenizer
     from sft_pipeline.tokenization import summarize_token_stats, tokenize_texts
 
     cfg = C.parse_section(C.TokenizationConfig, tokenization, "tokenization")
@@ -105,22 +110,24 @@ def train_adapter(
     quantization: dict[str, Any],
     lora: dict[str, Any],
     training: dict[str, Any],
-    tokenization: dict[str, Any],
+    max_seq_length: int,
 ):
-    from sft_pipeline.training import train
+    from sft_pipeline.finetune.job import TrainJob
+    from sft_pipeline.finetune.workflow import train
 
-    return train(
-        base_model,
-        train_tokens,
-        eval_tokens,
-        C.parse_section(C.QuantizationConfig, quantization, "quantization"),
-        C.parse_section(C.LoraConfig, lora, "lora"),
-        C.parse_section(C.TrainingConfig, training, "training"),
+    job = TrainJob(
+        base_model_dir=Path(base_model),
+        train_tokens=train_tokens,
+        eval_tokens=eval_tokens,
+        quantization=C.parse_section(C.QuantizationConfig, quantization, "quantization"),
+        lora=C.parse_section(C.LoraConfig, lora, "lora"),
+        training=C.parse_section(C.TrainingConfig, training, "training"),
         # Packing fills bins up to the tokenization length, not just the longest row.
         max_length=C.parse_section(
-            C.TokenizationConfig, tokenization, "tokenization"
+            C.TokenizationConfig, {"max_seq_length": max_seq_length}, "tokenization"
         ).max_seq_length,
     )
+    return train(job)
 
 
 def merge_adapter(

@@ -10,7 +10,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             node(
                 nodes.ingest_records,
-                inputs="params:data",
+                inputs=["params:data.path", "params:data.schema", "params:data.columns"],
                 outputs="records",
                 name="ingest_records",
             ),
@@ -22,7 +22,13 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             node(
                 nodes.split_records,
-                inputs=["valid_records", "validation_report", "params:data", "params:validation"],
+                inputs=[
+                    "valid_records",
+                    "validation_report",
+                    "params:data.eval_fraction",
+                    "params:data.seed",
+                    "params:validation.max_rejected_fraction",
+                ],
                 outputs=["train_records", "eval_records"],
                 name="split_records",
             ),
@@ -53,7 +59,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "params:quantization",
                     "params:lora",
                     "params:training",
-                    "params:tokenization",
+                    "params:tokenization.max_seq_length",
                 ],
                 outputs=["adapter", "training_history", "training_summary"],
                 name="train_adapter",

@@ -24,19 +24,16 @@ from datasets import Dataset
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-from sft_pipeline.tokenization import IGNORE_INDEX
 from sft_pipeline.trainer.collator import DataCollatorForSFT
-from sft_pipeline.trainer.config import SFTConfig
-from sft_pipeline.trainer.dataset import prepare_dataset
-from sft_pipeline.trainer.loss import logits_cross_entropy, supervised_cross_entropy
+from sft_pipeline.trainer.data_prep import prepare_dataset
+from sft_pipeline.trainer.loss import causal_lm_loss, shift, unwrap
+from sft_pipeline.trainer.sft_config import SFTConfig
 
 log = logging.getLogger(__name__)
 
+
 # Config attributes that change logits after the LM head; with any of them set, the loss goes
 # through the model's own forward (full logits) instead of the chunked head.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-
-
 class SFTTrainer(Trainer):
     """Supervised fine-tuning trainer; accepts what users of TRL's `SFTTrainer` write."""
 
@@ -95,7 +92,7 @@ class SFTTrainer(Trainer):
         if peft_config is not None:
             model = _apply_peft(model, peft_config, args)
         if args.gradient_checkpointing and hasattr(model, "peft_config"):
-            # Frozen embeddings give checkpointed blocks inputs without grad (transformers#42489).
+            # Frozen embeddings give checkpointed blocks inputs without grad.
             model.enable_input_require_grads()
 
         if train_dataset is not None:
@@ -157,19 +154,18 @@ class SFTTrainer(Trainer):
         labels = inputs.pop("labels")
         shift_labels = inputs.pop("shift_labels", None)
         if shift_labels is None:
-            shift_labels = nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+            shift_labels = shift(labels)
         document_ids = inputs.pop("document_ids", None)
         model_inputs, unflatten = self._model_inputs(model, inputs, document_ids)
-        head = self._chunkable_head(model)
-        if head is not None:
-            decoder, weight, bias = head
-            hidden = decoder(**model_inputs).last_hidden_state
-            loss_sum, correct, count = supervised_cross_entropy(
-                unflatten(hidden), shift_labels, weight, bias, self.args.loss_chunk_size
-            )
-        else:
-            logits = model(**model_inputs).logits
-            loss_sum, correct, count = logits_cross_entropy(unflatten(logits), shift_labels)
+        loss_sum, correct, count = causal_lm_loss(
+            model,
+            model_inputs,
+            shift_labels,
+            chunk_size=self.args.loss_chunk_size,
+            # A model wrapped for distribution (DDP, FSDP) syncs gradients in its own forward.
+            chunked=model is self.model,
+            unflatten=unflatten,
+        )
         denominator = num_items_in_batch if num_items_in_batch is not None else count
         loss = loss_sum / torch.clamp(torch.as_tensor(denominator, device=loss_sum.device), min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -189,8 +185,8 @@ class SFTTrainer(Trainer):
         # to each other), and training never needs a cache.
         model_inputs = {**inputs, "use_cache": False}
         if document_ids is None:
-            return model_inputs, _identity
-        config = _unwrap(model).config
+            return model_inputs, lambda t: t
+        config = unwrap(model).config
         impl = getattr(config, "_attn_implementation", None) or "eager"
         batch, length = document_ids.shape
         if "flash" in impl:
@@ -202,41 +198,25 @@ class SFTTrainer(Trainer):
         window = getattr(config, "sliding_window", None)
         if window is not None and length > window:
             # transformers builds sliding-window masks itself from the restarted position_ids.
-            return model_inputs, _identity
+            return model_inputs, lambda t: t
         allowed = document_ids[:, :, None] == document_ids[:, None, :]
         allowed &= torch.ones(length, length, dtype=torch.bool, device=allowed.device).tril()
         # Padding is one more "sequence": its queries see themselves, so no row is all -inf.
         if impl == "sdpa":
             mask = allowed[:, None]
         else:
-            dtype = _unwrap(model).dtype
+            dtype = unwrap(model).dtype
             mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
             mask.masked_fill_(~allowed, torch.finfo(dtype).min)
             mask = mask[:, None]
         model_inputs["attention_mask"] = mask
-        return model_inputs, _identity
-
-    def _chunkable_head(self, model):
-        """(decoder, lm_head weight, bias) when the chunked loss applies to `model`, else None."""
-        if model is not self.model:
-            # Wrapped for distribution (DDP, FSDP): only its own forward syncs gradients.
-            return None
-        base = _unwrap(model)
-        head = base.get_output_embeddings()
-        decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
-        if type(head) is not nn.Linear or decoder is None or decoder is base:
-            return None
-        if any(
-            getattr(base.config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS
-        ):
-            return None
-        return decoder, head.weight, head.bias
+        return model_inputs, lambda t: t
 
     # ------------------------------------------------------------------ eval
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Never return logits: gathering full-vocabulary logits over the eval set is the
-        # classic eval OOM (trl#4679, transformers#12878); metrics come from compute_loss.
+        # classic eval OOM; metrics come from compute_loss.
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
@@ -313,15 +293,6 @@ class _Window:
             self.started = now
         self._reset()
         return {prefix + key: value for key, value in out.items()}
-
-
-def _identity(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PEFT wrapper (LoRA layers stay injected in it)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _sft_args(args: TrainingArguments | None, model) -> SFTConfig:

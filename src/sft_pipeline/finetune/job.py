@@ -1,0 +1,183 @@
+"""`TrainJob`: what one training run needs, in one frozen object, and its mapping onto `SFTConfig`.
+
+The job travels unchanged from the `train_adapter` node through `train` to every process of an
+`accelerate launch` (which reads it back from the folder `save` writes), so no function passes
+the same seven arguments along.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from sft_pipeline import device
+from sft_pipeline.config import (
+    LoraConfig,
+    Method,
+    QuantizationConfig,
+    TrainingConfig,
+    training_method,
+)
+
+log = logging.getLogger(__name__)
+SPEC_FILE = "job.json"
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """A training run: the base model folder, the tokenized data and the three parameter sections.
+
+    `max_length` is the tokenization length: the bin size when packing, the truncation length
+    otherwise. `train_tokens`/`eval_tokens` are `datasets.Dataset`s (`eval_tokens` may be None).
+    """
+
+    base_model_dir: Path
+    train_tokens: Any
+    eval_tokens: Any
+    quantization: QuantizationConfig
+    lora: LoraConfig
+    training: TrainingConfig
+    max_length: int
+
+    @property
+    def method(self) -> Method:
+        return training_method(self.quantization, self.lora)
+
+    @property
+    def has_eval(self) -> bool:
+        return self.eval_tokens is not None and len(self.eval_tokens) > 0
+
+    def for_this_device(self) -> TrainJob:
+        """The job with `load_in_4bit: auto` decided (`sft_pipeline.device`) and checked."""
+        quant = self.quantization
+        if quant.load_in_4bit == "auto":
+            chosen = device.use_4bit("auto", lora_enabled=self.lora.enabled)
+            log.info(
+                "quantization.load_in_4bit: auto -> %s (%s)",
+                chosen,
+                "CUDA: QLoRA" if chosen else "no CUDA or full fine-tuning: full-precision base",
+            )
+            quant = quant.model_copy(update={"load_in_4bit": chosen})
+        job = replace(self, quantization=quant)
+        job.method  # noqa: B018 (fails on a contradictory config before any work)
+        return job
+
+    def save(self, folder: Path) -> Path:
+        """Write the job for `accelerate launch` processes: data as Arrow, the rest as JSON."""
+        folder.mkdir(parents=True, exist_ok=True)
+        self.train_tokens.save_to_disk(folder / "train_tokens")
+        if self.eval_tokens is not None:
+            self.eval_tokens.save_to_disk(folder / "eval_tokens")
+        spec = {
+            "base_model_dir": str(Path(self.base_model_dir).resolve()),
+            "has_eval_tokens": self.eval_tokens is not None,
+            "quantization": self.quantization.model_dump(),
+            "lora": self.lora.model_dump(),
+            "training": self.training.model_dump(),
+            "max_length": self.max_length,
+        }
+        path = folder / SPEC_FILE
+        path.write_text(json.dumps(spec, indent=2))
+        return path
+
+    @classmethod
+    def load(cls, folder: Path) -> TrainJob:
+        from datasets import load_from_disk
+
+        spec = json.loads((folder / SPEC_FILE).read_text())
+        return cls(
+            base_model_dir=Path(spec["base_model_dir"]),
+            train_tokens=load_from_disk(str(folder / "train_tokens")),
+            eval_tokens=load_from_disk(str(folder / "eval_tokens"))
+            if spec["has_eval_tokens"]
+            else None,
+            quantization=QuantizationConfig.model_validate(spec["quantization"]),
+            lora=LoraConfig.model_validate(spec["lora"]),
+            training=TrainingConfig.model_validate(spec["training"]),
+            max_length=spec["max_length"],
+        )
+
+
+def max_row_length(*datasets) -> int:
+    """The longest `input_ids` row over the datasets (the trainer's `max_length` fallback)."""
+    import pyarrow.compute as pc
+
+    longest = 0
+    for ds in datasets:
+        if ds is not None and len(ds):
+            lengths = pc.list_value_length(ds.with_format("arrow")["input_ids"])
+            longest = max(longest, pc.max(lengths).as_py())
+    if longest == 0:
+        raise ValueError("train_tokens: no rows with input_ids to train on (expected >= 1 row)")
+    return longest
+
+
+def report_integrations(report_to: str | list[str]) -> list[str]:
+    """`training.report_to` with integrations that are not installed dropped (with a warning).
+
+    wandb is switched to offline mode: a pipeline run must not need network or a login.
+    """
+    from transformers.integrations import is_tensorboard_available, is_wandb_available
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+    kept = []
+    for name in names:
+        if name == "none":
+            continue
+        if name in available and not available[name]():
+            log.warning("training.report_to: %s is not installed; not reporting to it", name)
+            continue
+        kept.append(name)
+    if "wandb" in kept:
+        os.environ.setdefault("WANDB_MODE", "offline")
+    return kept or ["none"]
+
+
+def build_sft_config(job: TrainJob, precision: device.Precision):
+    """Map the `training` section onto the trainer's `SFTConfig` (names kept where they can be)."""
+    from sft_pipeline.trainer import SFTConfig
+
+    training = job.training
+    eval_every = job.has_eval and training.eval_steps is not None
+    return SFTConfig(
+        output_dir=training.output_dir,
+        num_train_epochs=training.num_train_epochs,
+        max_steps=training.max_steps,
+        per_device_train_batch_size=training.per_device_train_batch_size,
+        per_device_eval_batch_size=training.per_device_eval_batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        learning_rate=training.learning_rate,
+        lr_scheduler_type=training.lr_scheduler_type,
+        # transformers 5 reads a float in [0, 1) as a ratio of the total steps.
+        warmup_steps=training.warmup_ratio,
+        weight_decay=training.weight_decay,
+        max_grad_norm=training.max_grad_norm,
+        optim=training.optim,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        activation_checkpointing=training.gradient_checkpointing,
+        logging_steps=training.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=training.save_steps,
+        save_total_limit=training.save_total_limit,
+        # eval_steps: null -> one evaluation at the end (the workflow runs it), not during training.
+        eval_strategy="steps" if eval_every else "no",
+        eval_steps=training.eval_steps if eval_every else None,
+        report_to=report_integrations(training.report_to),
+        seed=training.seed,
+        data_seed=training.seed,
+        full_determinism=device.deterministic_kernels(),
+        dataloader_num_workers=training.dataloader_num_workers,
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=False,
+        packing=training.packing,
+        padding_free=training.padding_free,
+        pad_to_multiple_of=training.pad_to_multiple_of,
+        max_length=job.max_length,
+    )

@@ -1,0 +1,49 @@
+"""Build the model a training job trains: a 4-bit base for QLoRA, full precision otherwise."""
+
+from __future__ import annotations
+
+from sft_pipeline import device
+from sft_pipeline.finetune.job import TrainJob
+
+
+def build_model(job: TrainJob, precision: device.Precision):
+    """(base model, peft LoraConfig or None) for the job's method, in the training precision.
+
+    The trainer applies the LoRA config (prepare_model_for_kbit_training on a 4-bit base, then
+    get_peft_model), so that logic exists once.
+    """
+    import torch
+    from peft import LoraConfig as PeftLoraConfig
+
+    from sft_pipeline.model_loading import load_model
+
+    if job.method == "full":
+        # Master weights in fp32: AdamW updates in bf16 lose most small steps; the trainer's
+        # autocast gives the bf16/fp16 speed.
+        return load_model(job.base_model_dir, dtype=torch.float32), None
+    # The frozen base can live in the compute dtype; peft keeps the adapter weights in fp32.
+    dtype = device.torch_dtype(precision)
+    quant = None
+    if job.method == "qlora":
+        compute = device.compute_dtype(job.quantization.bnb_4bit_compute_dtype, precision)
+        quant = job.quantization.model_copy(update={"bnb_4bit_compute_dtype": compute})
+    model = load_model(job.base_model_dir, quantization=quant, dtype=dtype)
+    lora = job.lora
+    peft_config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+        task_type="CAUSAL_LM",
+    )
+    return model, peft_config
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total); peft counts 4-bit packed weights at their real size."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

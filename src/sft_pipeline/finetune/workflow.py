@@ -1,0 +1,177 @@
+"""The training workflow: the library side of the `train_adapter` node, top to bottom.
+
+train(job)
+  decide 4-bit for this device       TrainJob.for_this_device    (sft_pipeline.device)
+  N processes? -> accelerate launch  launch.train_in_processes   (each runs train_here)
+  train_here(job)
+    resolve precision                device.resolve_precision
+    prepare the run (resume)         run_state.prepare_run
+    seed, tokenizer, model           model_setup.build_model
+    build the trainer                SFTTrainer(build_sft_config(job, precision), ...)
+    train, evaluate the final step
+    summarise                        TrainedArtifact, per-step history, summary
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sft_pipeline import device
+from sft_pipeline.finetune import model_setup, run_state
+from sft_pipeline.finetune.job import TrainJob, build_sft_config
+
+PARAMS_FILE = "training_params.json"
+Result = tuple[Any, list[dict[str, Any]], dict[str, Any]]
+
+
+@dataclass
+class TrainedArtifact:
+    """The training result: `save_pretrained(dir)` writes adapter (or full model) + tokenizer."""
+
+    model: Any
+    tokenizer: Any
+    params: dict[str, Any]
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        # PeftModel saves only the adapter; a full fine-tune saves the whole model; safetensors.
+        self.model.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+        (path / PARAMS_FILE).write_text(json.dumps(self.params, indent=2, sort_keys=True))
+
+
+@dataclass
+class FolderArtifact:
+    """A training result already on disk (written by the `accelerate launch` processes)."""
+
+    folder: Path
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        shutil.copytree(self.folder, path, dirs_exist_ok=True)
+
+
+def train(job: TrainJob, *, callbacks: Sequence[Any] = ()) -> Result:
+    """Fine-tune the base model; return (artifact with save_pretrained, history, summary).
+
+    `callbacks` are extra `transformers.TrainerCallback`s; they are not carried into
+    `accelerate launch` processes.
+    """
+    job = job.for_this_device()
+    if job.training.num_processes > 1:
+        from sft_pipeline.finetune.launch import train_in_processes
+
+        return train_in_processes(job)
+    return train_here(job, callbacks=callbacks)
+
+
+def train_here(
+    job: TrainJob,
+    *,
+    callbacks: Sequence[Any] = (),
+    prepared: tuple[dict[str, Any], Path | None] | None = None,
+) -> tuple[TrainedArtifact, list[dict[str, Any]], dict[str, Any]]:
+    """Train in this process.
+
+    `prepared` is (fingerprint, resume_from) when the launcher has already prepared the output
+    folder: the processes of one `accelerate launch` must not each clean it.
+    """
+    from transformers import set_seed
+
+    from sft_pipeline.model_loading import load_tokenizer
+    from sft_pipeline.trainer import SFTTrainer
+
+    precision = device.resolve_precision(job.training.precision)
+    fingerprint, resume_from = prepared or run_state.prepare_run(job)
+    # Seed before the model is built: LoRA's initial A matrices are random.
+    set_seed(job.training.seed, deterministic=device.deterministic_kernels())
+    tokenizer = load_tokenizer(job.base_model_dir)
+    model, peft_config = model_setup.build_model(job, precision)
+    trainer = SFTTrainer(
+        model=model,
+        args=build_sft_config(job, precision),
+        train_dataset=job.train_tokens,
+        eval_dataset=job.eval_tokens if job.has_eval else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=list(callbacks) or None,
+    )
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if job.has_eval and not _evaluated_last_step(trainer):
+        trainer.evaluate()
+
+    trained = trainer.model
+    if job.method == "full":
+        # Training turns the KV cache off; the saved model should generate normally.
+        trained.config.use_cache = True
+    history = per_step_history(trainer.state.log_history)
+    summary = summarise(job, trainer, result, history, resumed_from=resume_from)
+    params = {
+        "method": job.method,
+        "precision": summary["precision"],
+        "max_length": job.max_length,
+        "quantization": job.quantization.model_dump() if job.method == "qlora" else None,
+        "lora": job.lora.model_dump() if job.method != "full" else None,
+        "training": job.training.model_dump(),
+        "run_fingerprint": fingerprint["fingerprint"],
+    }
+    return TrainedArtifact(trained, tokenizer, params), history, summary
+
+
+def _evaluated_last_step(trainer) -> bool:
+    # eval_steps may already have evaluated the final weights; eval_steps: null never has.
+    step = trainer.state.global_step
+    return any("eval_loss" in h and h["step"] == step for h in trainer.state.log_history)
+
+
+def per_step_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per logged training step, each with `step` and `loss` (a DVC plot needs both).
+
+    Evaluation entries join the training row of the latest step at or before them; the
+    trainer's end-of-training totals are in the summary instead.
+    """
+    rows = [dict(entry) for entry in log_history if "loss" in entry]
+    for entry in log_history:
+        if "eval_loss" in entry and rows:
+            earlier = [row for row in rows if row["step"] <= entry["step"]] or rows[:1]
+            earlier[-1].update({k: v for k, v in entry.items() if k.startswith("eval_")})
+    # Every row with the same keys (null where a step has no value): DVC's plot reader fails on
+    # rows with differing key sets.
+    keys = sorted(set().union(*rows)) if rows else []
+    return [{key: row.get(key) for key in keys} for row in rows]
+
+
+def summarise(
+    job: TrainJob, trainer, result, history: list[dict[str, Any]], *, resumed_from: Path | None
+) -> dict[str, Any]:
+    """The training summary (`training_summary.json`): what ran, where it ended, how long."""
+    train_losses = [h["loss"] for h in history if h.get("loss") is not None]
+    eval_losses = [h["eval_loss"] for h in history if h.get("eval_loss") is not None]
+    args = trainer.args
+    trainable, total = model_setup.count_parameters(trainer.model)
+    return {
+        "method": job.method,
+        # What the trainer really ran: SFTConfig replaces requests the device cannot honour.
+        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        "optimizer": args.optim if isinstance(args.optim, str) else args.optim.value,
+        "seed": args.seed,
+        "train_loss_first": train_losses[0] if train_losses else None,
+        "train_loss": train_losses[-1] if train_losses else None,
+        "eval_loss": eval_losses[-1] if eval_losses else None,
+        "global_step": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        # This invocation only: a resumed run's earlier sessions are in `history`.
+        "train_runtime_s": result.metrics.get("train_runtime"),
+        "tokens_seen": trainer.state.num_input_tokens_seen,
+        "trainable_params": int(trainable),
+        "total_params": int(total),
+        "max_length": job.max_length,
+        "train_rows": len(job.train_tokens),
+        "eval_rows": len(job.eval_tokens) if job.has_eval else 0,
+        "resumed_from": str(resumed_from) if resumed_from else None,
+    }
