@@ -85,11 +85,11 @@ def test_template_without_end_of_turn_token_gets_eos(tmp_path, tiny_tokenizer):
     assert _joined(row).endswith("assistant: Paris.<|im_end|>\n")
 
 
-def test_tokenizer_without_chat_template_suggests_builtins(tiny_tokenizer):
+def test_requiring_the_tokenizer_template_without_one_suggests_builtins(tiny_tokenizer):
     tok = build_tiny_tokenizer()
     tok.chat_template = None
-    with pytest.raises(ChatTemplateError, match=r"no chat template.*'chatml' or 'alpaca'"):
-        render_messages(CONVERSATION, tok, TemplateConfig())
+    with pytest.raises(ChatTemplateError, match=r"no chat template.*'auto'.*'chatml' or 'alpaca'"):
+        render_messages(CONVERSATION, tok, TemplateConfig(chat_template="tokenizer"))
 
 
 def test_unknown_template_name_is_a_clear_error(tiny_tokenizer):

@@ -15,6 +15,12 @@ including the end-of-turn token that closes it (`<|im_end|>`, `<|end|>`, `</s>`,
 follows that token (a newline, the next role header) is not supervised. A template whose turns
 end without a special token gets the tokenizer's EOS text appended to each assistant turn, so the
 model learns to stop.
+
+Which template: `template.chat_template: auto` (the default) takes the tokenizer's own chat
+template, and for a base model whose tokenizer has none the built-in `plain` layout: each prompt
+followed directly by its reply and EOS, a system message as a preamble. A single prompt/reply pair
+is then exactly prompt + completion + EOS, the way prompt/completion strings are joined for base
+models (`render_prompt_completion`), so the trainer and the pipeline see the same text.
 """
 
 from __future__ import annotations
@@ -33,7 +39,9 @@ from sft_pipeline.config import TemplateConfig
 
 log = logging.getLogger(__name__)
 
-BUILTIN_TEMPLATES = ("chatml", "alpaca")
+BUILTIN_TEMPLATES = ("chatml", "alpaca", "plain")
+# The layout `auto` falls back to when the tokenizer has no chat template (a base model).
+FALLBACK_TEMPLATE = "plain"
 
 
 class ChatTemplateError(ValueError):
@@ -43,30 +51,54 @@ class ChatTemplateError(ValueError):
 Segment = dict[str, Any]
 
 
+def tokenizer_template(tokenizer) -> str | None:
+    """The tokenizer's own chat template (the default one of several named), or None."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # several named templates: the default one is for chat
+        template = template.get("default")
+    return template or None
+
+
+def builtin_template(name: str) -> str:
+    source = resources.files("sft_pipeline") / "templates" / f"{name}.jinja"
+    return source.read_text(encoding="utf-8")
+
+
 def resolve_template(tokenizer, cfg: TemplateConfig) -> tuple[str, str]:
     """Return (template source, human-readable name) for `cfg.chat_template`."""
     choice = cfg.chat_template
-    if choice == "tokenizer":
-        template = tokenizer.chat_template
-        if isinstance(template, dict):  # several named templates: the default one is for chat
-            template = template.get("default")
-        if not template:
+    if choice in ("auto", "tokenizer"):
+        template = tokenizer_template(tokenizer)
+        if template:
+            return template, f"the chat template of tokenizer {tokenizer.name_or_path!r}"
+        if choice == "tokenizer":
             raise ChatTemplateError(
                 f"tokenizer {tokenizer.name_or_path!r} has no chat template; set "
-                "template.chat_template to 'chatml' or 'alpaca' (for base models) or to the "
-                "path of a .jinja file"
+                "template.chat_template to 'auto' (the plain layout for base models), "
+                "'chatml' or 'alpaca', or to the path of a .jinja file"
             )
-        return template, f"the chat template of tokenizer {tokenizer.name_or_path!r}"
+        return builtin_template(FALLBACK_TEMPLATE), (
+            f"built-in template {FALLBACK_TEMPLATE!r} (tokenizer {tokenizer.name_or_path!r} has "
+            "no chat template: each prompt is followed directly by its reply and EOS)"
+        )
     if choice in BUILTIN_TEMPLATES:
-        source = resources.files("sft_pipeline") / "templates" / f"{choice}.jinja"
-        return source.read_text(encoding="utf-8"), f"built-in template {choice!r}"
+        return builtin_template(choice), f"built-in template {choice!r}"
     path = Path(choice)
     if not path.is_file():
         raise ChatTemplateError(
-            f"template.chat_template: {choice!r} is not 'tokenizer', "
+            f"template.chat_template: {choice!r} is not 'auto', 'tokenizer', "
             f"{' or '.join(repr(t) for t in BUILTIN_TEMPLATES)}, nor an existing .jinja file"
         )
     return path.read_text(encoding="utf-8"), f"template file {str(path)!r}"
+
+
+def trained_template(tokenizer, cfg: TemplateConfig) -> tuple[str, str] | None:
+    """(source, name) of the template the data is rendered with when it is not the tokenizer's
+    own (a built-in, a file, or the fallback of `auto`), else None: what a merged tokenizer must
+    carry so that the model is prompted the way it was trained."""
+    if cfg.chat_template in ("auto", "tokenizer") and tokenizer_template(tokenizer):
+        return None
+    return resolve_template(tokenizer, cfg)
 
 
 def tokenizer_adds_bos(tokenizer) -> bool:
@@ -100,6 +132,8 @@ class _Renderer:
         # Resolved on first use: plain-text records need no template at all.
         if self._template is None:
             self._template = resolve_template(self.tokenizer, self.cfg)
+            if self.cfg.chat_template == "auto" and not tokenizer_template(self.tokenizer):
+                log.warning("conversations are rendered with %s", self._template[1])
         return self._template[0]
 
     @property
@@ -114,10 +148,16 @@ class _Renderer:
             tokenize=False,
         )
 
-    def row(self, messages: list[dict[str, Any]], text: str = "") -> dict[str, Any]:
+    def row(
+        self, messages: list[dict[str, Any]], text: str = "", supervise_from: int = 0
+    ) -> dict[str, Any]:
+        """Segments of one record; assistant turns before message `supervise_from` (those of a
+        prompt given as messages) are rendered but not supervised."""
         if not messages:
             return self._text_row(text)
-        messages = _with_system_prompt(messages, self.cfg.system_prompt)
+        added = _with_system_prompt(messages, self.cfg.system_prompt)
+        supervise_from += len(added) - len(messages)
+        messages = added
         try:
             full = self.render(messages, False)
         except TemplateError as exc:
@@ -128,6 +168,7 @@ class _Renderer:
             # Gemma- and Mistral-style templates raise on a system role; keep the instruction by
             # prefixing it to the first user turn instead of dropping it.
             messages = merge_system_into_first_user(messages)
+            supervise_from = max(supervise_from - 1, 0)
             try:
                 full = self.render(messages, False)
             except TemplateError as retry_exc:
@@ -141,21 +182,38 @@ class _Renderer:
                 self.name,
                 exc,
             )
-        segments = self._conversation_segments(messages, full)
+        segments = self._conversation_segments(messages, full, supervise_from)
         return _finish_row(segments, self.bos_text, _last_assistant_content(messages))
 
-    def _text_row(self, text: str) -> dict[str, Any]:
+    def _require_eos(self, what: str) -> str:
         if self.eos_text is None:
             raise ChatTemplateError(
-                f"tokenizer {self.tokenizer.name_or_path!r} has no EOS token; a text record "
-                "needs one to mark its end"
+                f"tokenizer {self.tokenizer.name_or_path!r} has no EOS token; {what} needs one "
+                "to mark its end"
             )
-        segments = [{"text": text + self.eos_text, "supervised": True}]
+        return self.eos_text
+
+    def _text_row(self, text: str) -> dict[str, Any]:
+        eos = self._require_eos("a text record")
+        # Text that already ends with EOS keeps a single one.
+        segments = [{"text": text if text.endswith(eos) else text + eos, "supervised": True}]
         return _finish_row(segments, self.bos_text, "")
 
-    def _conversation_segments(self, messages: list[dict[str, Any]], full: str) -> list[Segment]:
+    def prompt_completion_row(self, prompt: str, completion: str) -> dict[str, Any]:
+        eos = self._require_eos("a completion")
+        if not completion.endswith(eos):
+            completion += eos
+        segments = [
+            {"text": prompt, "supervised": False},
+            {"text": completion, "supervised": True},
+        ]
+        return _finish_row(segments, self.bos_text, completion[: -len(eos)])
+
+    def _conversation_segments(
+        self, messages: list[dict[str, Any]], full: str, supervise_from: int = 0
+    ) -> list[Segment]:
         assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        if not assistant_turns:
+        if not any(i >= supervise_from for i in assistant_turns):
             raise ChatTemplateError("the conversation has no assistant turn to supervise")
         if assistant_turns[0] == 0:
             raise ChatTemplateError("the conversation starts with an assistant turn; no prompt")
@@ -168,7 +226,7 @@ class _Renderer:
             turn = self.render(messages[: i + 1], False)
             self._check_prefix(prompt, turn, i + 1, "without the generation prompt")
             rendered, supervised = self._split_turn(turn[len(prompt) :], messages[i]["content"])
-            segments.append({"text": supervised, "supervised": True})
+            segments.append({"text": supervised, "supervised": i >= supervise_from})
             consumed = prompt + rendered
         self._check_prefix(consumed, full, len(messages), "without the generation prompt")
         segments.append({"text": full[len(consumed) :], "supervised": False})
@@ -280,6 +338,12 @@ def render_messages(messages: list[dict[str, Any]], tokenizer, cfg: TemplateConf
 def render_text(text: str, tokenizer, cfg: TemplateConfig) -> dict:
     """Render a plain-text (language-modelling) record: all of it supervised, then EOS."""
     return _Renderer(tokenizer, cfg)._text_row(text)
+
+
+def render_prompt_completion(prompt: str, completion: str, tokenizer) -> dict:
+    """Prompt and completion strings joined as they are, with no chat template: BOS (when the
+    model uses one) + prompt + completion + EOS, the completion and its EOS supervised."""
+    return _Renderer(tokenizer, TemplateConfig()).prompt_completion_row(prompt, completion)
 
 
 def render_records(records: pd.DataFrame, tokenizer, cfg: TemplateConfig) -> list[dict]:
