@@ -115,7 +115,7 @@ def special_token_texts(tokenizer) -> list[str]:
     return sorted((t for t in texts if t), key=len, reverse=True)
 
 
-class _Renderer:
+class Renderer:
     """Renders conversations with one tokenizer and template; shared across records."""
 
     def __init__(self, tokenizer, cfg: TemplateConfig):
@@ -326,7 +326,7 @@ def render_messages(messages: list[dict[str, Any]], tokenizer, cfg: TemplateConf
     """Render one conversation; plain-text records go through `render_text`."""
     if not messages:
         raise ChatTemplateError("no messages to render (use render_text for text records)")
-    renderer = _Renderer(tokenizer, cfg)
+    renderer = Renderer(tokenizer, cfg)
     row = renderer.row(messages)
     if renderer.system_merges:
         log.info(
@@ -337,18 +337,18 @@ def render_messages(messages: list[dict[str, Any]], tokenizer, cfg: TemplateConf
 
 def render_text(text: str, tokenizer, cfg: TemplateConfig) -> dict:
     """Render a plain-text (language-modelling) record: all of it supervised, then EOS."""
-    return _Renderer(tokenizer, cfg)._text_row(text)
+    return Renderer(tokenizer, cfg)._text_row(text)
 
 
 def render_prompt_completion(prompt: str, completion: str, tokenizer) -> dict:
     """Prompt and completion strings joined as they are, with no chat template: BOS (when the
     model uses one) + prompt + completion + EOS, the completion and its EOS supervised."""
-    return _Renderer(tokenizer, TemplateConfig()).prompt_completion_row(prompt, completion)
+    return Renderer(tokenizer, TemplateConfig()).prompt_completion_row(prompt, completion)
 
 
 def render_records(records: pd.DataFrame, tokenizer, cfg: TemplateConfig) -> list[dict]:
     """Render every canonical record; errors name the record's file and row."""
-    renderer = _Renderer(tokenizer, cfg)
+    renderer = Renderer(tokenizer, cfg)
     rows = []
     for rec in records.itertuples(index=False):
         try:

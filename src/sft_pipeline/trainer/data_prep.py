@@ -1,17 +1,47 @@
 """Turn what users pass as `train_dataset` into rows of `input_ids` + `labels`.
 
-Pre-tokenized data (the pipeline's `train_tokens`) is used as it is, apart from truncation. Raw
-datasets in any format of the data half go through the pipeline's own code (records ->
-templating -> tokenization), so the trainer and `kedro run` build identical labels.
+The dataset's type is read from its columns (and its first row), with the semantics TRL's
+`SFTTrainer` documents for the same types:
+
+- language modelling: a `text` column (`dataset_text_field`), or any columns with a
+  `formatting_func`; every token is supervised (text + EOS);
+- prompt-completion: `prompt` and `completion` strings; the completion + EOS, no chat template;
+- conversational prompt-completion: `prompt` and `completion` message lists; the completion's
+  assistant turns;
+- conversational: `messages` (or ShareGPT `conversations`); every assistant turn;
+- the pipeline's records: `prompt`/`response`, Alpaca `instruction`/`input`/`output`; the response;
+- pre-tokenized: `input_ids` (+ `labels`, `completion_mask` or `assistant_masks`); as given.
+
+Strings are joined as they are (BOS when the model uses one + prompt + completion + EOS), so base
+models need no chat template. Conversations and the pipeline's records go through the pipeline's
+own templating and tokenization code with `template.chat_template: auto` (the tokenizer's chat
+template, or the plain layout for a base model), so the trainer and `kedro run` build identical
+labels. Every label comes from the same character-offset rule (`sft_pipeline.tokenization`).
+
+`completion_only_loss=False` trains on every token of prompt-completion data (and of the
+pipeline's records), `assistant_only_loss=False` on every token of a conversation.
+
+Where this differs from TRL 1.16, on purpose:
+- a conversation's assistant turns are supervised by default (TRL: only with
+  `assistant_only_loss=True` and a template with generation markers), and a template's text
+  after the end-of-turn token (ChatML's newline after `<|im_end|>`) is never supervised; rows end
+  at their last supervised token;
+- a `completion_mask` column is used unless `completion_only_loss=False` (TRL 1.16 uses it only
+  with `completion_only_loss=True`);
+- a conversation for a tokenizer without a chat template gets the plain layout (TRL fails);
+- `formatting_func` may also take a batch and return a list of strings (older TRL).
+
+An `IterableDataset` (streaming) is prepared lazily, chunk by chunk (packing within a chunk); the
+trainer then needs `max_steps`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 
 from sft_pipeline.labels import IGNORE_INDEX
 from sft_pipeline.trainer.packing import pack_rows
@@ -21,21 +51,32 @@ log = logging.getLogger(__name__)
 
 # No real limit: truncation to `max_length` happens here, after tokenization.
 _NO_LIMIT = 2**31 - 1
+# Rows per chunk of a streamed dataset (tokenized together, packed together).
+STREAM_CHUNK = 1000
+
+PRETOKENIZED = "pretokenized"
+LANGUAGE_MODELLING = "language modelling"
+PROMPT_COMPLETION = "prompt-completion"
+CONVERSATIONAL_PROMPT_COMPLETION = "conversational prompt-completion"
+CONVERSATIONAL = "conversational"
+RECORDS = "records"
 
 
 def prepare_dataset(
-    dataset: Dataset,
+    dataset: Dataset | IterableDataset,
     tokenizer,
     args: SFTConfig,
-    formatting_func: Callable[[dict[str, Any]], str] | None,
+    formatting_func: Callable[[Any], str | list[str]] | None,
     name: str,
     packing: bool,
-) -> Dataset:
+) -> Dataset | IterableDataset:
     """Tokenized (and optionally packed) rows with columns `input_ids`, `labels` (+ lengths)."""
-    if "input_ids" in dataset.column_names:
-        ids, labels = _pretokenized_columns(dataset, args)
-    else:
-        ids, labels = _tokenize_raw(dataset, tokenizer, args, formatting_func, name)
+    if isinstance(dataset, IterableDataset):
+        return _prepare_stream(dataset, tokenizer, args, formatting_func, name, packing)
+    if len(dataset) == 0:
+        raise ValueError(f"{name} is empty")
+    encoder = RowEncoder(tokenizer, args, formatting_func, name, dataset.column_names, dataset[0])
+    ids, labels = encoder.encode(dataset)
     ids, labels = _truncate_and_check(ids, labels, args.max_length, name)
     if packing:
         capacity = args.max_length or max(len(row) for row in ids)
@@ -49,69 +90,236 @@ def prepare_dataset(
             100.0 * sum(map(len, ids)) / (capacity * max(len(packed["input_ids"]), 1)),
         )
         return Dataset.from_dict(packed)
-    return Dataset.from_dict(
-        {"input_ids": ids, "labels": labels, args.length_column_name: [len(r) for r in ids]}
-    )
+    return Dataset.from_dict(_columns(ids, labels, args, packing=False))
 
 
-def _pretokenized_columns(dataset: Dataset, args: SFTConfig) -> tuple[list, list]:
-    ids = dataset["input_ids"]
-    if "labels" in dataset.column_names and args.completion_only_loss is not False:
-        labels = dataset["labels"]
-    else:
-        labels = [list(row) for row in ids]
-    return [list(r) for r in ids], [list(r) for r in labels]
+def _columns(ids: list, labels: list, args: SFTConfig, packing: bool) -> dict[str, list]:
+    if packing:
+        return pack_rows(ids, labels, args.max_length) if ids else _empty_packed()
+    return {"input_ids": ids, "labels": labels, args.length_column_name: [len(r) for r in ids]}
 
 
-def _tokenize_raw(
-    dataset: Dataset,
+def _empty_packed() -> dict[str, list]:
+    return {"input_ids": [], "labels": [], "seq_lengths": []}
+
+
+def _prepare_stream(
+    dataset: IterableDataset,
     tokenizer,
     args: SFTConfig,
-    formatting_func: Callable[[dict[str, Any]], str] | None,
+    formatting_func,
     name: str,
-) -> tuple[list, list]:
-    from sft_pipeline.config import TemplateConfig, TokenizationConfig
-    from sft_pipeline.records import content_id, to_canonical
-    from sft_pipeline.templating import render_messages, render_text
-    from sft_pipeline.tokenization import tokenize_texts
+    packing: bool,
+) -> IterableDataset:
+    if packing and not args.max_length:
+        raise ValueError(f"{name}: packing a streamed dataset needs max_length (the bin size)")
+    try:
+        first = next(iter(dataset))
+    except StopIteration:
+        raise ValueError(f"{name} is empty") from None
+    columns = list(dataset.column_names or first)
+    encoder = RowEncoder(tokenizer, args, formatting_func, name, columns, first)
 
-    template = TemplateConfig()
-    schema, columns = _schema_for(dataset.column_names, args.dataset_text_field, name)
-    rows = []
-    for index, row in enumerate(dataset):
-        try:
-            if formatting_func is not None:
-                messages, text = [], formatting_func(row)
-                rendered = render_text(text, tokenizer, template)
-            else:
-                _fmt, messages, text = to_canonical(row, schema, columns)
-                rendered = (
-                    render_messages(messages, tokenizer, template)
-                    if messages
-                    else render_text(text, tokenizer, template)
-                )
-        except (ValueError, TypeError, KeyError) as exc:
-            raise ValueError(
-                f"{name} row {index + 1}: cannot turn it into a {schema} conversation: {exc}"
-            ) from exc
-        rows.append({"record_id": f"{index}:{content_id(messages, text)}", **rendered})
-    tokens, rejected = tokenize_texts(
-        rows, tokenizer, TokenizationConfig(max_seq_length=args.max_length or _NO_LIMIT)
+    def encode_chunk(batch: dict[str, list]) -> dict[str, list]:
+        rows = [
+            dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)
+        ]
+        ids, labels = encoder.encode(rows)
+        ids, labels = _truncate_and_check(ids, labels, args.max_length, name, streaming=True)
+        return _columns(ids, labels, args, packing)
+
+    log.info(
+        "%s: streamed; tokenized%s in chunks of %d rows",
+        name,
+        " and packed" * packing,
+        STREAM_CHUNK,
     )
-    if rejected:
-        examples = ", ".join(f"row {int(r['record_id'].split(':')[0]) + 1}" for r in rejected[:5])
-        log.warning(
-            "%s: %d of %d rows have no supervised token and are not trained on (%s%s); reasons: %s",
+    return dataset.map(encode_chunk, batched=True, batch_size=STREAM_CHUNK, remove_columns=columns)
+
+
+def dataset_type(columns: Iterable[str], first: dict[str, Any], formatting_func) -> str:
+    """Which of the types in the module doc a dataset with these columns and first row is."""
+    columns = set(columns)
+    if "input_ids" in columns:
+        return PRETOKENIZED
+    if formatting_func is not None:
+        return LANGUAGE_MODELLING
+    if {"prompt", "completion"} <= columns:
+        if _is_messages(first["prompt"]) and _is_messages(first["completion"]):
+            return CONVERSATIONAL_PROMPT_COMPLETION
+        if isinstance(first["prompt"], str) and isinstance(first["completion"], str):
+            return PROMPT_COMPLETION
+    return RECORDS  # refined by the records schema in RowEncoder
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in value
+    )
+
+
+class RowEncoder:
+    """Encodes rows of one dataset (whose type is fixed by its first row) into ids and labels."""
+
+    def __init__(self, tokenizer, args: SFTConfig, formatting_func, name, columns, first):
+        from sft_pipeline.config import TemplateConfig
+        from sft_pipeline.templating import Renderer
+
+        self.tokenizer, self.args, self.name = tokenizer, args, name
+        self.kind = dataset_type(columns, first, formatting_func)
+        self.schema, self.columns = "", {}
+        if self.kind == RECORDS:
+            self.schema, self.columns = _schema_for(list(columns), args.dataset_text_field, name)
+            self.kind = {"text": LANGUAGE_MODELLING, "messages": CONVERSATIONAL}.get(
+                self.schema, CONVERSATIONAL if self.schema == "sharegpt" else RECORDS
+            )
+        if self.kind == PRETOKENIZED and formatting_func is not None:
+            log.warning("%s is already tokenized (input_ids): formatting_func is ignored", name)
+        self._format = _Formatter(formatting_func, first) if formatting_func else None
+        self.renderer = Renderer(tokenizer, TemplateConfig())
+        self.every_token = self._trains_every_token()
+        log.info(
+            "%s: %s data%s; loss on %s",
             name,
-            len(rejected),
-            len(rows),
-            examples,
-            ", ..." if len(rejected) > 5 else "",
-            sorted({r["reason"] for r in rejected}),
+            self.kind,
+            f" ({self.schema})" if self.schema and self.kind != LANGUAGE_MODELLING else "",
+            "every token" if self.every_token else "the completions / assistant turns",
         )
-    ids = tokens["input_ids"]
-    labels = ids if args.completion_only_loss is False else tokens["labels"]
-    return ids, [list(r) for r in labels]
+
+    def _trains_every_token(self) -> bool:
+        args, kind = self.args, self.kind
+        assistant_only = getattr(args, "assistant_only_loss", None)
+        if assistant_only and kind in (LANGUAGE_MODELLING, PROMPT_COMPLETION):
+            raise ValueError(
+                f"{self.name}: assistant_only_loss=True needs conversational data (messages, or "
+                f"prompt/completion as message lists); this dataset is {kind}"
+            )
+        if kind == LANGUAGE_MODELLING:
+            if args.completion_only_loss:
+                raise ValueError(
+                    f"{self.name}: completion_only_loss=True needs prompt-completion data; "
+                    "language-modelling data (a text column or formatting_func) has no completion"
+                )
+            return True
+        if kind == CONVERSATIONAL:
+            return assistant_only is False or args.completion_only_loss is False
+        return args.completion_only_loss is False
+
+    def encode(self, rows: Iterable[dict[str, Any]]) -> tuple[list, list]:
+        if self.kind == PRETOKENIZED:
+            return self._pretokenized(rows)
+        return self._tokenize(rows)
+
+    def _pretokenized(self, rows: Iterable[dict[str, Any]]) -> tuple[list, list]:
+        args = self.args
+        ids_out, labels_out = [], []
+        for row in rows:
+            ids = list(row["input_ids"])
+            if row.get("labels") is not None and args.completion_only_loss is not False:
+                labels = list(row["labels"])
+            else:
+                masks = []
+                if (
+                    row.get("completion_mask") is not None
+                    and args.completion_only_loss is not False
+                ):
+                    masks.append(row["completion_mask"])
+                if row.get("assistant_masks") is not None and args.assistant_only_loss is not False:
+                    masks.append(row["assistant_masks"])
+                labels = [
+                    token if all(bits) else IGNORE_INDEX
+                    for token, *bits in zip(ids, *masks, strict=True)
+                ]
+            ids_out.append(ids)
+            labels_out.append(labels)
+        return ids_out, labels_out
+
+    def _tokenize(self, rows: Iterable[dict[str, Any]]) -> tuple[list, list]:
+        from sft_pipeline.config import TokenizationConfig
+        from sft_pipeline.tokenization import tokenize_texts
+
+        rows = list(rows)
+        texts = self._format(rows) if self._format else None
+        rendered = []
+        for index, row in enumerate(rows):
+            try:
+                segments = self._render(row, None if texts is None else texts[index])
+            except (ValueError, TypeError, KeyError) as exc:
+                what = f"a {self.schema} conversation" if self.schema else f"{self.kind} data"
+                raise ValueError(
+                    f"{self.name} row {index + 1}: cannot turn it into {what}: {exc}"
+                ) from exc
+            rendered.append({"record_id": str(index), **segments})
+        tokens, rejected = tokenize_texts(
+            rendered,
+            self.tokenizer,
+            TokenizationConfig(max_seq_length=_NO_LIMIT),
+        )
+        if rejected:
+            examples = ", ".join(f"row {int(r['record_id']) + 1}" for r in rejected[:5])
+            log.warning(
+                "%s: %d of %d rows have no supervised token and are not trained on (%s%s); "
+                "reasons: %s",
+                self.name,
+                len(rejected),
+                len(rendered),
+                examples,
+                ", ..." if len(rejected) > 5 else "",
+                sorted({r["reason"] for r in rejected}),
+            )
+        ids = [list(r) for r in tokens["input_ids"]]
+        if self.every_token:
+            return ids, [list(r) for r in ids]
+        return ids, [list(r) for r in tokens["labels"]]
+
+    def _render(self, row: dict[str, Any], text: str | None) -> dict[str, Any]:
+        from sft_pipeline.records import to_canonical
+
+        renderer = self.renderer
+        if text is not None:
+            return renderer.row([], text)
+        if self.kind == PROMPT_COMPLETION:
+            return renderer.prompt_completion_row(row["prompt"], row["completion"])
+        if self.kind == CONVERSATIONAL_PROMPT_COMPLETION:
+            prompt = [_message(m) for m in row["prompt"]]
+            completion = [_message(m) for m in row["completion"]]
+            return renderer.row(prompt + completion, supervise_from=len(prompt))
+        _fmt, messages, text = to_canonical(row, self.schema, self.columns)
+        return renderer.row(messages, text)
+
+
+def _message(message: dict[str, Any]) -> dict[str, Any]:
+    return {"role": message["role"], "content": message["content"]}
+
+
+class _Formatter:
+    """Calls `formatting_func` per row (returning a string, TRL today) or per batch (returning a
+    list of strings, older TRL), whichever the function does on the first row."""
+
+    def __init__(self, func: Callable, first: dict[str, Any]):
+        self.func = func
+        try:
+            self.batched = not isinstance(func(first), str)
+        except (TypeError, KeyError, IndexError, AttributeError):
+            self.batched = True
+
+    def __call__(self, rows: list[dict[str, Any]]) -> list[str]:
+        if not self.batched:
+            return [self._check(self.func(row)) for row in rows]
+        texts = self.func({key: [row[key] for row in rows] for key in rows[0]})
+        if not isinstance(texts, list) or len(texts) != len(rows):
+            raise ValueError(
+                "formatting_func must return a string for a row, or a list of one string per "
+                f"row for a batch; for a batch of {len(rows)} rows it returned "
+                f"{type(texts).__name__} {texts!r:.80}"
+            )
+        return [self._check(text) for text in texts]
+
+    @staticmethod
+    def _check(text: Any) -> str:
+        if not isinstance(text, str):
+            raise TypeError(f"formatting_func returned {type(text).__name__}, expected str")
+        return text
 
 
 def _schema_for(column_names: list[str], text_field: str, name: str) -> tuple[str, dict[str, str]]:
@@ -125,9 +333,9 @@ def _schema_for(column_names: list[str], text_field: str, name: str) -> tuple[st
             return "text", {"text": text_field}
         raise ValueError(
             f"{name}: columns {sorted(column_names)} match no known format and there is no "
-            f"`{text_field}` column (dataset_text_field); expected prompt/response (or "
-            "completion), Alpaca instruction/input/output, messages, conversations, or a text "
-            "column"
+            f"`{text_field}` column (dataset_text_field); expected text, prompt/completion, "
+            "messages, input_ids, prompt/response, Alpaca instruction/input/output or "
+            "conversations"
         ) from None
     if schema != "text" and text_field in column_names:
         # The seed passes dataset_text_field="prompt" on prompt/response data: training on the
@@ -144,7 +352,11 @@ def _schema_for(column_names: list[str], text_field: str, name: str) -> tuple[st
 
 
 def _truncate_and_check(
-    ids: list[list[int]], labels: list[list[int]], max_length: int | None, name: str
+    ids: list[list[int]],
+    labels: list[list[int]],
+    max_length: int | None,
+    name: str,
+    streaming: bool = False,
 ) -> tuple[list, list]:
     """Keep each row's start up to `max_length`; drop (loudly) rows with nothing to learn."""
     kept_ids, kept_labels, empty, truncated = [], [], [], 0
@@ -163,14 +375,16 @@ def _truncate_and_check(
             empty.append(index + 1)
             continue
         # Tokens after the last supervised one (a template's newline after <|im_end|>) predict
-        # nothing that is trained: dropping them saves compute and matches TRL's rows.
+        # nothing that is trained: dropping them saves compute.
         row_ids, row_labels = row_ids[: supervised[-1] + 1], row_labels[: supervised[-1] + 1]
         kept_ids.append(row_ids)
         kept_labels.append(row_labels)
+    # A stream reports per chunk, and row numbers restart in each: keep that out of the warnings.
+    report = log.debug if streaming else log.warning
     if truncated:
-        log.warning("%s: truncated %d rows to max_length=%d tokens", name, truncated, max_length)
+        report("%s: truncated %d rows to max_length=%d tokens", name, truncated, max_length)
     if empty:
-        log.warning(
+        report(
             "%s: %d rows have no supervised token (after truncation) and are not trained on: "
             "rows %s%s",
             name,
@@ -178,6 +392,6 @@ def _truncate_and_check(
             empty[:10],
             " ..." if len(empty) > 10 else "",
         )
-    if not kept_ids:
+    if not kept_ids and not streaming:
         raise ValueError(f"{name}: no row has a supervised token; nothing to train on")
     return kept_ids, kept_labels

@@ -59,8 +59,16 @@ class SFTConfig(TrainingArguments):
     completion_only_loss: bool | None = field(
         default=None,
         metadata={
-            "help": "Train only on completions/assistant turns. None: yes for prompt-completion "
-            "and conversational data, no for plain text. False trains on every token."
+            "help": "Loss on the completion only (prompt-completion data, prompt/response "
+            "records, a pre-tokenized `completion_mask`). None: yes for those, no for plain "
+            "text. False trains on every token."
+        },
+    )
+    assistant_only_loss: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Loss on the assistant turns only (conversational data). None: yes. False "
+            "trains on every token of the conversation; True on data without turns is an error."
         },
     )
     loss_chunk_size: int = field(

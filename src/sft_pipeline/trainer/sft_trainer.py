@@ -1,8 +1,10 @@
 """`SFTTrainer`: a `transformers.Trainer` for supervised fine-tuning with a TRL-like constructor.
 
 What it adds to `Trainer`:
-- datasets in every format of the data half, or pre-tokenized, turned into `input_ids`/`labels`
-  by the pipeline's own templating and tokenization code (`dataset.py`);
+- TRL's dataset types (language modelling, prompt-completion, conversational, pre-tokenized),
+  the pipeline's record formats, and streamed `IterableDataset`s, turned into `input_ids`/`labels`
+  by the pipeline's own templating and tokenization code (`data_prep.py`); base models without a
+  chat template work as they are;
 - best-fit-decreasing packing whose sequences never see each other: an explicit block-diagonal
   4-D mask on sdpa/eager, padding-free varlen on flash-attention, `use_cache=False` always;
   the same per batch with `padding_free` (same rows per step, no compute on padding);
@@ -20,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
@@ -42,13 +44,13 @@ class SFTTrainer(Trainer):
         model: nn.Module | str | os.PathLike | None = None,
         args: TrainingArguments | None = None,
         data_collator: Callable | None = None,
-        train_dataset: Dataset | None = None,
-        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | IterableDataset | dict[str, Dataset] | None = None,
         processing_class=None,
         *,
         tokenizer=None,
         dataset_text_field: str | None = None,
-        formatting_func: Callable[[dict[str, Any]], str] | None = None,
+        formatting_func: Callable[[Any], str | list[str]] | None = None,
         max_seq_length: int | None = None,
         max_length: int | None = None,
         peft_config=None,
@@ -127,6 +129,7 @@ class SFTTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
         self._sft_metrics = {"train": _Window(), "eval": _Window()}
+        self._eval_prefix = "eval"
 
     # ------------------------------------------------------------------ loss
 
@@ -214,6 +217,15 @@ class SFTTrainer(Trainer):
 
     # ------------------------------------------------------------------ eval
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        # With a dict of eval sets, Trainer evaluates each under "eval_<name>": our token
+        # metrics must carry the same prefix as its loss.
+        self._eval_prefix = metric_key_prefix
+        try:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        finally:
+            self._eval_prefix = "eval"
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Never return logits: gathering full-vocabulary logits over the eval set is the
         # classic eval OOM; metrics come from compute_loss.
@@ -233,13 +245,18 @@ class SFTTrainer(Trainer):
         super()._track_num_input_tokens(inputs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        is_eval = any(key.startswith("eval_") for key in logs)
+        prefix = self._eval_prefix + "_"
+        is_eval = any(key.startswith(prefix) for key in logs)
         window = self._sft_metrics["eval" if is_eval else "train"]
         if not is_eval and window.total_tokens == 0:
             # A resumed run: the running totals go on from the checkpoint's last log.
             window.continue_from(self.state.log_history)
+        if self.accelerator.num_processes > 1:
+            # Every process logs at the same steps: the window's counts become the sums over
+            # all processes, so accuracy and token totals describe the global batch.
+            window.reduce(self.accelerator)
         # In place: `evaluate()` returns this same dict to its caller.
-        logs.update(window.flush(prefix="eval_" if is_eval else ""))
+        logs.update(window.flush(prefix=prefix if is_eval else ""))
         super().log(logs, start_time)
 
 
@@ -268,6 +285,16 @@ class _Window:
         self.correct += correct
         self.supervised += supervised
         self.tokens += tokens
+
+    def reduce(self, accelerator) -> None:
+        counts = torch.tensor(
+            [float(v) for v in (self.loss_sum, self.correct, self.supervised, self.tokens)],
+            dtype=torch.float64,
+            device=accelerator.device,
+        )
+        total = accelerator.reduce(counts, reduction="sum").tolist()
+        self.loss_sum, self.correct = total[0], int(total[1])
+        self.supervised, self.tokens = int(total[2]), int(total[3])
 
     def flush(self, prefix: str) -> dict[str, float]:
         supervised = int(self.supervised)
