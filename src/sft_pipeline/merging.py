@@ -70,18 +70,20 @@ def merge(
 ) -> MergedModel:
     import torch
 
-    from sft_pipeline.templating import resolve_template
+    from sft_pipeline.templating import trained_template
 
     base_model_dir, adapter_dir = Path(base_model_dir), Path(adapter_dir)
     manifest = read_manifest(base_model_dir)
     kind = adapter_kind(adapter_dir)
     has_tokenizer = any(adapter_dir.glob("tokenizer*"))
     tokenizer = load_tokenizer(adapter_dir if has_tokenizer else base_model_dir)
-    if template_cfg is not None and template_cfg.chat_template != "tokenizer":
+    template = trained_template(tokenizer, template_cfg) if template_cfg is not None else None
+    if template is not None:
         # The merged model answers in the format it was trained on, so its tokenizer carries
-        # the template the data was rendered with, not the base's own (or none).
-        tokenizer.chat_template, name = resolve_template(tokenizer, template_cfg)
-        log.info("merged tokenizer gets %s as its chat template", name)
+        # the template the data was rendered with (a base model's plain layout included), not
+        # the base's own (or none).
+        tokenizer.chat_template = template[0]
+        log.info("merged tokenizer gets %s as its chat template", template[1])
     adapter_config: dict[str, Any] = {}
     if kind == "peft":
         adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text("utf-8"))
@@ -110,6 +112,7 @@ def merge(
         pad_id,
         tokenizer,
         system_prompt=template_cfg.system_prompt if template_cfg else None,
+        trained_template=template,
     )
     return MergedModel(model=model.eval(), tokenizer=tokenizer, model_card=card)
 
@@ -211,6 +214,25 @@ def configure_special_tokens(model, tokenizer) -> tuple[list[int], int]:
 # --- model card ---------------------------------------------------------------------------------
 
 
+def _template_section(trained_template: tuple[str, str] | None) -> list[str]:
+    """The chat template the data was rendered with, when it is not the base tokenizer's own:
+    prompts must be written in this layout (the tokenizer's chat template renders it)."""
+    if trained_template is None:
+        return []
+    source, name = trained_template
+    return [
+        "## Prompt format",
+        "",
+        f"Trained on conversations rendered with {name}; this folder's tokenizer carries it as "
+        "its chat template:",
+        "",
+        "```jinja",
+        source.strip(),
+        "```",
+        "",
+    ]
+
+
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in values.items():
@@ -249,6 +271,7 @@ def model_card(
     pad_id: int,
     tokenizer,
     system_prompt: str | None = None,
+    trained_template: tuple[str, str] | None = None,
 ) -> str:
     """README.md with YAML front-matter; deterministic for the same inputs (no timestamps)."""
     # Wall-clock fields differ on every run; leaving them out keeps the card reproducible.
@@ -312,6 +335,7 @@ def model_card(
         f"- chat template: {'included' if tokenizer.chat_template else 'none'}",
         *([f"- trained with the system prompt: {system_prompt!r}"] if system_prompt else []),
         "",
+        *_template_section(trained_template),
         "## How to load",
         "",
         "```python",
