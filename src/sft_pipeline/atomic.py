@@ -49,3 +49,20 @@ def atomic_path(target: str | os.PathLike, *, is_dir: bool = False) -> Iterator[
 def write_text(target: str | os.PathLike, text: str) -> None:
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def remove_leftovers(directory: str | os.PathLike) -> list[Path]:
+    """Remove what interrupted atomic writes left in `directory`; return what was removed.
+
+    A process killed inside `atomic_path` leaves its temporary sibling (and, during the two
+    renames of a folder, the moved-aside old copy). Only call this while no write can be in
+    progress: the caller holds the project's run lock.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for path in sorted(directory.glob(".*.tmp-*")) + sorted(directory.glob(".*.old-*")):
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed

@@ -3,10 +3,20 @@
 The resume protocol::
 
     output_dir/
-      run_fingerprint.json    sha256 of (base model, data, weight-shaping parameters, code)
-      checkpoint-50/          complete: trainer_state.json is written last by the trainer
-      checkpoint-100/         complete
-      checkpoint-150/         interrupted mid-save: no trainer_state.json -> removed
+      run_fingerprint.json    sha256 of (base model, data, weight-shaping parameters, code);
+                              written atomically, an unreadable one counts as "another run"
+      checkpoint-50/          complete (see below)
+      checkpoint-100/         complete -> resumed from
+      checkpoint-150/         killed mid-save: trainer_state.json missing or truncated -> removed
+      .run_fingerprint.json.tmp-*   left by a kill inside an atomic write -> removed
+
+The trainer writes a checkpoint in this order: weights (+ tokenizer, training_args.json),
+optimizer.pt + scheduler.pt, rng_state*.pth, trainer_state.json last; then it rotates out old
+checkpoints (save_total_limit), which a kill can leave half deleted. A checkpoint is complete
+when trainer_state.json parses and names its step, every safetensors weight file is whole (its
+header's offsets reach exactly the file's end) and the optimizer, scheduler and RNG files are
+there and whole (readable zip archives; nothing is unpickled to check them). Incomplete ones are
+skipped with a warning naming them; those after the checkpoint resumed from are removed.
 
 A run resumes from the last complete checkpoint only when `training.resume` is `auto` and the
 stored fingerprint equals its own; otherwise every checkpoint there is removed and training
@@ -21,9 +31,12 @@ import json
 import logging
 import re
 import shutil
+import struct
+import zipfile
 from pathlib import Path
 from typing import Any
 
+from sft_pipeline.atomic import remove_leftovers, write_text
 from sft_pipeline.finetune.job import TrainJob
 
 log = logging.getLogger(__name__)
@@ -33,6 +46,9 @@ FINGERPRINT_FILE = "run_fingerprint.json"
 TRAINING_ENTRY = "sft_pipeline.finetune.workflow"
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+TRAINER_STATE = "trainer_state.json"
+# A checkpoint holds its weights in one of these layouts (adapter, whole model, sharded model).
+_WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
 # TrainingConfig fields that do not change the trained weights.
 _NO_EFFECT_ON_WEIGHTS = frozenset(
     {
@@ -109,12 +125,104 @@ def checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=_step)
 
 
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why `checkpoint` cannot be resumed from, or None when it is complete."""
+    state_path = checkpoint / TRAINER_STATE
+    if not state_path.is_file():
+        return f"no {TRAINER_STATE} (interrupted while saving)"
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"{TRAINER_STATE} is unreadable or truncated ({exc})"
+    if not isinstance(state, dict) or state.get("global_step") != _step(checkpoint):
+        return f"{TRAINER_STATE} does not record step {_step(checkpoint)}"
+    weights = [checkpoint / name for name in _WEIGHTS if (checkpoint / name).is_file()]
+    if not weights:
+        return f"no weights ({' or '.join(_WEIGHTS)})"
+    for path in weights:
+        files = [path]
+        if path.name.endswith(".index.json"):
+            try:
+                shards = set(json.loads(path.read_text(encoding="utf-8"))["weight_map"].values())
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                return f"{path.name} is unreadable ({exc})"
+            files = [checkpoint / shard for shard in sorted(shards)]
+        for file in files:
+            problem = _safetensors_problem(file)
+            if problem:
+                return problem
+    if (checkpoint / "optimizer.pt").is_file() or not _has_sharded_state(checkpoint):
+        # The plain layout (one process, DDP); FSDP and DeepSpeed save their own folders.
+        required = ["optimizer.pt", "scheduler.pt"]
+        rng = sorted(checkpoint.glob("rng_state*.pth"))
+        if not rng:
+            return "no rng_state*.pth"
+        for path in [*(checkpoint / name for name in required), *rng]:
+            problem = _torch_file_problem(path)
+            if problem:
+                return problem
+    return None
+
+
+def _has_sharded_state(checkpoint: Path) -> bool:
+    return any(
+        p.is_dir() and p.name.startswith(("optimizer", "pytorch_model_fsdp", "global_step"))
+        for p in checkpoint.iterdir()
+    )
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    # A safetensors file is an 8-byte header length, a JSON header, then the tensor bytes; the
+    # header's largest end offset must land exactly on the end of the file.
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if 8 + length > size:
+                return f"{path.name} is truncated (header past the end)"
+            header = json.loads(f.read(length))
+    except FileNotFoundError:
+        return f"{path.name} is missing"
+    except (OSError, ValueError, struct.error) as exc:
+        return f"{path.name} is unreadable ({exc})"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    expected = 8 + length + max(ends, default=0)
+    if expected != size:
+        return f"{path.name} is truncated ({size} bytes, its header expects {expected})"
+    return None
+
+
+def _torch_file_problem(path: Path) -> str | None:
+    # torch.save writes a zip archive whose directory sits at its end: a truncated file has none.
+    if not path.is_file():
+        return f"{path.name} is missing"
+    try:
+        with zipfile.ZipFile(path):
+            pass
+    except (OSError, zipfile.BadZipFile) as exc:
+        return f"{path.name} is truncated or not a torch archive ({exc})"
+    return None
+
+
+def read_fingerprint(path: Path) -> dict[str, Any]:
+    """The stored run fingerprint, or {} (with a warning) when it is missing or unreadable."""
+    if not path.is_file():
+        return {}
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        log.warning("%s is unreadable (%s): treating its checkpoints as another run's", path, exc)
+        return {}
+    return stored if isinstance(stored, dict) else {}
+
+
 def prepare_output_dir(output_dir: Path, fingerprint: dict[str, Any], resume: str) -> Path | None:
     """Return the checkpoint to resume from, or None; clear checkpoints that cannot be resumed."""
     output_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in remove_leftovers(output_dir):
+        log.info("removed %s, left by an interrupted write", leftover)
     stored_path = output_dir / FINGERPRINT_FILE
-    stored = json.loads(stored_path.read_text()) if stored_path.is_file() else {}
-    same_run = stored.get("fingerprint") == fingerprint["fingerprint"]
+    same_run = read_fingerprint(stored_path).get("fingerprint") == fingerprint["fingerprint"]
     found = checkpoints(output_dir)
     resume_from = None
     if found and resume == "never":
@@ -130,15 +238,22 @@ def prepare_output_dir(output_dir: Path, fingerprint: dict[str, Any], resume: st
             output_dir,
         )
     else:
-        complete = [c for c in found if (c / "trainer_state.json").is_file()]
+        complete = []
+        for checkpoint in found:
+            problem = checkpoint_problem(checkpoint)
+            if problem is None:
+                complete.append(checkpoint)
+            else:
+                log.warning("skipping incomplete checkpoint %s: %s", checkpoint, problem)
         resume_from = complete[-1] if complete else None
     for checkpoint in found:
-        # Without a resume point all go; with one, only later (incomplete) ones.
+        # Without a resume point all go; with one, the later (incomplete) ones, which the
+        # trainer would otherwise save over or count towards save_total_limit.
         if resume_from is None or _step(checkpoint) > _step(resume_from):
             if resume_from is not None:
                 log.info("removing incomplete checkpoint %s", checkpoint)
             shutil.rmtree(checkpoint)
-    stored_path.write_text(json.dumps(fingerprint, indent=2, sort_keys=True, default=str))
+    write_text(stored_path, json.dumps(fingerprint, indent=2, sort_keys=True, default=str))
     return resume_from
 
 

@@ -25,6 +25,8 @@ import torch
 from datasets import Dataset, IterableDataset
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from sft_pipeline.trainer.collator import DataCollatorForSFT
 from sft_pipeline.trainer.data_prep import prepare_dataset
@@ -130,6 +132,36 @@ class SFTTrainer(Trainer):
         self.loss_is_scaled_for_ga = True
         self._sft_metrics = {"train": _Window(), "eval": _Window()}
         self._eval_prefix = "eval"
+
+    # ------------------------------------------------------------------ data order
+
+    def _get_train_sampler(self, train_dataset=None):
+        train_dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy != "group_by_length" or not isinstance(
+            train_dataset, Dataset
+        ):
+            # random: accelerate's seedable sampler, seeded by data_seed + epoch.
+            return super()._get_train_sampler(train_dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return SeededLengthGroupedSampler(
+            self.args.train_batch_size * self.args.gradient_accumulation_steps,
+            row_lengths(train_dataset, self.args.length_column_name),
+            seed,
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict)
+        # Trainer pickles its arguments next to the weights; nothing reads them back on resume.
+        # Keep them as JSON (tokens redacted by to_json_string) so no checkpoint file needs
+        # unpickling to inspect.
+        folder = output_dir if output_dir is not None else self.args.output_dir
+        pickled = os.path.join(folder, TRAINING_ARGS_NAME)
+        if os.path.exists(pickled):
+            os.remove(pickled)
+            with open(os.path.join(folder, TRAINING_ARGS_JSON), "w", encoding="utf-8") as f:
+                f.write(self.args.to_json_string())
 
     # ------------------------------------------------------------------ loss
 
@@ -258,6 +290,41 @@ class SFTTrainer(Trainer):
         # In place: `evaluate()` returns this same dict to its caller.
         logs.update(window.flush(prefix=prefix if is_eval else ""))
         super().log(logs, start_time)
+
+
+TRAINING_ARGS_JSON = "training_args.json"
+
+
+class SeededLengthGroupedSampler(LengthGroupedSampler):
+    """Length-grouped order (random mega-batches, each sorted by length) from its own generator.
+
+    The order of epoch e is drawn from a generator seeded with `seed + e`, never from the global
+    RNG, which dropout and model building advance: a run resumed mid-epoch (the trainer skips
+    the batches already trained) replays exactly the order the interrupted run was following,
+    and every process of a distributed run draws the same order.
+    """
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
+        super().__init__(batch_size, lengths=lengths)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
+def row_lengths(dataset: Dataset, length_column: str) -> list[int]:
+    """Tokens per row, from the length column when there is one (columnar, no row decoding)."""
+    import pyarrow.compute as pc
+
+    table = dataset.with_format("arrow")
+    if length_column in dataset.column_names:
+        return table[length_column].to_pylist()
+    return pc.list_value_length(table["input_ids"]).to_pylist()
 
 
 class _Window:
