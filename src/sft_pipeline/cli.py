@@ -1,4 +1,4 @@
-"""Project CLI commands: `kedro dvc generate` and `kedro dvc check`.
+"""Project CLI commands: `kedro dvc generate|check` and `kedro sft chat|generate`.
 
 Registered through the `kedro.project_commands` entry point in pyproject.toml, so they run
 inside the bootstrapped project like `kedro run`.
@@ -15,6 +15,7 @@ import click
 import yaml
 
 from sft_pipeline import dvc_stages
+from sft_pipeline.chat_cli import sft
 
 DVC_YAML = "dvc.yaml"
 
@@ -130,6 +131,8 @@ def check(metadata, env: str | None) -> None:
     args = "" if env == "base" else f" --env {env}"
     raise click.ClickException(f"{DVC_YAML} is stale: run `kedro dvc generate{args}`")
 
+
+commands.add_command(sft)
 
 # Kedro imports `<package>.cli` itself and requires a `cli` group there (its commands may
 # override the built-in ones); ours only adds commands, the same ones the entry point declares.

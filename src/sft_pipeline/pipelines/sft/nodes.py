@@ -168,3 +168,9 @@ def evaluate_model(
         token_stats,
         C.parse_section(C.EvaluationConfig, evaluation, "evaluation"),
     )
+
+
+def export_model(merged_model: Path, export: dict[str, Any]):
+    from sft_pipeline.export import export as plan_export
+
+    return plan_export(merged_model, C.parse_section(C.ExportConfig, export, "export"))

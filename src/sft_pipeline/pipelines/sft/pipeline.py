@@ -90,5 +90,11 @@ def create_pipeline(**kwargs) -> Pipeline:
                 outputs=["metrics", "eval_generations", "evaluation_plots"],
                 name="evaluate_model",
             ),
+            node(
+                nodes.export_model,
+                inputs=["merged_model", "params:export"],
+                outputs="exported_model",
+                name="export_model",
+            ),
         ]
     )
