@@ -18,7 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from sft_pipeline.config import DataConfig, TemplateConfig
-from sft_pipeline.model_loading import load_model, load_tokenizer, read_manifest
+from sft_pipeline.model_loading import (
+    load_model,
+    load_tokenizer,
+    read_manifest,
+    trust_remote_code,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +104,7 @@ def merge(
             str(adapter_dir),
             use_safetensors=True,
             dtype="auto",
-            trust_remote_code=bool(manifest.get("trust_remote_code")),
+            trust_remote_code=trust_remote_code(base_model_dir),
         )
     eos_ids, pad_id = configure_special_tokens(model, tokenizer)
     card = model_card(

@@ -21,6 +21,36 @@ class ModelResolutionError(ValueError):
     """`model.name_or_path` could not be resolved to loadable safetensors weights."""
 
 
+# Whether loaders may run code shipped with a model: `model.trust_remote_code` of this run, set
+# by the project's hook when the run starts. A manifest is data (DVC may pull it from a remote),
+# so what it records never turns remote code on by itself.
+_remote_code_allowed = False
+
+
+def allow_remote_code(allowed: bool) -> None:
+    """Record `model.trust_remote_code` of this run for every later load in this process."""
+    global _remote_code_allowed
+    _remote_code_allowed = bool(allowed)
+
+
+def trust_remote_code(model_dir: str | os.PathLike, allowed: bool | None = None) -> bool:
+    """Whether to load `model_dir` with its own code: only when it needs it and it is allowed.
+
+    `allowed` None means this run's `model.trust_remote_code` (`allow_remote_code`). A folder
+    whose manifest asks for remote code that is not allowed is refused, naming the parameter.
+    """
+    model_dir = Path(model_dir)
+    wanted = bool(_manifest_or_default(model_dir).get("trust_remote_code"))
+    allowed = _remote_code_allowed if allowed is None else allowed
+    if wanted and not allowed:
+        raise ModelResolutionError(
+            f"{model_dir / MANIFEST} records trust_remote_code: true, but this run's parameters "
+            "do not allow running the model's own code; set model.trust_remote_code: true if "
+            "you trust it (and re-run prepare_base_model)"
+        )
+    return wanted
+
+
 def read_manifest(model_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(model_dir) / MANIFEST
     if not path.is_file():
@@ -52,15 +82,14 @@ def load_tokenizer_from(folder: str | Path, trust_remote_code: bool):
     return tokenizer
 
 
-def load_tokenizer(model_dir: str | os.PathLike):
+def load_tokenizer(model_dir: str | os.PathLike, *, allow_remote_code: bool | None = None):
     """The fast tokenizer saved in a model folder, with a pad token set.
 
     pad == eos is acceptable for batching: labels are prebuilt with -100 on padding, so EOS is
     never masked out of the loss by this choice.
     """
     model_dir = Path(model_dir)
-    manifest = _manifest_or_default(model_dir)
-    tokenizer = load_tokenizer_from(model_dir, bool(manifest.get("trust_remote_code")))
+    tokenizer = load_tokenizer_from(model_dir, trust_remote_code(model_dir, allow_remote_code))
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ModelResolutionError(f"{model_dir}: tokenizer has neither a pad nor an EOS token")
@@ -82,6 +111,8 @@ def load_model(
     model_dir: str | os.PathLike,
     quantization: QuantizationConfig | None = None,
     dtype=None,
+    *,
+    allow_remote_code: bool | None = None,
 ):
     """The model a base (or merged) folder describes, from safetensors only.
 
@@ -97,7 +128,7 @@ def load_model(
     path, revision = model_source(model_dir)
     kwargs: dict[str, Any] = {
         "use_safetensors": True,
-        "trust_remote_code": bool(manifest.get("trust_remote_code")),
+        "trust_remote_code": trust_remote_code(model_dir, allow_remote_code),
         "device_map": device.device_name(),
     }
     if revision:
