@@ -6,7 +6,7 @@ One command, one run, side by side (issue 5, point 5):
     .venv/bin/python benchmarks/trainer_throughput.py --quick    # 3 steps, 64 records, fp32 only
 
 Same model (SmolLM2-135M-Instruct, converted from the bundled GGUF by sft_pipeline.base_model), LoRA
-r=16 on all linear layers, the first 256 Alpaca records of ../shared/fixtures (ChatML with
+r=16 on all linear layers, the first 256 records of the Alpaca test fixture (ChatML with
 SmolLM's default system prompt; completion = output + <|im_end|>), max length 512, batch 8,
 lr 2e-4, no gradient checkpointing. Each system runs in its own subprocess so its peak RSS is its
 own. Throughput counts non-padding tokens (and supervised tokens) of the batches that optimizer
@@ -415,7 +415,7 @@ def main() -> None:
     import torch
 
     if not ALPACA.is_file():
-        sys.exit(f"benchmark data not found: {ALPACA} (../shared/fixtures)")
+        sys.exit(f"benchmark data not found: {ALPACA} (set SFT_PIPELINE_FIXTURES)")
     names = args.systems.split(",") if args.systems else list(SYSTEMS)
     want_bf16 = args.bf16 == "yes" or (
         args.bf16 == "auto" and not args.quick and _bf16_pays_off(torch)

@@ -17,7 +17,10 @@ os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = PROJECT_ROOT.parent / "shared" / "fixtures"
+# Real third-party datasets and tokenizers; tests that need them skip where the folder is absent.
+FIXTURES = Path(
+    os.environ.get("SFT_PIPELINE_FIXTURES") or PROJECT_ROOT.parent / "shared" / "fixtures"
+)
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"

@@ -87,8 +87,12 @@ def _fake_project(fake_src: Path, **overrides) -> Project:
     (root / "requirements.lock").write_text("x==1\n")
     catalog = {
         name: {"type": "fakepkg.io.FileDataset", "filepath": f"data/{name}.json"}
-        for name in ("raw", "clean", "metrics", "training_history")
+        for name in ("raw", "clean", "metrics", "training_history", "adapter")
     }
+    # DVC roles come from the catalog's metadata, next to the kedro-viz layer.
+    catalog["metrics"]["metadata"] = {"kedro-viz": {"layer": "x"}, "dvc": {"role": "metrics"}}
+    catalog["training_history"]["metadata"] = {"dvc": {"role": "plot", "x": "step", "y": "loss"}}
+    catalog["adapter"]["metadata"] = {"dvc": {"persist_param": "training.output_dir"}}
     fields = dict(
         root=root,
         package="fakepkg",
@@ -119,7 +123,7 @@ def test_stages_have_exact_params_deps_and_outs(fake_src: Path) -> None:
                 "train_adapter",
                 "node_b",
                 ["raw", "params:training"],
-                ["metrics", "training_history"],
+                ["metrics", "training_history", "adapter"],
             ),
         ]
     )
@@ -145,7 +149,15 @@ def test_stages_have_exact_params_deps_and_outs(fake_src: Path) -> None:
     assert read["outs"] == ["data/raw.json"]
     assert train["metrics"] == ["data/metrics.json"]
     assert train["plots"] == [{"data/training_history.json": {"x": "step", "y": "loss"}}]
-    assert {"ckpt": {"persist": True, "cache": False}} in train["outs"]
+    assert train["outs"] == ["data/adapter.json", {"ckpt": {"persist": True, "cache": False}}]
+
+
+def test_an_unknown_dvc_role_in_the_catalog_is_an_error(fake_src: Path) -> None:
+    project = _fake_project(fake_src)
+    project.catalog["raw"]["metadata"] = {"dvc": {"role": "metric"}}
+    pipeline = SimpleNamespace(nodes=[_node("read", "node_a", ["params:data"], ["raw"])])
+    with pytest.raises(DvcGenerationError, match=r"'raw'.*metadata\.dvc\.role.*metrics"):
+        dvc_stages.build_dvc_yaml(pipeline, project)
 
 
 def test_files_named_by_params_are_deps_of_the_node_that_reads_them(fake_src: Path) -> None:
@@ -198,7 +210,7 @@ def test_real_stages_match_the_pipeline(real_stages) -> None:
         listed = stage["params"][0]["conf/base/parameters_sft.yml"]
         assert set(listed) == sections, node.name
         # Shared code is a dep of every stage.
-        for shared in ("config.py", "datasets.py", "atomic.py", "pipelines/sft/nodes.py"):
+        for shared in ("config.py", "artifact_io.py", "atomic.py", "pipelines/sft/nodes.py"):
             assert f"src/sft_pipeline/{shared}" in stage["deps"], (node.name, shared)
     # A node's own library module is a dep of that node only.
     for module, node in (("ingestion.py", "ingest_records"), ("evaluation.py", "evaluate_model")):
@@ -265,6 +277,31 @@ def test_learning_rate_experiment_reruns_training_merge_evaluation(project: Path
     html = project / "plots_html"
     pc.run(["dvc", "plots", "show", "-o", str(html)], project)
     assert "training_history.json" in (html / "index.html").read_text()
+
+
+def _changed_stages(root: Path) -> set[str]:
+    return set(json.loads(pc.run(["dvc", "status", "--json"], root)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("section", "key", "value", "stage"),
+    [
+        ("tokenization", "batch_size", 7, "tokenize_conversations"),
+        ("evaluation", "max_new_tokens", 5, "evaluate_model"),
+    ],
+)
+def test_a_parameter_invalidates_exactly_the_node_that_reads_it(
+    project: Path, section: str, key: str, value: int, stage: str
+) -> None:
+    before = yaml.safe_load(pc.params_path(project).read_text())
+    assert _changed_stages(project) == set()
+    pc.set_params(project, {section: {key: value}})
+    try:
+        assert _changed_stages(project) == {stage}
+    finally:
+        pc.params_path(project).write_text(yaml.safe_dump(before, sort_keys=False))
+    assert _changed_stages(project) == set()
 
 
 @pytest.mark.slow

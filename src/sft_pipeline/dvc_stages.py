@@ -32,8 +32,8 @@ from sft_pipeline.code_graph import CodeGraph, node_modules
 from sft_pipeline.config import (
     DataConfig,
     ModelConfig,
+    SFTParameters,
     TemplateConfig,
-    TrainingConfig,
     parse_section,
 )
 
@@ -46,17 +46,26 @@ HEADER = (
     "# `kedro dvc check` (and tests/test_dvc.py) fail when this file is stale.\n"
 )
 
-# Report artifacts: DVC shows them with `dvc metrics` / `dvc plots`. They stay in the DVC cache
-# (cache: true, DVC's default) because data/ is git-ignored: an uncached metric would be missing
-# from every experiment commit, and `dvc exp show` would print "!" for it.
-METRICS = ("metrics", "training_summary")
-PLOTS: Mapping[str, Mapping[str, str]] = {"training_history": {"x": "step", "y": "loss"}}
-# A folder of PNGs that `dvc plots show` embeds in its HTML page (training loss, token-length
-# distribution, base vs tuned).
-IMAGE_PLOTS = ("evaluation_plots",)
-# The trainer's checkpoints: kept across runs (resume after an interruption) and never cached,
-# since they are large and only a means to the adapter.
-CHECKPOINTS_NODE = "train_adapter"
+# The DVC role of an artifact is a fact about the dataset, so it lives in its catalog entry:
+#
+#   metrics:
+#     metadata:
+#       dvc:
+#         role: metrics          # `dvc metrics show` / `dvc exp show` (kept in the DVC cache)
+#   training_history:
+#     metadata:
+#       dvc: {role: plot, x: step, y: loss}   # a `dvc plots` data series
+#   evaluation_plots:
+#     metadata:
+#       dvc: {role: images}      # a folder of PNGs that `dvc plots show` embeds
+#   adapter:
+#     metadata:
+#       dvc: {persist_param: training.output_dir}   # the stage also keeps this folder across
+#                                                   # runs, uncached (resumable checkpoints)
+#
+# Reports stay in the DVC cache (DVC's default) because data/ is git-ignored: an uncached metric
+# would be missing from every experiment commit, and `dvc exp show` would print "!" for it.
+ROLES = ("out", "metrics", "plot", "images")
 
 
 class DvcGenerationError(ValueError):
@@ -273,21 +282,46 @@ def build_stage(node: Any, project: Project, graph: CodeGraph) -> dict[str, Any]
     outs: list[Any] = []
     metrics: list[Any] = []
     plots: list[Any] = []
+    persistent = []
     for name in outputs:
         path = dataset_path(name, project.catalog)
-        if name in METRICS:
+        meta = dvc_metadata(name, project.catalog)
+        if meta["role"] == "metrics":
             metrics.append(path)
-        elif name in PLOTS:
-            plots.append({path: dict(PLOTS[name])})
+        elif meta["role"] == "plot":
+            plots.append({path: {k: meta[k] for k in ("x", "y") if k in meta}})
         else:
             outs.append(path)
-    if node.name == CHECKPOINTS_NODE:
-        checkpoints = _section(project.params, TrainingConfig, "training").output_dir
-        outs.append({checkpoints: {"persist": True, "cache": False}})
+        if "persist_param" in meta:
+            persistent.append(param_value(project.params, meta["persist_param"]))
+    outs.extend({folder: {"persist": True, "cache": False}} for folder in persistent)
     for key, value in (("outs", outs), ("metrics", metrics), ("plots", plots)):
         if value:
             stage[key] = value
     return stage
+
+
+def dvc_metadata(name: str, catalog: Mapping[str, Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The `metadata.dvc` mapping of a catalog entry (empty: a plain cached out)."""
+    entry = catalog.get(name)
+    meta = (entry.get("metadata") or {}) if isinstance(entry, Mapping) else {}
+    dvc = meta.get("dvc") or {}
+    role = dvc.get("role", "out")
+    if role not in ROLES:
+        raise DvcGenerationError(
+            f"catalog entry {name!r}: metadata.dvc.role is {role!r}; expected one of "
+            + ", ".join(ROLES)
+        )
+    return {"role": role, **dvc}
+
+
+def param_value(params: Mapping[str, Any], dotted: str) -> Any:
+    """The value of `section.key` as the node sees it (Kedro's merged values over defaults)."""
+    section, _, key = dotted.partition(".")
+    if section not in SFTParameters.model_fields:
+        raise DvcGenerationError(f"{dotted!r}: unknown parameter section {section!r}")
+    model = SFTParameters.model_fields[section].annotation
+    return getattr(_section(params, model, section), key)
 
 
 def _check_names(nodes: Sequence[Any]) -> None:
@@ -305,8 +339,12 @@ def build_dvc_yaml(pipeline: Any, project: Project) -> dict[str, Any]:
     _check_names(nodes)
     graph = CodeGraph(project.source_dir, project.package)
     stages = {node.name: build_stage(node, project, graph) for node in nodes}
-    produced = {o for node in nodes for o in node.outputs}
-    images = [dataset_path(n, project.catalog) for n in IMAGE_PLOTS if n in produced]
+    images = [
+        dataset_path(name, project.catalog)
+        for node in nodes
+        for name in node.outputs
+        if dvc_metadata(name, project.catalog)["role"] == "images"
+    ]
     result: dict[str, Any] = {"stages": stages}
     if images:
         result["plots"] = images

@@ -25,6 +25,8 @@ from sft_pipeline.config import (
 
 log = logging.getLogger(__name__)
 SPEC_FILE = "job.json"
+# MLflow's local file store (report_to: mlflow), unless MLFLOW_TRACKING_URI names another.
+MLFLOW_DIR = "data/08_reporting/mlruns"
 
 
 @dataclass(frozen=True)
@@ -117,14 +119,26 @@ def max_row_length(*datasets) -> int:
 
 
 def report_integrations(report_to: str | list[str]) -> list[str]:
-    """`training.report_to` with integrations that are not installed dropped (with a warning).
+    """`training.report_to` as transformers' `report_to`: integrations that are not installed
+    dropped (with a warning), and dvclive left to our own callback (`finetune.tracking`).
 
-    wandb is switched to offline mode: a pipeline run must not need network or a login.
+    wandb is switched to offline mode and MLflow to a local file store: a pipeline run must not
+    need network or a login.
     """
-    from transformers.integrations import is_tensorboard_available, is_wandb_available
+    from transformers.integrations import (
+        is_dvclive_available,
+        is_mlflow_available,
+        is_tensorboard_available,
+        is_wandb_available,
+    )
 
     names = [report_to] if isinstance(report_to, str) else list(report_to)
-    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+    available = {
+        "tensorboard": is_tensorboard_available,
+        "wandb": is_wandb_available,
+        "mlflow": is_mlflow_available,
+        "dvclive": is_dvclive_available,
+    }
     kept = []
     for name in names:
         if name == "none":
@@ -135,49 +149,57 @@ def report_integrations(report_to: str | list[str]) -> list[str]:
         kept.append(name)
     if "wandb" in kept:
         os.environ.setdefault("WANDB_MODE", "offline")
-    return kept or ["none"]
+    if "mlflow" in kept:
+        os.environ.setdefault("MLFLOW_TRACKING_URI", Path(MLFLOW_DIR).resolve().as_uri())
+    return [name for name in kept if name != "dvclive"] or ["none"]
+
+
+# `training` keys that keep their name in SFTConfig (TrainingArguments): passed through as is.
+SAME_NAME = (
+    "output_dir",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "lr_scheduler_type",
+    "weight_decay",
+    "max_grad_norm",
+    "optim",
+    "logging_steps",
+    "save_steps",
+    "save_total_limit",
+    "seed",
+    "dataloader_num_workers",
+    "packing",
+    "padding_free",
+    "pad_to_multiple_of",
+)
 
 
 def build_sft_config(job: TrainJob, precision: device.Precision):
-    """Map the `training` section onto the trainer's `SFTConfig` (names kept where they can be)."""
+    """Map the `training` section onto the trainer's `SFTConfig`: same names pass through."""
     from sft_pipeline.trainer import SFTConfig
 
     training = job.training
     eval_every = job.has_eval and training.eval_steps is not None
     return SFTConfig(
-        output_dir=training.output_dir,
-        num_train_epochs=training.num_train_epochs,
-        max_steps=training.max_steps,
-        per_device_train_batch_size=training.per_device_train_batch_size,
-        per_device_eval_batch_size=training.per_device_eval_batch_size,
-        gradient_accumulation_steps=training.gradient_accumulation_steps,
-        learning_rate=training.learning_rate,
-        lr_scheduler_type=training.lr_scheduler_type,
+        **{name: getattr(training, name) for name in SAME_NAME},
         # transformers 5 reads a float in [0, 1) as a ratio of the total steps.
         warmup_steps=training.warmup_ratio,
-        weight_decay=training.weight_decay,
-        max_grad_norm=training.max_grad_norm,
-        optim=training.optim,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         activation_checkpointing=training.gradient_checkpointing,
-        logging_steps=training.logging_steps,
         logging_first_step=True,
         save_strategy="steps",
-        save_steps=training.save_steps,
-        save_total_limit=training.save_total_limit,
         # eval_steps: null -> one evaluation at the end (the workflow runs it), not during training.
         eval_strategy="steps" if eval_every else "no",
         eval_steps=training.eval_steps if eval_every else None,
         report_to=report_integrations(training.report_to),
-        seed=training.seed,
         data_seed=training.seed,
         full_determinism=device.deterministic_kernels(),
-        dataloader_num_workers=training.dataloader_num_workers,
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=False,
-        packing=training.packing,
-        padding_free=training.padding_free,
-        pad_to_multiple_of=training.pad_to_multiple_of,
         max_length=job.max_length,
     )
