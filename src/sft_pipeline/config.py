@@ -112,6 +112,9 @@ class TrainingConfig(_Section):
     report_to: str | list[str] = "none"
     seed: int = 42
     num_processes: int = Field(1, gt=0)
+    # An accelerate config file (FSDP2, DeepSpeed ZeRO, several machines) for num_processes > 1;
+    # null: plain DDP on this machine.
+    accelerate_config: str | None = None
     dataloader_num_workers: int = Field(0, ge=0)
 
 

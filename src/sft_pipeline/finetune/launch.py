@@ -7,7 +7,17 @@
       read work/result  <--------------------------  rank 0 writes adapter, history, summary
 
 The output folder is prepared once, before the launch, so the processes never clean it
-concurrently.
+concurrently. Every process reads the same saved data; accelerate's data loader gives rank r the
+r-th per-device slice of each global batch, so N processes x batch b see the rows one process x
+batch N*b sees, and the loss is normalized by the supervised tokens of all N slices.
+
+Without `training.accelerate_config` the launch is plain DDP on this machine (`--multi_gpu`:
+torchrun-style processes, NCCL on GPUs). On a CPU, `--cpu` would start a single process (it
+picks accelerate's one-process launcher), so the processes are started the same way and told
+`ACCELERATE_USE_CPU=true`, which makes accelerate join them with gloo. A user's config file
+(FSDP2, DeepSpeed, several machines) is passed through; only the process count comes from
+`training.num_processes`. Worker machines of a multi-node run start `main` with `--wait` (see
+docs/distributed.md): they wait for this machine's job folder.
 """
 
 from __future__ import annotations
@@ -18,35 +28,52 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from sft_pipeline import device
+from sft_pipeline.atomic import write_text
 from sft_pipeline.finetune import run_state
 from sft_pipeline.finetune.job import TrainJob
 from sft_pipeline.finetune.workflow import FolderArtifact, Result, train_here
 
 log = logging.getLogger(__name__)
 PREPARED_FILE = "prepared.json"
+# accelerate config `distributed_type`s that name a launcher of their own; any other one (NO,
+# MULTI_CPU, MULTI_GPU) still needs `--multi_gpu` to start more than one process.
+_OWN_LAUNCHER = ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA")
+WAIT_TIMEOUT_S = float(os.environ.get("SFT_PIPELINE_LAUNCH_WAIT_S", "3600"))
 
 
-def accelerate_command(work: Path, num_processes: int) -> list[str]:
-    """The `accelerate launch` command that runs `main(work)` in `num_processes` processes.
+def accelerate_command(
+    work: Path, num_processes: int, config_file: str | os.PathLike | None = None
+) -> list[str]:
+    """The `accelerate launch` command that runs `main(work)` in `num_processes` processes."""
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    command += ["--num_processes", str(num_processes)]
+    distributed_type = None
+    if config_file is not None:
+        import yaml
 
-    A user's accelerate config (DDP, FSDP, DeepSpeed) applies as usual; only the process count
-    comes from `training.num_processes`.
-    """
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        str(num_processes),
-        "--num_machines",
-        "1",
-        "--module",
-        "sft_pipeline.finetune.launch",
-        str(work),
-    ]
+        config = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
+        distributed_type = str(config.get("distributed_type") or "NO").upper()
+        command += ["--config_file", str(config_file)]
+    else:
+        # One machine; port 0: accelerate picks a free port, so two runs never collide.
+        command += ["--num_machines", "1", "--main_process_port", "0"]
+        command += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    if distributed_type not in _OWN_LAUNCHER:
+        command.append("--multi_gpu")
+    return [*command, "--module", "sft_pipeline.finetune.launch", str(work)]
+
+
+def launch_environment() -> dict[str, str]:
+    """The launch's environment: on a CPU, accelerate joins the processes with gloo."""
+    env = dict(os.environ)
+    if not device.on_cuda():
+        env["ACCELERATE_USE_CPU"] = "true"
+    return env
 
 
 def train_in_processes(job: TrainJob) -> Result:
@@ -60,10 +87,11 @@ def train_in_processes(job: TrainJob) -> Result:
         "fingerprint": fingerprint,
         "resume_from": str(resume_from) if resume_from else None,
     }
-    (work / PREPARED_FILE).write_text(json.dumps(prepared, indent=2))
-    command = accelerate_command(work, job.training.num_processes)
+    # Written last and atomically: worker machines start training when it appears.
+    write_text(work / PREPARED_FILE, json.dumps(prepared, indent=2))
+    command = accelerate_command(work, job.training.num_processes, job.training.accelerate_config)
     log.info("launching: %s", " ".join(command))
-    subprocess.run(command, check=True)
+    subprocess.run(command, check=True, env=launch_environment())
     result = work / "result"
     history = json.loads((result / "history.json").read_text())
     summary = json.loads((result / "summary.json").read_text())
@@ -71,9 +99,17 @@ def train_in_processes(job: TrainJob) -> Result:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of each `accelerate launch` process: train the job saved in `work`."""
-    (work,) = argv if argv is not None else sys.argv[1:]
+    """Entry point of each `accelerate launch` process: train the job saved in `work`.
+
+    `--wait WORK` (worker machines of a multi-node run): first wait until the machine running
+    the pipeline has written a job there, newer than this process.
+    """
+    args = list(argv if argv is not None else sys.argv[1:])
+    wait = "--wait" in args
+    (work,) = [a for a in args if a != "--wait"]
     work = Path(work)
+    if wait:
+        wait_for_job(work, since=time.time())
     job = TrainJob.load(work)
     prepared = json.loads((work / PREPARED_FILE).read_text())
     resume_from = Path(prepared["resume_from"]) if prepared["resume_from"] else None
@@ -83,6 +119,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         artifact.save_pretrained(result / "adapter")
         (result / "history.json").write_text(json.dumps(history, indent=2))
         (result / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def wait_for_job(work: Path, since: float, timeout_s: float = WAIT_TIMEOUT_S) -> None:
+    """Block until `work/prepared.json` exists and was written after `since` (not a stale run)."""
+    marker = work / PREPARED_FILE
+    deadline = time.time() + timeout_s
+    while not (marker.is_file() and marker.stat().st_mtime >= since - 1):
+        if time.time() > deadline:
+            raise TimeoutError(
+                f"{marker}: no job written there within {timeout_s:.0f} s; start the pipeline on "
+                "the main machine (machine_rank 0) with the same training.output_dir on a "
+                "shared filesystem"
+            )
+        time.sleep(2)
 
 
 if __name__ == "__main__":

@@ -168,6 +168,11 @@ def summarise(
         # This invocation only: a resumed run's earlier sessions are in `history`.
         "train_runtime_s": result.metrics.get("train_runtime"),
         "tokens_seen": trainer.state.num_input_tokens_seen,
+        "num_processes": args.world_size,
+        # Rows per optimizer step over all processes: what a one-process run must use to match.
+        "global_batch_size": args.per_device_train_batch_size
+        * args.gradient_accumulation_steps
+        * args.world_size,
         "trainable_params": int(trainable),
         "total_params": int(total),
         "max_length": job.max_length,

@@ -29,7 +29,9 @@ DEFAULT_CHUNK_SIZE = 512
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PEFT wrapper (LoRA layers stay injected in it)."""
+    """The transformers model inside DDP and PEFT wrappers (LoRA layers stay injected in it)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
