@@ -2,18 +2,49 @@
 
 kedro-datasets' own classes write straight to the target path, so an interrupted save leaves a
 truncated file that DVC and the next run would take as complete; these write via `atomic_path`.
+
+Each also implements kedro-viz's preview protocol: a `preview()` method whose return annotation
+names the kind kedro-viz renders (`kedro viz run`, `kedro viz build --include-previews`):
+records, texts and tokens as tables of their first rows, JSON reports as JSON, plots as an
+image, model folders as their manifest, the run report as HTML. kedro-viz reads the annotation's
+name, so these stay the plain names from `kedro_datasets._typing`.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from kedro.io import AbstractDataset
+from kedro_datasets._typing import HTMLPreview, ImagePreview, JSONPreview, TablePreview
 
 from sft_pipeline.atomic import atomic_path, write_text
+
+# A preview cell longer than this is cut: a table row should fit on a screen.
+PREVIEW_CELL_CHARS = 300
+
+
+def _cell(value: Any) -> Any:
+    """A JSON-able, short table cell (nested values as compact JSON)."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= PREVIEW_CELL_CHARS else text[: PREVIEW_CELL_CHARS - 1] + "…"
+
+
+def table_preview(rows: pd.DataFrame) -> dict[str, Any]:
+    """kedro-viz's table payload (pandas' `split` orientation) with shortened cells."""
+    return {
+        "index": list(range(len(rows))),
+        "columns": [str(c) for c in rows.columns],
+        "data": [[_cell(v) for v in row] for row in rows.itertuples(index=False)],
+    }
 
 
 class _FileDataset(AbstractDataset):
@@ -38,6 +69,14 @@ class ParquetDataset(_FileDataset):
         with atomic_path(self._filepath) as tmp:
             data.to_parquet(tmp, index=False)
 
+    def preview(self, nrows: int = 5) -> TablePreview:
+        import pyarrow.parquet as pq
+
+        batches = pq.ParquetFile(self._filepath).iter_batches(batch_size=nrows)
+        first = next(batches, None)
+        rows = first.to_pandas() if first is not None else pd.DataFrame()
+        return TablePreview(table_preview(rows.head(nrows)))
+
 
 class JSONLinesDataset(_FileDataset):
     """A list of dicts (or a DataFrame) as JSON Lines, one UTF-8 object per line."""
@@ -50,6 +89,16 @@ class JSONLinesDataset(_FileDataset):
         rows = data.to_dict(orient="records") if isinstance(data, pd.DataFrame) else data
         write_text(self._filepath, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
+    def preview(self, nrows: int = 5) -> TablePreview:
+        rows = []
+        with self._filepath.open(encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    rows.append(json.loads(line))
+                if len(rows) >= nrows:
+                    break
+        return TablePreview(table_preview(pd.DataFrame(rows)))
+
 
 class JSONDataset(_FileDataset):
     """A JSON document, pretty-printed with sorted keys so diffs and hashes are stable."""
@@ -59,6 +108,9 @@ class JSONDataset(_FileDataset):
 
     def save(self, data: Any) -> None:
         write_text(self._filepath, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    def preview(self) -> JSONPreview:
+        return JSONPreview(self._filepath.read_text(encoding="utf-8"))
 
 
 class ArrowDataset(_FileDataset):
@@ -72,6 +124,14 @@ class ArrowDataset(_FileDataset):
     def save(self, data) -> None:
         with atomic_path(self._filepath, is_dir=True) as tmp:
             data.save_to_disk(str(tmp))
+
+    def preview(self, nrows: int = 5) -> TablePreview:
+        dataset = self.load()
+        rows = dataset.select(range(min(nrows, len(dataset)))).to_pandas()
+        for column in ("input_ids", "labels"):
+            if column in rows:
+                rows.insert(0, f"{column}_length", [len(v) for v in rows[column]])
+        return TablePreview(table_preview(rows))
 
 
 class ModelFolderDataset(_FileDataset):
@@ -90,6 +150,20 @@ class ModelFolderDataset(_FileDataset):
         with atomic_path(self._filepath, is_dir=True) as tmp:
             data.save_pretrained(tmp)
 
+    def preview(self) -> JSONPreview:
+        """The folder's files and sizes, with its manifest or model config when it has one."""
+        files = {
+            p.relative_to(self._filepath).as_posix(): p.stat().st_size
+            for p in sorted(self._filepath.rglob("*"))
+            if p.is_file()
+        }
+        shown: dict[str, Any] = {"files": files}
+        for name in ("manifest.json", "adapter_config.json", "config.json"):
+            if name in files:
+                shown[name] = json.loads((self._filepath / name).read_text(encoding="utf-8"))
+                break
+        return JSONPreview(json.dumps(shown, indent=2))
+
 
 class PNGFolderDataset(_FileDataset):
     """A folder of PNG plots: `save` takes {name: matplotlib Figure}."""
@@ -105,3 +179,36 @@ class PNGFolderDataset(_FileDataset):
                 # No timestamp in the metadata: the same figure gives the same bytes.
                 figure.savefig(tmp / f"{name}.png", dpi=100, metadata={"Software": None})
                 plt.close(figure)
+
+    def preview(self) -> ImagePreview:
+        """Every plot of the folder, stacked top to bottom into one PNG (base64)."""
+        import matplotlib.image as mpimg
+        import numpy as np
+
+        images = [mpimg.imread(path) for path in self.load().values()]
+        if not images:
+            raise FileNotFoundError(f"{self._filepath} holds no PNG")
+        images = [
+            img if img.shape[2] == 4 else np.dstack([img, np.ones(img.shape[:2])]) for img in images
+        ]
+        width = max(img.shape[1] for img in images)
+        padded = [
+            np.pad(img, ((0, 0), (0, width - img.shape[1]), (0, 0)), constant_values=1.0)
+            for img in images
+        ]
+        buffer = io.BytesIO()
+        mpimg.imsave(buffer, np.concatenate(padded), format="png")
+        return ImagePreview(base64.b64encode(buffer.getvalue()).decode("ascii"))
+
+
+class HTMLDataset(_FileDataset):
+    """An HTML page (UTF-8 text), such as the self-contained run report."""
+
+    def load(self) -> str:
+        return self._filepath.read_text(encoding="utf-8")
+
+    def save(self, data: str) -> None:
+        write_text(self._filepath, data)
+
+    def preview(self) -> HTMLPreview:
+        return HTMLPreview(self.load())
