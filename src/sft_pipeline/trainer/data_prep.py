@@ -300,7 +300,13 @@ class _Formatter:
         self.func = func
         try:
             self.batched = not isinstance(func(first), str)
-        except (TypeError, KeyError, IndexError, AttributeError):
+        except Exception as row_error:
+            # A batch function indexing a row's strings as lists: it must work on a batch of one,
+            # else the function itself is broken and its own error is the one to see.
+            try:
+                func({key: [value] for key, value in first.items()})
+            except Exception:
+                raise row_error from None
             self.batched = True
 
     def __call__(self, rows: list[dict[str, Any]]) -> list[str]:
