@@ -59,6 +59,15 @@ def accelerate_command(
         config = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
         distributed_type = str(config.get("distributed_type") or "NO").upper()
         command += ["--config_file", str(config_file)]
+        if distributed_type in ("FSDP", "DEEPSPEED") and not device.on_cuda():
+            # accelerate's AcceleratorState turns FSDP on only for accelerator process groups
+            # (MULTI_GPU, MULTI_XPU, ...), never for MULTI_CPU: on a CPU the processes run DDP.
+            log.warning(
+                "training.accelerate_config asks for %s, which accelerate runs on GPUs only; on "
+                "this CPU the %d processes train as plain DDP (gloo)",
+                distributed_type,
+                num_processes,
+            )
     else:
         # One machine; port 0: accelerate picks a free port, so two runs never collide.
         command += ["--num_machines", "1", "--main_process_port", "0"]
