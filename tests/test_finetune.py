@@ -331,10 +331,24 @@ def test_checkpoints_of_a_different_run_are_not_resumed(base_model_dir, tokens, 
     assert history[0]["step"] == 1
 
 
+def write_checkpoint(output_dir: Path, step: int) -> Path:
+    """A complete checkpoint in the trainer's layout (tiny tensors), for resume-protocol tests."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = output_dir / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    save_file({"w": torch.arange(64, dtype=torch.float32)}, folder / "adapter_model.safetensors")
+    torch.save({"state": {}, "param_groups": []}, folder / "optimizer.pt")
+    torch.save({"last_epoch": step}, folder / "scheduler.pt")
+    torch.save({"cpu": torch.zeros(4, dtype=torch.uint8)}, folder / "rng_state.pth")
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return folder
+
+
 def test_parameters_that_do_not_change_weights_keep_checkpoints(tmp_path):
     output_dir = tmp_path / "ckpt"
-    (output_dir / "checkpoint-2").mkdir(parents=True)
-    (output_dir / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    write_checkpoint(output_dir, 2)
     (output_dir / "checkpoint-4").mkdir()  # interrupted while saving: no trainer_state.json
     fingerprint = {"fingerprint": "abc", "params": {}}
     (output_dir / FINGERPRINT_FILE).write_text(json.dumps(fingerprint))
@@ -343,6 +357,72 @@ def test_parameters_that_do_not_change_weights_keep_checkpoints(tmp_path):
     assert not (output_dir / "checkpoint-4").exists()
     assert prepare_output_dir(output_dir, fingerprint, "never") is None
     assert not (output_dir / "checkpoint-2").exists()
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda c: _truncate(c / "trainer_state.json"), "trainer_state.json is unreadable"),
+        (lambda c: (c / "trainer_state.json").write_text('{"global_step": 3}'), "step 4"),
+        (lambda c: (c / "adapter_model.safetensors").unlink(), "no weights"),
+        (lambda c: _truncate(c / "adapter_model.safetensors"), "is truncated"),
+        (lambda c: _truncate(c / "optimizer.pt"), "optimizer.pt is truncated"),
+        (lambda c: (c / "scheduler.pt").unlink(), "scheduler.pt is missing"),
+        (lambda c: (c / "rng_state.pth").unlink(), "no rng_state"),
+    ],
+)
+def test_a_corrupt_last_checkpoint_is_skipped_for_the_one_before(damage, reason, tmp_path, caplog):
+    output_dir = tmp_path / "ckpt"
+    write_checkpoint(output_dir, 2)
+    damage(write_checkpoint(output_dir, 4))
+    fingerprint = {"fingerprint": "abc", "params": {}}
+    (output_dir / FINGERPRINT_FILE).write_text(json.dumps(fingerprint))
+
+    with caplog.at_level(logging.WARNING, logger="sft_pipeline.finetune.run_state"):
+        resume_from = prepare_output_dir(output_dir, fingerprint, "auto")
+    assert resume_from == output_dir / "checkpoint-2"
+    assert f"skipping incomplete checkpoint {output_dir / 'checkpoint-4'}: " in caplog.text
+    assert reason in caplog.text
+    assert not (output_dir / "checkpoint-4").exists()
+
+
+def test_a_truncated_fingerprint_or_a_killed_write_does_not_break_the_next_run(tmp_path, caplog):
+    output_dir = tmp_path / "ckpt"
+    write_checkpoint(output_dir, 2)
+    fingerprint = {"fingerprint": "abc", "params": {"lr": 1}}
+    (output_dir / FINGERPRINT_FILE).write_text(json.dumps(fingerprint)[:10])
+    leftover = output_dir / f".{FINGERPRINT_FILE}.tmp-x1y2"
+    leftover.write_text("{")
+
+    with caplog.at_level(logging.WARNING, logger="sft_pipeline.finetune.run_state"):
+        assert prepare_output_dir(output_dir, fingerprint, "auto") is None
+    assert "unreadable" in caplog.text
+    assert not leftover.exists()
+    assert not (output_dir / "checkpoint-2").exists()  # of an unknown run: not resumed
+    assert json.loads((output_dir / FINGERPRINT_FILE).read_text()) == fingerprint
+
+
+def test_length_grouped_order_depends_only_on_seed_and_epoch():
+    import torch
+
+    from sft_pipeline.trainer.sft_trainer import SeededLengthGroupedSampler
+
+    lengths = [3, 9, 4, 12, 5, 7, 8, 2, 11, 6, 10, 1] * 2
+    sampler = SeededLengthGroupedSampler(4, lengths, seed=42)
+    first = list(sampler)
+    torch.manual_seed(123)  # the global RNG plays no part
+    assert list(sampler) == first
+    assert sorted(first) == list(range(len(lengths)))
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert second != first
+    other = SeededLengthGroupedSampler(4, lengths, seed=42)
+    other.set_epoch(1)
+    assert list(other) == second  # a resumed run (a new sampler) replays epoch 1
 
 
 def test_auto_quantization_is_qlora_on_cuda_and_full_precision_on_cpu(monkeypatch):
