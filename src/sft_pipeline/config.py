@@ -7,9 +7,13 @@ more than one section (`training_method`) live here too.
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+# Seeds go to numpy, whose seeds are 32-bit unsigned integers.
+SEED_MAX = 2**32 - 1
 
 
 class ConfigError(ValueError):
@@ -31,7 +35,7 @@ class DataConfig(_Section):
     # conversations, text) to the dataset's column names.
     columns: dict[str, str] = Field(default_factory=dict)
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=SEED_MAX)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -87,7 +91,8 @@ class LoraConfig(_Section):
 class TrainingConfig(_Section):
     output_dir: str = "data/06_models/checkpoints"
     num_train_epochs: float = Field(1.0, gt=0)
-    max_steps: int = -1
+    # -1: train num_train_epochs; otherwise this many optimizer steps.
+    max_steps: int = Field(-1, ge=-1)
     per_device_train_batch_size: int = Field(8, gt=0)
     per_device_eval_batch_size: int = Field(8, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
@@ -103,19 +108,27 @@ class TrainingConfig(_Section):
     # Without packing: each batch's rows re-packed into rows of at most max_length tokens
     # (same rows and loss per step, no compute on padding).
     padding_free: bool = False
-    pad_to_multiple_of: int | None = 8
+    pad_to_multiple_of: int | None = Field(8, gt=0)
     logging_steps: int = Field(1, gt=0)
     save_steps: int = Field(50, gt=0)
-    save_total_limit: int | None = 2
-    eval_steps: int | None = None
+    # null: keep every checkpoint.
+    save_total_limit: int | None = Field(2, gt=0)
+    eval_steps: int | None = Field(None, gt=0)
     resume: Literal["auto", "never"] = "auto"
     report_to: str | list[str] = "none"
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=SEED_MAX)
     num_processes: int = Field(1, gt=0)
     # An accelerate config file (FSDP2, DeepSpeed ZeRO, several machines) for num_processes > 1;
     # null: plain DDP on this machine.
     accelerate_config: str | None = None
     dataloader_num_workers: int = Field(0, ge=0)
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps_or_epochs(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("0 trains nothing; expected -1 (train num_train_epochs) or >= 1")
+        return value
 
 
 Method = Literal["qlora", "lora", "full"]
@@ -208,16 +221,45 @@ _S = TypeVar("_S", bound=BaseModel)
 
 
 def parse_section(model: type[_S], values: dict[str, Any] | None, key: str) -> _S:
-    """Parse one parameter section, re-raising pydantic's errors with `key.path` and hints."""
+    """Parse one parameter section, re-raising pydantic's errors with `key.path` and hints.
+
+    `key` "" parses the whole parameter tree (`SFTParameters`): paths then start at the section.
+    """
     try:
         return model.model_validate(values or {})
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            path = ".".join([key, *(str(p) for p in err["loc"])])
+            loc = [str(p) for p in err["loc"]]
+            path = ".".join([key, *loc] if key else loc)
             hint = ""
             if err["type"] == "extra_forbidden":
-                allowed = sorted(f.alias or n for n, f in model.model_fields.items())
-                hint = f" (allowed keys: {', '.join(allowed)})"
+                allowed = _allowed_keys(model, loc[:-1])
+                close = difflib.get_close_matches(loc[-1], allowed, n=1)
+                hint = f" (did you mean `{close[0]}`?)" if close else ""
+                hint += f" (allowed keys: {', '.join(allowed)})"
             problems.append(f"  {path}: {err['msg']}{hint}")
-        raise ConfigError(f"invalid parameters in `{key}`:\n" + "\n".join(problems)) from None
+        where = f" in `{key}`" if key else ""
+        raise ConfigError(f"invalid parameters{where}:\n" + "\n".join(problems)) from None
+
+
+def _allowed_keys(model: type[BaseModel], loc: list[str]) -> list[str]:
+    """The keys of the section at `loc` below `model` (the model of an unknown key's parent)."""
+    for part in loc:
+        fields = {f.alias or n: f for n, f in model.model_fields.items()}
+        inner = getattr(fields.get(part), "annotation", None)
+        if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
+            return []
+        model = inner
+    return sorted(f.alias or n for n, f in model.model_fields.items())
+
+
+def validate_parameters(values: dict[str, Any] | None) -> SFTParameters:
+    """The whole parameter tree, checked at once: every section, and no unknown top-level key.
+
+    A node reads only its own keys, so a misspelt section (`trainig:`) would otherwise run the
+    defaults without a word.
+    """
+    params = parse_section(SFTParameters, values, "")
+    training_method(params.quantization, params.lora)  # rules across sections
+    return params
