@@ -2,7 +2,7 @@
 
 from kedro.config import OmegaConfigLoader
 
-from sft_pipeline.hooks import ArtifactPaths
+from sft_pipeline.hooks import ArtifactPaths, RunGuard
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
@@ -13,4 +13,5 @@ CONFIG_LOADER_ARGS = {
     "merge_strategy": {"parameters": "soft"},
 }
 
-HOOKS = (ArtifactPaths(),)
+# RunGuard: parameters checked, the run lock taken, leftovers removed before any node.
+HOOKS = (ArtifactPaths(), RunGuard())
