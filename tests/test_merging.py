@@ -206,10 +206,10 @@ def test_adapter_trained_on_4bit_base_merges_into_full_precision(lora_setup, tmp
     summary = {"method": "qlora", "train_loss": 2.0, "train_runtime_s": 1.234}
     merged = merge(base_dir, adapter_dir, DataConfig(), summary)
 
-    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.model.modules())
-    assert all(p.dtype == torch.float32 for p in merged.model.parameters())
     merged.save_pretrained(tmp_path / "merged")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in reloaded.modules())
+    assert all(p.dtype == torch.float32 for p in reloaded.parameters())
     with torch.inference_mode():
         got = reloaded(IDS).logits
     assert torch.allclose(got, peft_logits(base_dir, adapter_dir), atol=1e-4, rtol=0)

@@ -85,6 +85,9 @@ def prepare_base_model(cfg: ModelConfig) -> BaseModelFolder:
         "trust_remote_code": cfg.trust_remote_code,
         "attn_implementation": cfg.attn_implementation,
         "tokenizer": _describe_tokenizer(tokenizer),
+        # A checkpoint that exists only in 4-bit: training loads it as it is (QLoRA), merging
+        # dequantizes it.
+        "quantization": prequantized(config),
     }
     log.info(
         "base model %s: %s from %s (%s parameters, %s)",
@@ -95,6 +98,35 @@ def prepare_base_model(cfg: ModelConfig) -> BaseModelFolder:
         stored_dtype,
     )
     return BaseModelFolder(manifest=manifest, source_dir=folder, copy_weights=copy_weights)
+
+
+def prequantized(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The bitsandbytes 4-bit settings a checkpoint was saved with, or None for a plain one.
+
+    Other quantizations (8-bit, GPTQ, AWQ, ...) are refused: the pipeline can neither train on
+    nor merge into them.
+    """
+    quant = config.get("quantization_config")
+    if not quant:
+        return None
+    method = quant.get("quant_method")
+    if method == "bitsandbytes" and quant.get("load_in_4bit"):
+        return {
+            "method": "bitsandbytes-4bit",
+            "quant_type": quant.get("bnb_4bit_quant_type", "fp4"),
+            "double_quant": bool(quant.get("bnb_4bit_use_double_quant")),
+            "compute_dtype": quant.get("bnb_4bit_compute_dtype"),
+        }
+    raise ModelResolutionError(
+        f"model.name_or_path: a {method} checkpoint"
+        f"{' (8-bit)' if quant.get('load_in_8bit') else ''}; only full-precision or "
+        "bitsandbytes 4-bit checkpoints can be fine-tuned and merged"
+    )
+
+
+def resolve_weights_folder(name_or_path: str, revision: str | None = None) -> Path:
+    """The local folder holding the safetensors of a model name (hub id, folder or .gguf)."""
+    return _resolve(ModelConfig(name_or_path=name_or_path, revision=revision))[1]
 
 
 # --- resolution ---------------------------------------------------------------------------------

@@ -157,6 +157,13 @@ def training_method(quant: QuantizationConfig, lora: LoraConfig) -> Method:
     return "full"
 
 
+class MergeConfig(_Section):
+    # Full-precision weights (hub id, folder or .gguf) to merge the adapter into instead of the
+    # base's own: for a pre-quantized 4-bit base, its original. null: the base's own weights
+    # (dequantized when they exist only in 4-bit).
+    base_model: str | None = None
+
+
 class EvaluationConfig(_Section):
     max_samples: int = Field(50, ge=0)
     max_new_tokens: int = Field(64, gt=0)
@@ -206,6 +213,7 @@ class SFTParameters(_Section):
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)

@@ -72,9 +72,9 @@ def merge(
     data_cfg: DataConfig,
     training_summary: dict[str, Any],
     template_cfg: TemplateConfig | None = None,
+    merge_base: str | None = None,
 ) -> MergedModel:
-    import torch
-
+    """The merged model; `merge_base` (`merge.base_model`) names other weights to merge into."""
     from sft_pipeline.templating import trained_template
 
     base_model_dir, adapter_dir = Path(base_model_dir), Path(adapter_dir)
@@ -92,14 +92,12 @@ def merge(
     adapter_config: dict[str, Any] = {}
     if kind == "peft":
         adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text("utf-8"))
-        model = merge_adapter(base_model_dir, adapter_dir, len(tokenizer))
-        # Merge in fp32, then store in the base's own dtype (fp32 for the GGUF default).
-        target = manifest.get("dtype") or "float32"
-        model = model.to(getattr(torch, target))
+        model, merged_into = merge_weights(base_model_dir, adapter_dir, len(tokenizer), merge_base)
     else:
         from transformers import AutoModelForCausalLM
 
         log.info("%s holds a full model (full fine-tuning): passing it through", adapter_dir)
+        merged_into = None
         model = AutoModelForCausalLM.from_pretrained(
             str(adapter_dir),
             use_safetensors=True,
@@ -118,8 +116,57 @@ def merge(
         tokenizer,
         system_prompt=template_cfg.system_prompt if template_cfg else None,
         trained_template=template,
+        merged_into=merged_into,
     )
     return MergedModel(model=model.eval(), tokenizer=tokenizer, model_card=card)
+
+
+def merge_weights(
+    base_model_dir: Path, adapter_dir: Path, vocab_size: int, merge_base: str | None = None
+):
+    """(merged model, the weights it was merged into, for the model card).
+
+    Shard by shard (`sft_pipeline.shard_merge`: one shard in memory, the checkpoint's dtype and
+    layout) into the base's own checkpoint, dequantized when it exists only in 4-bit, or into
+    `merge_base`. Adapters only PEFT can merge go through `merge_adapter` (whole model, fp32).
+    """
+    import torch
+
+    from sft_pipeline import shard_merge
+    from sft_pipeline.base_model import resolve_weights_folder
+
+    manifest = read_manifest(base_model_dir)
+    prequantized = bool(manifest.get("quantization"))
+    if merge_base:
+        weights = resolve_weights_folder(merge_base)
+        merged_into = f"the full-precision weights of `{merge_base}` (merge.base_model)"
+    else:
+        weights = shard_merge.local_weights_folder(base_model_dir)
+        merged_into = (
+            "the dequantized 4-bit weights of the pre-quantized base, the weights the adapter "
+            "was trained against"
+            if prequantized
+            else "the base weights, in their stored dtype"
+        )
+    try:
+        model = shard_merge.ShardwiseMerge(
+            weights, adapter_dir, trust_remote_code=trust_remote_code(base_model_dir)
+        )
+    except shard_merge.NotShardwise as exc:
+        if prequantized and not merge_base:
+            raise ValueError(
+                f"{adapter_dir}: cannot merge into the pre-quantized base ({exc}); set "
+                "merge.base_model to its full-precision original"
+            ) from None
+        log.warning("merging the whole model with PEFT (in fp32 memory): %s", exc)
+        model = merge_adapter(weights if merge_base else base_model_dir, adapter_dir, vocab_size)
+        stored = manifest.get("stored_dtype") or manifest.get("dtype") or "float32"
+        return model.to(getattr(torch, stored)), merged_into
+    if vocab_size > model.vocab_size:
+        # The trainer added tokens (e.g. a pad token): the merged embeddings need their rows.
+        model.resize_token_embeddings(vocab_size)
+    log.info("merging shard by shard into %s (%s)", weights, merged_into)
+    return model, merged_into
 
 
 def merge_adapter(base_model_dir: Path, adapter_dir: Path, vocab_size: int):
@@ -277,6 +324,7 @@ def model_card(
     tokenizer,
     system_prompt: str | None = None,
     trained_template: tuple[str, str] | None = None,
+    merged_into: str | None = None,
 ) -> str:
     """README.md with YAML front-matter; deterministic for the same inputs (no timestamps)."""
     # Wall-clock fields differ on every run; leaving them out keeps the card reproducible.
@@ -289,8 +337,9 @@ def model_card(
     lines = [
         f"# {base} fine-tuned with sft-pipeline ({method})",
         "",
-        "A standalone model: the adapter is merged into the full-precision base weights, so no"
-        " PEFT or sft-pipeline code is needed to load it.",
+        "A standalone model: the adapter is merged into "
+        + (merged_into or "the full-precision base weights")
+        + ", so no PEFT or sft-pipeline code is needed to load it.",
         "",
         "## Base model",
         "",
@@ -301,6 +350,8 @@ def model_card(
         lines.append(f"| {key} | {_format(manifest.get(key))} |")
     lines.append(f"| parameters | {manifest.get('num_parameters', 0):,} |")
     lines.append(f"| dtype | {_format(manifest.get('dtype'))} |")
+    if manifest.get("quantization"):
+        lines.append(f"| pre-quantized | {_format(json.dumps(manifest['quantization']))} |")
     paths = data_cfg.path if isinstance(data_cfg.path, list) else [data_cfg.path]
     lines += [
         "",

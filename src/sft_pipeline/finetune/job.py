@@ -56,6 +56,17 @@ class TrainJob:
     def for_this_device(self) -> TrainJob:
         """The job with `load_in_4bit: auto` decided (`sft_pipeline.device`) and checked."""
         quant = self.quantization
+        if _base_is_prequantized(self.base_model_dir):
+            # The checkpoint holds only 4-bit codes: QLoRA on them is the one method there is.
+            if not self.lora.enabled or quant.load_in_4bit is False:
+                from sft_pipeline.config import ConfigError
+
+                raise ConfigError(
+                    f"{self.base_model_dir}: the base is a pre-quantized bitsandbytes 4-bit "
+                    "checkpoint, which trains only as QLoRA; set lora.enabled: true and "
+                    "quantization.load_in_4bit: auto or true (or use its full-precision original)"
+                )
+            quant = quant.model_copy(update={"load_in_4bit": True})
         if quant.load_in_4bit == "auto":
             chosen = device.use_4bit("auto", lora_enabled=self.lora.enabled)
             log.info(
@@ -102,6 +113,13 @@ class TrainJob:
             training=TrainingConfig.model_validate(spec["training"]),
             max_length=spec["max_length"],
         )
+
+
+def _base_is_prequantized(base_model_dir: Path) -> bool:
+    manifest = Path(base_model_dir) / "manifest.json"
+    if not manifest.is_file():
+        return False
+    return bool(json.loads(manifest.read_text(encoding="utf-8")).get("quantization"))
 
 
 def max_row_length(*datasets) -> int:
@@ -200,6 +218,8 @@ def build_sft_config(job: TrainJob, precision: device.Precision):
         data_seed=training.seed,
         full_determinism=device.deterministic_kernels(),
         include_num_input_tokens_seen="non_padding",
+        # Pinned host memory only speeds up copies to a GPU (on a CPU, torch warns per loader).
+        dataloader_pin_memory=device.on_cuda(),
         disable_tqdm=False,
         max_length=job.max_length,
     )

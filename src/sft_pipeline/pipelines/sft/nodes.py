@@ -136,6 +136,7 @@ def merge_adapter(
     data: dict[str, Any],
     template: dict[str, Any],
     training_summary: dict[str, Any],
+    merge_base_model: Any = None,  # str or None (MergeConfig checks it; no union for Kedro)
 ):
     from sft_pipeline.merging import merge
 
@@ -145,6 +146,7 @@ def merge_adapter(
         C.parse_section(C.DataConfig, data, "data"),
         training_summary,
         C.parse_section(C.TemplateConfig, template, "template"),
+        C.parse_section(C.MergeConfig, {"base_model": merge_base_model}, "merge").base_model,
     )
 
 

@@ -72,6 +72,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "params:data",
                     "params:template",
                     "training_summary",
+                    "params:merge.base_model",
                 ],
                 outputs="merged_model",
                 name="merge_adapter",
