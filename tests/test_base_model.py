@@ -117,7 +117,19 @@ def test_load_model_4bit_nf4(tiny_model_dir, tmp_path):
     assert layers[0].weight.quant_type == "nf4"
     assert layers[0].weight.quant_state.nested  # double quantization
     assert layers[0].compute_dtype == torch.float32
-    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+    # The 4-bit codes stand for the stored weights: dequantized, each layer is the original up
+    # to NF4's rounding error, and the model's logits follow the full-precision model's.
+    full = load_model(tmp_path / "base", dtype="float32")
+    full_layers = dict(full.named_modules())
+    for name, layer in model.named_modules():
+        if isinstance(layer, bnb.nn.Linear4bit):
+            weight = full_layers[name].weight
+            restored = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+            error = (restored - weight).abs().mean() / weight.abs().mean()
+            assert error < 0.15, (name, float(error))
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    got, want = model(ids).logits.flatten(), full(ids).logits.flatten()
+    assert torch.corrcoef(torch.stack([got, want]))[0, 1] > 0.95
 
 
 def test_pickle_weights_are_refused(tiny_model_dir, tmp_path):

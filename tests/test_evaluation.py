@@ -93,9 +93,15 @@ def test_evaluate_returns_finite_metrics_generations_and_plots(folders):
     texts, tokens = make_eval_data(AutoTokenizer.from_pretrained(merged))
     metrics, generations, plots = evaluate(base, merged, texts, tokens, HISTORY, TOKEN_STATS, CFG)
 
-    for model in ("base", "tuned", "delta"):
-        for key in (*LOSS_METRICS, *GENERATION_METRICS):
-            assert math.isfinite(metrics[f"{model}/{key}"]), f"{model}/{key}"
+    for key in (*LOSS_METRICS, *GENERATION_METRICS):
+        base_value, tuned_value = metrics[f"base/{key}"], metrics[f"tuned/{key}"]
+        assert metrics[f"delta/{key}"] == pytest.approx(tuned_value - base_value), key
+    for model in ("base", "tuned"):
+        assert metrics[f"{model}/perplexity"] == pytest.approx(
+            math.exp(metrics[f"{model}/eval_loss"])
+        )
+        for key in ("exact_match", "rouge_l", "stopped_by_eos", "mean_token_accuracy"):
+            assert 0.0 <= metrics[f"{model}/{key}"] <= 1.0, (model, key)
     assert metrics["num_eval_rows"] == len(PAIRS)
     assert metrics["num_generation_samples"] == CFG.max_samples
     assert metrics["num_supervised_tokens"] == sum(

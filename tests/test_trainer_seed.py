@@ -6,8 +6,7 @@ import pytest
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
-from sft_pipeline import SFTTrainer
-from sft_pipeline.trainer import config as trainer_config
+from sft_pipeline import SFTTrainer, device
 
 PAIRS = [
     {"prompt": f"What is {i} plus {i}?", "response": f"{i} plus {i} is {2 * i}."} for i in range(12)
@@ -29,7 +28,7 @@ def _args(tmp_path, **extra):
 
 @pytest.mark.parametrize("use_peft", [False, True])
 def test_seed_example(tmp_path, tiny_model_dir, use_peft, monkeypatch):
-    monkeypatch.setattr(trainer_config, "_WARNED", set())  # the warning is once per process
+    monkeypatch.setattr(device, "_WARNED", set())  # the warning is once per process
     model_dir = tiny_model_dir("llama")
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -135,20 +134,30 @@ def test_packing_through_the_constructor(tmp_path, tiny_model_dir):
     trainer.train()
 
 
-def test_lora_with_gradient_checkpointing_trains(tmp_path, tiny_model_dir):
+def test_lora_with_gradient_checkpointing_trains_exactly_as_without(tmp_path, tiny_model_dir):
     from peft import LoraConfig
 
     model_dir = tiny_model_dir("llama")
-    trainer = SFTTrainer(
-        model=str(model_dir),
-        train_dataset=Dataset.from_list(PAIRS),
-        peft_config=LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM"),
-        args=_args(tmp_path, max_steps=2, gradient_checkpointing=True),
-    )
-    assert trainer.args.activation_checkpointing_kwargs == {"use_reentrant": False}
-    trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert all(loss == loss for loss in losses)  # finite, not NaN
+    losses = {}
+    for checkpointing in (False, True):
+        trainer = SFTTrainer(
+            model=str(model_dir),
+            train_dataset=Dataset.from_list(PAIRS),
+            peft_config=LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM"),
+            args=_args(
+                tmp_path / str(checkpointing), max_steps=3, gradient_checkpointing=checkpointing
+            ),
+        )
+        if checkpointing:
+            assert trainer.args.activation_checkpointing_kwargs == {"use_reentrant": False}
+        trainer.train()
+        losses[checkpointing] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    # Recomputing activations in backward changes memory, not the loss: the first step is the
+    # same forward; later steps agree up to Adam amplifying float-rounding differences of
+    # near-zero gradients (LoRA's B starts at zero).
+    assert len(losses[True]) == 3
+    assert losses[True][0] == pytest.approx(losses[False][0], abs=1e-6)
+    assert losses[True] == pytest.approx(losses[False], rel=2e-3)
 
 
 def test_eval_on_packed_data_reports_token_weighted_metrics(tmp_path, tiny_model_dir):
