@@ -313,16 +313,17 @@ class ShardwiseMerge:
         import torch
 
         if name in self.adapter.replaced:
+            # A whole tensor from the adapter (a resized embedding may also carry a LoRA delta).
             stored = reader.meta(name)[0]
             dtypes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
             tensor = self.adapter.replaced[name].to(dtypes.get(stored, self.dtype))
+        elif name in self.quantized:
+            tensor = reader.dequantized(name).to(self.dtype)
         else:
-            tensor = reader.dequantized(name) if name in self.quantized else reader.get(name)
-            if tensor.is_floating_point() and name in self.quantized:
-                tensor = tensor.to(self.dtype)
-            delta = self.adapter.deltas.get(name)
-            if delta is not None:
-                tensor = delta.apply(tensor)
+            tensor = reader.get(name)
+        delta = self.adapter.deltas.get(name)
+        if delta is not None:
+            tensor = delta.apply(tensor)
         if name in self.embedding_keys and tensor.shape[0] < self.vocab_size:
             extra = self.vocab_size - tensor.shape[0]
             mean = tensor.to(torch.float32).mean(dim=0, keepdim=True).to(tensor.dtype)
