@@ -100,3 +100,51 @@ def test_sft_config_runs_what_the_rule_table_says(on, where, tmp_path):
     ran = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     assert ran == RULES[where, "fp16"]
     assert args.use_cpu
+
+
+@pytest.mark.parametrize(
+    ("fp32_s", "bf16_s", "expected"), [(1.0, 0.5, "bf16"), (1.0, 0.95, "fp32")]
+)
+def test_auto_on_a_bf16_cpu_picks_the_faster_training_step(monkeypatch, fp32_s, bf16_s, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda cpuinfo=None: True)
+    timed = []
+
+    def step_cost(precision):
+        timed.append(precision)
+        return {"fp32": fp32_s, "bf16": bf16_s}[precision]
+
+    assert device.resolve_precision("auto", step_cost=step_cost) == expected
+    assert sorted(timed) == ["bf16", "fp32"]
+
+
+def test_a_cpu_without_native_bf16_never_times_a_step(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda cpuinfo=None: False)
+    step_cost = lambda precision: pytest.fail("a step was timed")  # noqa: E731
+    assert device.resolve_precision("auto", step_cost=step_cost) == "fp32"
+
+
+def test_a_training_step_of_the_real_model_is_timed_in_both_precisions(tiny_model_dir, tmp_path):
+    from datasets import Dataset
+
+    from sft_pipeline.base_model import prepare_base_model
+    from sft_pipeline.config import LoraConfig, ModelConfig, QuantizationConfig, TrainingConfig
+    from sft_pipeline.finetune.job import TrainJob
+    from sft_pipeline.finetune.model_setup import step_seconds
+
+    prepare_base_model(ModelConfig(name_or_path=str(tiny_model_dir("llama")))).save_pretrained(
+        tmp_path / "base"
+    )
+    rows = Dataset.from_list([{"input_ids": [1, 2, 3, 4], "labels": [-100, 2, 3, 4]}] * 4)
+    job = TrainJob(
+        tmp_path / "base",
+        rows,
+        None,
+        QuantizationConfig(load_in_4bit=False),
+        LoraConfig(r=4, alpha=8),
+        TrainingConfig(per_device_train_batch_size=2, packing=False),
+        16,
+    )
+    for precision in ("fp32", "bf16"):
+        assert step_seconds(job, precision, repeats=1) > 0

@@ -11,11 +11,16 @@ kernels) and the model loaders. The rules form one table:
     CPU, native bf16| bf16 if faster | bf16              | bf16/fp32 (warned)| no
     CPU, emulated   | fp32           | bf16 (warned)     | fp32 (warned)     | no
 
-"native bf16" means the CPU reports AVX512-BF16 or AMX; "faster" is a short measurement made
-once per process, only on such CPUs. The 4-bit compute dtype `auto` follows the training
-precision (bf16 -> bfloat16, fp16 -> float16, fp32 -> float32), so the 4-bit matmuls and the
-rest of the model never disagree. bitsandbytes 4-bit works on CPU but is slower there than a
-full-precision base, hence `load_in_4bit: auto` picks it on CUDA only.
+"native bf16" means the CPU reports AVX512-BF16 or AMX; "faster" is measured only on such CPUs:
+by timing a training step of the actual model and batch shape in both precisions where the
+caller can give one (`step_cost`: the training workflow does), else by a matmul, once per
+process. bf16 can lose on a CPU that has it (casts between fp32 LoRA weights and a bf16 base,
+padded batches), so only a step of the real shape decides reliably.
+
+The 4-bit compute dtype `auto` follows the training precision (bf16 -> bfloat16, fp16 ->
+float16, fp32 -> float32), so the 4-bit matmuls and the rest of the model never disagree.
+bitsandbytes 4-bit works on CPU but is slower there than a full-precision base, hence
+`load_in_4bit: auto` picks it on CUDA only.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -100,10 +106,16 @@ def cpu_bf16_is_faster() -> bool:
     return faster
 
 
-def resolve_precision(requested: str, *, cuda: bool | None = None) -> Precision:
+def resolve_precision(
+    requested: str,
+    *,
+    cuda: bool | None = None,
+    step_cost: Callable[[Precision], float] | None = None,
+) -> Precision:
     """The precision that runs for a request (`auto`, `bf16`, `fp16`, `fp32`): the table above.
 
     A request this device cannot honour is replaced by the best one it can, with one warning.
+    `step_cost(precision)` -> seconds of one training step, for `auto` on a CPU with native bf16.
     """
     import torch
 
@@ -119,6 +131,8 @@ def resolve_precision(requested: str, *, cuda: bool | None = None) -> Precision:
             return "fp16"
         return requested  # type: ignore[return-value]
     if requested == "auto":
+        if step_cost is not None and cpu_has_native_bf16():
+            return faster_of_steps(step_cost)
         return "bf16" if cpu_bf16_is_faster() else "fp32"
     if requested == "bf16":
         # bf16 autocast always runs on CPU; it is only slow without native bf16 instructions.
@@ -133,6 +147,19 @@ def resolve_precision(requested: str, *, cuda: bool | None = None) -> Precision:
         )
         return "bf16" if use_bf16 else "fp32"
     raise ValueError(f"precision: expected auto, bf16, fp16 or fp32, got {requested!r}")
+
+
+def faster_of_steps(step_cost: Callable[[Precision], float]) -> Precision:
+    """bf16 when a training step in it takes under 0.9x the fp32 step (margin for timing noise)."""
+    seconds = {precision: step_cost(precision) for precision in ("fp32", "bf16")}
+    chosen: Precision = "bf16" if seconds["bf16"] < 0.9 * seconds["fp32"] else "fp32"
+    log.info(
+        "precision auto: one training step took %.3f s in fp32, %.3f s in bf16 -> %s",
+        seconds["fp32"],
+        seconds["bf16"],
+        chosen,
+    )
+    return chosen
 
 
 def torch_dtype(precision: str):

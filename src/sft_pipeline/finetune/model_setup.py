@@ -47,3 +47,39 @@ def count_parameters(model) -> tuple[int, int]:
         return model.get_nb_trainable_parameters()
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def step_seconds(job: TrainJob, precision: device.Precision, *, repeats: int = 2) -> float:
+    """Seconds of one forward + backward of the job's model on its batch shape, in `precision`.
+
+    The shape is what the trainer will run: `per_device_train_batch_size` rows of `max_length`
+    tokens when packing, of the mean row length otherwise. One warm-up step is not counted.
+    """
+    import time
+
+    import torch
+    from peft import get_peft_model
+
+    training = job.training
+    lengths = [
+        len(ids)
+        for ids in job.train_tokens.select(range(min(256, len(job.train_tokens))))["input_ids"]
+    ]
+    length = job.max_length if training.packing else max(2, round(sum(lengths) / len(lengths)))
+    model, peft_config = build_model(job, precision)
+    if peft_config is not None:
+        model = get_peft_model(model, peft_config)
+    model.train()
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (training.per_device_train_batch_size, length))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    timings = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        with autocast:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        timings.append(time.perf_counter() - start)
+    del model
+    return min(timings[1:])

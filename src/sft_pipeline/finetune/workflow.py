@@ -4,7 +4,7 @@ train(job)
   decide 4-bit for this device       TrainJob.for_this_device    (sft_pipeline.device)
   N processes? -> accelerate launch  launch.train_in_processes   (each runs train_here)
   train_here(job)
-    resolve precision                device.resolve_precision
+    resolve precision                device.resolve_precision (bf16 CPU: timed steps)
     prepare the run (resume)         run_state.prepare_run
     seed, tokenizer, model           model_setup.build_model
     build the trainer                SFTTrainer(build_sft_config(job, precision), ...)
@@ -14,6 +14,7 @@ train(job)
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -83,10 +84,13 @@ def train_here(
     """
     from transformers import set_seed
 
+    from sft_pipeline.finetune import tracking
     from sft_pipeline.model_loading import load_tokenizer
     from sft_pipeline.trainer import SFTTrainer
 
-    precision = device.resolve_precision(job.training.precision)
+    precision = device.resolve_precision(
+        job.training.precision, step_cost=functools.partial(model_setup.step_seconds, job)
+    )
     fingerprint, resume_from = prepared or run_state.prepare_run(job)
     # Seed before the model is built: LoRA's initial A matrices are random.
     set_seed(job.training.seed, deterministic=device.deterministic_kernels())
@@ -99,7 +103,11 @@ def train_here(
         eval_dataset=job.eval_tokens if job.has_eval else None,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=list(callbacks) or None,
+        callbacks=[
+            *callbacks,
+            *tracking.live_callbacks(job.training, resuming=resume_from is not None),
+        ]
+        or None,
     )
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if job.has_eval and not _evaluated_last_step(trainer):
