@@ -395,7 +395,7 @@ def main() -> None:
         "--bf16",
         choices=["auto", "yes", "no"],
         default="auto",
-        help="include bf16 systems (auto: only where bf16 matmuls beat fp32 here)",
+        help="include bf16 systems (auto: where the CPU has native bf16 or on a GPU)",
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--run-system", help=argparse.SUPPRESS)
@@ -474,11 +474,12 @@ def main() -> None:
 
 
 def _bf16_pays_off(torch) -> bool:
+    """bf16 rows where the hardware has bf16: a GPU, or a CPU with AVX512-BF16/AMX."""
     if torch.cuda.is_available():
         return True
-    from sft_pipeline.trainer.sft_config import cpu_bf16_is_faster
+    from sft_pipeline.device import cpu_has_native_bf16
 
-    return cpu_bf16_is_faster()
+    return cpu_has_native_bf16()
 
 
 if __name__ == "__main__":
