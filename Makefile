@@ -49,6 +49,7 @@ viz: setup
 bench: setup
 	$(BIN)/python benchmarks/trainer_throughput.py
 	$(BIN)/python benchmarks/dvc_overhead.py
+	$(BIN)/python benchmarks/merge_memory.py
 
 # Re-pin every transitive dependency after changing pyproject.toml (torch is pinned there).
 lock: setup
