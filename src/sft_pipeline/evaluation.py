@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sft_pipeline.config import EvaluationConfig
+from sft_pipeline.config import EvaluationConfig, QuantizationConfig
 from sft_pipeline.model_loading import load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,14 @@ def evaluate(
     training_history: list[dict[str, Any]],
     token_stats: dict[str, Any],
     cfg: EvaluationConfig,
+    base_quantization: QuantizationConfig | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
-    """-> (flat metrics, generations side by side, {name: matplotlib Figure})."""
+    """-> (flat metrics, generations side by side, {name: matplotlib Figure}).
+
+    One model is in memory at a time. `base_quantization` (the 4-bit settings when training was
+    QLoRA) loads the base in 4-bit on CUDA, as training held it, so evaluation needs no more
+    memory than training did.
+    """
     import torch
 
     samples = [row for row in eval_texts if row.get("prompt") and row.get("reference")]
@@ -60,7 +66,8 @@ def evaluate(
     for name, model_dir in (("base", Path(base_model_dir)), ("tuned", Path(merged_dir))):
         torch.manual_seed(0)
         tokenizer = merged_tokenizer if name == "tuned" else load_tokenizer(model_dir)
-        model = load_model(model_dir).eval()
+        quantization = base_quantization if name == "base" and _on_cuda() else None
+        model = load_model(model_dir, quantization=quantization).eval()
         loss = supervised_loss(model, eval_tokens, cfg.batch_size)
         generated = generate(model, tokenizer, [s["prompt"] for s in samples], stop_ids, cfg)
         scores = generation_scores(generated, [s["reference"] for s in samples])
@@ -90,6 +97,12 @@ def evaluate(
         "base_vs_tuned": plot_comparison(metrics),
     }
     return dict(sorted(metrics.items())), generations, plots
+
+
+def _on_cuda() -> bool:
+    from sft_pipeline.device import on_cuda
+
+    return on_cuda()
 
 
 def _eos_ids(model_dir: Path) -> list[int]:

@@ -158,9 +158,20 @@ def evaluate_model(
     training_history: list[dict[str, Any]],
     token_stats: dict[str, Any],
     evaluation: dict[str, Any],
+    training_summary: Any = None,  # dicts; no union annotation for Kedro's parameter check
+    quantization: Any = None,
 ):
     from sft_pipeline.evaluation import evaluate
 
+    # The base is evaluated as training held it: in 4-bit after QLoRA (on CUDA).
+    qlora = (training_summary or {}).get("method") == "qlora"
+    base_quantization = (
+        C.parse_section(C.QuantizationConfig, quantization, "quantization").model_copy(
+            update={"load_in_4bit": True}
+        )
+        if qlora
+        else None
+    )
     return evaluate(
         base_model,
         merged_model,
@@ -169,6 +180,7 @@ def evaluate_model(
         training_history,
         token_stats,
         C.parse_section(C.EvaluationConfig, evaluation, "evaluation"),
+        base_quantization,
     )
 
 

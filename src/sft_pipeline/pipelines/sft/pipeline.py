@@ -87,6 +87,8 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "training_history",
                     "token_stats",
                     "params:evaluation",
+                    "training_summary",
+                    "params:quantization",
                 ],
                 outputs=["metrics", "eval_generations", "evaluation_plots"],
                 name="evaluate_model",
