@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 run: setup
-	$(BIN)/kedro run --pipeline=sft
+	$(BIN)/kedro run --pipelines=sft
 
 test: setup
 	$(BIN)/pytest -q $(PYTEST_ARGS)

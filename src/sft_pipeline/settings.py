@@ -3,6 +3,7 @@
 from kedro.config import OmegaConfigLoader
 
 from sft_pipeline.hooks import ArtifactPaths, RunGuard
+from sft_pipeline.run_output import RunOutput
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
@@ -14,4 +15,5 @@ CONFIG_LOADER_ARGS = {
 }
 
 # RunGuard: parameters checked, the run lock taken, leftovers removed before any node.
-HOOKS = (ArtifactPaths(), RunGuard())
+# RunOutput: known third-party noise filtered; a run that evaluated ends with its result.
+HOOKS = (ArtifactPaths(), RunGuard(), RunOutput())

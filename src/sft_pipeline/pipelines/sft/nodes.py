@@ -17,7 +17,9 @@ from sft_pipeline import config as C
 log = logging.getLogger(__name__)
 
 
-def ingest_records(path: str | list[str], schema: str, columns: dict[str, str]) -> pd.DataFrame:
+# `path` is a str or a list of str (DataConfig checks it): a union annotation here would make
+# Kedro's typed-parameter check warn that it cannot validate unions, on every run.
+def ingest_records(path: Any, schema: str, columns: dict[str, str]) -> pd.DataFrame:
     from sft_pipeline.ingestion import ingest
 
     data = {"path": path, "schema": schema, "columns": columns}
@@ -181,6 +183,26 @@ def evaluate_model(
         token_stats,
         C.parse_section(C.EvaluationConfig, evaluation, "evaluation"),
         base_quantization,
+    )
+
+
+def report_run(
+    metrics: dict[str, Any],
+    training_history: list[dict[str, Any]],
+    training_summary: dict[str, Any],
+    token_stats: dict[str, Any],
+    validation_report: dict[str, Any],
+    eval_generations: list[dict[str, Any]],
+) -> str:
+    from sft_pipeline.report import render_report
+
+    return render_report(
+        metrics,
+        training_history,
+        training_summary,
+        token_stats,
+        validation_report,
+        eval_generations,
     )
 
 

@@ -94,6 +94,19 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="evaluate_model",
             ),
             node(
+                nodes.report_run,
+                inputs=[
+                    "metrics",
+                    "training_history",
+                    "training_summary",
+                    "token_stats",
+                    "validation_report",
+                    "eval_generations",
+                ],
+                outputs="run_report",
+                name="report_run",
+            ),
+            node(
                 nodes.export_model,
                 inputs=["merged_model", "params:export"],
                 outputs="exported_model",
