@@ -116,6 +116,8 @@ class TrainingConfig(_Section):
     eval_steps: int | None = Field(None, gt=0)
     resume: Literal["auto", "never"] = "auto"
     report_to: str | list[str] = "none"
+    # DVCLive's folder (report_to: dvclive): per-step metrics and plots that DVC reads.
+    live_dir: str = "data/08_reporting/dvclive"
     seed: int = Field(42, ge=0, le=SEED_MAX)
     num_processes: int = Field(1, gt=0)
     # An accelerate config file (FSDP2, DeepSpeed ZeRO, several machines) for num_processes > 1;

@@ -69,7 +69,9 @@ def evaluate(
         quantization = base_quantization if name == "base" and _on_cuda() else None
         model = load_model(model_dir, quantization=quantization).eval()
         loss = supervised_loss(model, eval_tokens, cfg.batch_size)
-        generated = generate(model, tokenizer, [s["prompt"] for s in samples], stop_ids, cfg)
+        generated = generate(
+            model, tokenizer, [s["prompt"] for s in samples], stop_ids, cfg, desc=name
+        )
         scores = generation_scores(generated, [s["reference"] for s in samples])
         metrics.update({f"{name}/{k}": v for k, v in {**loss, **scores}.items()})
         outputs[name] = generated
@@ -167,10 +169,21 @@ def supervised_loss(model, eval_tokens, batch_size: int) -> dict[str, float]:
 
 
 def generate(
-    model, tokenizer, prompts: list[str], stop_ids: list[int], cfg: EvaluationConfig
+    model,
+    tokenizer,
+    prompts: list[str],
+    stop_ids: list[int],
+    cfg: EvaluationConfig,
+    *,
+    desc: str = "",
 ) -> list[dict[str, Any]]:
-    """Greedy completions, batched with left padding; each {text, stopped, num_tokens}."""
+    """Greedy completions, batched with left padding; each {text, stopped, num_tokens}.
+
+    A progress bar (prompts done, per model: `desc`) shows on stderr: generation is the
+    longest part of an evaluation.
+    """
     import torch
+    from tqdm.auto import tqdm
 
     if not prompts:
         return []
@@ -180,7 +193,8 @@ def generate(
     # Longest prompts first reduces padding; results go back to the input order.
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
     by_index: dict[int, dict[str, Any]] = {}
-    with torch.inference_mode():
+    progress = tqdm(total=len(prompts), desc=f"generating {desc}".strip(), unit="prompt")
+    with torch.inference_mode(), progress:
         for batch in _batches(order, cfg.batch_size):
             # Prompts already hold BOS where the model expects one (templating adds it).
             enc = tokenizer(
@@ -205,6 +219,7 @@ def generate(
                     "stopped": end is not None,
                     "num_tokens": len(kept) + (end is not None),
                 }
+            progress.update(len(batch))
     return [by_index[i] for i in range(len(prompts))]
 
 
