@@ -382,11 +382,11 @@ def test_corrupt_parquet(tmp_path: Path) -> None:
 def test_unreadable_file(tmp_path: Path, monkeypatch) -> None:
     path = write_jsonl(tmp_path / "locked.jsonl", PAIRS)
 
-    def deny(self: Path) -> bytes:
+    def deny(self: Path, *args, **kwargs):
         # chmod 000 does not stop root (CI containers), so simulate the permission error.
         raise PermissionError(13, "Permission denied", str(self))
 
-    monkeypatch.setattr(Path, "read_bytes", deny)
+    monkeypatch.setattr(Path, "open", deny)
     raises_input_error(cfg(path), "locked.jsonl", "cannot be read: Permission denied")
 
 

@@ -23,6 +23,7 @@ from kedro.io import AbstractDataset
 from kedro_datasets._typing import HTMLPreview, ImagePreview, JSONPreview, TablePreview
 
 from sft_pipeline.atomic import atomic_path, write_text
+from sft_pipeline.streams import JSONLines, RecordTable, write_json_lines, write_records
 
 # A preview cell longer than this is cut: a table row should fit on a screen.
 PREVIEW_CELL_CHARS = 300
@@ -59,15 +60,31 @@ class _FileDataset(AbstractDataset):
         return self._filepath.exists()
 
 
-class ParquetDataset(_FileDataset):
-    """A pandas DataFrame as Parquet (no index, deterministic bytes for the same frame)."""
+class _LazyFileDataset(_FileDataset):
+    """`lazy: true` in the catalog: `load` returns a lazy handle instead of the whole data."""
 
-    def load(self) -> pd.DataFrame:
+    def __init__(
+        self, filepath: str, lazy: bool = False, metadata: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(filepath, metadata)
+        self._lazy = lazy
+
+
+class ParquetDataset(_LazyFileDataset):
+    """Records as Parquet (no index, deterministic bytes for the same records).
+
+    `save` takes a DataFrame or a spooled `RecordTable` (moved into place, never loaded);
+    `load` gives a DataFrame, or with `lazy: true` a `RecordTable` read in row groups.
+    """
+
+    def load(self) -> pd.DataFrame | RecordTable:
+        if self._lazy:
+            return RecordTable(self._filepath)
         return pd.read_parquet(self._filepath)
 
-    def save(self, data: pd.DataFrame) -> None:
+    def save(self, data: pd.DataFrame | RecordTable) -> None:
         with atomic_path(self._filepath) as tmp:
-            data.to_parquet(tmp, index=False)
+            write_records(data, tmp)
 
     def preview(self, nrows: int = 5) -> TablePreview:
         import pyarrow.parquet as pq
@@ -78,16 +95,23 @@ class ParquetDataset(_FileDataset):
         return TablePreview(table_preview(rows.head(nrows)))
 
 
-class JSONLinesDataset(_FileDataset):
-    """A list of dicts (or a DataFrame) as JSON Lines, one UTF-8 object per line."""
+class JSONLinesDataset(_LazyFileDataset):
+    """Rows as JSON Lines, one UTF-8 object per line.
 
-    def load(self) -> list[dict[str, Any]]:
-        with self._filepath.open(encoding="utf-8") as f:
+    `save` takes a list or any iterable of dicts (written as it is consumed), a DataFrame or a
+    spooled `JSONLines` file (moved into place); `load` gives a list, or with `lazy: true` a
+    `JSONLines` handle that reads the file line by line.
+    """
+
+    def load(self) -> list[dict[str, Any]] | JSONLines:
+        if self._lazy:
+            return JSONLines(self._filepath)
+        with self._filepath.open(encoding="utf-8", newline="\n") as f:
             return [json.loads(line) for line in f if line.strip()]
 
-    def save(self, data: list[dict[str, Any]] | pd.DataFrame) -> None:
-        rows = data.to_dict(orient="records") if isinstance(data, pd.DataFrame) else data
-        write_text(self._filepath, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    def save(self, data: Any) -> None:
+        with atomic_path(self._filepath) as tmp:
+            write_json_lines(data, tmp)
 
     def preview(self, nrows: int = 5) -> TablePreview:
         rows = []

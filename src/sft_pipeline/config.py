@@ -36,6 +36,11 @@ class DataConfig(_Section):
     columns: dict[str, str] = Field(default_factory=dict)
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     seed: int = Field(42, ge=0, le=SEED_MAX)
+    # For hf://datasets/<owner>/<name> paths: which split, and which config of the dataset.
+    split: str = Field("train", min_length=1)
+    subset: str | None = None
+    # Records read, converted and written per chunk: bounds ingestion's memory, never its output.
+    chunk_rows: int = Field(10_000, gt=0)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -3,22 +3,29 @@
 Only file-level problems stop ingestion, with an `InputFileError` naming the file, the line and
 what was expected; every readable record is kept as found, including bad ones, so validation can
 quarantine them with reasons and the counts reconcile.
+
+Files are streamed (`sft_pipeline.readers`) in chunks of `data.chunk_rows` records into the
+records Parquet file, so memory does not grow with the file. A file's format is detected from the
+columns of its first `DETECT_ROWS` records (a CSV's header, a Parquet schema), the same whatever
+the chunk size, so chunked and whole-file ingestion write the same bytes.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
+import fnmatch
 import logging
 import os
-from collections.abc import Iterable
-from glob import glob
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from glob import glob, has_magic
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from sft_pipeline import hub, readers
 from sft_pipeline.config import ConfigError, DataConfig
 from sft_pipeline.errors import InputFileError
 from sft_pipeline.records import (
@@ -37,7 +44,9 @@ log = logging.getLogger(__name__)
 
 _SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv"}
 _SUFFIXES |= {".parquet": "parquet", ".pq": "parquet"}
-_SUPPORTED = ".json (a list of objects), .jsonl, .csv, .parquet or a datasets.save_to_disk folder"
+_SUPPORTED = readers.SUPPORTED
+# Records whose columns decide a JSON file's format (CSV and Parquet files declare theirs).
+DETECT_ROWS = 1000
 # Keys `data.columns` may use: our field names, plus the aliases records.py accepts.
 _COLUMN_KEYS = (
     "prompt",
@@ -52,7 +61,7 @@ _COLUMN_KEYS = (
     "text",
 )
 
-Row = tuple[int, dict[str, Any]]
+Row = readers.Row
 
 
 def _shown(path: Path) -> str:
@@ -69,20 +78,82 @@ def _is_dataset_folder(path: Path) -> bool:
     )
 
 
-def resolve_paths(path: str | list[str]) -> list[Path]:
-    """Expand `data.path` (a file, a folder, a glob or a list of them) in a deterministic order."""
-    entries = [path] if isinstance(path, str) else list(path)
+@dataclass(frozen=True)
+class Source:
+    """One file (or save_to_disk folder) to read, and its name in records and messages."""
+
+    path: Path
+    shown: str
+
+
+def _pattern_regex(pattern: str) -> re.Pattern[str]:
+    """A glob pattern as a regex over '/'-joined paths; `**/` matches any number of folders."""
+    parts, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            parts.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            parts.append(".*")
+            i += 2
+        else:
+            j = i
+            while j < len(pattern) and not pattern.startswith("**", j):
+                j += 1
+            parts.append(fnmatch.translate(pattern[i:j])[4:-3].replace(".*", "[^/]*"))
+            i = j
+    return re.compile("".join(parts) + r"\Z", re.DOTALL)
+
+
+def _walk_glob(pattern: str) -> list[Path]:
+    """Expand a `**` pattern by walking each real folder once: a symlink loop is entered once,
+    not until the path is too long, and no file is found twice."""
+    head, _, _rest = pattern.partition("**")
+    base = head.rsplit("/", 1)[0] if "/" in head else "."
+    if has_magic(base):
+        return [Path(m) for m in sorted(glob(pattern, recursive=True))]
+    regex = _pattern_regex(pattern[len(base) + 1 :] if base != "." else pattern)
+    found: list[Path] = []
+    seen: set[str] = set()
+    for folder, dirs, files in os.walk(base or "/", followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        rel = os.path.relpath(folder, base or "/")
+        for name in [*dirs, *files]:
+            relpath = name if rel == "." else f"{rel}/{name}"
+            if regex.match(relpath):
+                found.append(Path(folder) / name)
+    return sorted(found)
+
+
+def _expand(entry: str) -> list[Path]:
+    expanded = os.path.expanduser(entry)
+    if "**" in expanded:
+        candidates = _walk_glob(expanded)
+    else:
+        candidates = [Path(m) for m in sorted(glob(expanded))]
+    return [m for m in candidates if m.is_file() or _is_dataset_folder(m)]
+
+
+def resolve_sources(cfg: DataConfig) -> list[Source]:
+    """Expand `data.path` (files, folders, globs, Hub datasets) in a deterministic order; a file
+    reached twice (a symlink, an overlapping glob) is read once, where it is first found."""
+    entries = [cfg.path] if isinstance(cfg.path, str) else list(cfg.path)
     if not entries:
         raise InputFileError("data.path", "is an empty list", expected=f"files: {_SUPPORTED}")
-    found: list[Path] = []
+    found: list[Source] = []
     for entry in entries:
+        if hub.is_hub_path(entry):
+            snapshot = hub.resolve(entry, cfg.split, cfg.subset)
+            found.extend(Source(p, snapshot.shown(p)) for p in snapshot.files)
+            continue
         expanded = os.path.expanduser(entry)
-        if any(ch in expanded for ch in "*?["):
-            matches = [
-                Path(m)
-                for m in sorted(glob(expanded, recursive=True))
-                if Path(m).is_file() or _is_dataset_folder(Path(m))
-            ]
+        if has_magic(expanded):
+            matches = _expand(entry)
             if not matches:
                 raise InputFileError(
                     entry,
@@ -90,9 +161,9 @@ def resolve_paths(path: str | list[str]) -> list[Path]:
                     expected=f"at least one file: {_SUPPORTED}",
                     hint=f"Paths are relative to {Path.cwd()}",
                 )
-            found.extend(matches)
+            found.extend(Source(m, _shown(m)) for m in matches)
         elif Path(expanded).exists():
-            found.append(Path(expanded))
+            found.append(Source(Path(expanded), _shown(Path(expanded))))
         else:
             raise InputFileError(
                 entry,
@@ -100,169 +171,24 @@ def resolve_paths(path: str | list[str]) -> list[Path]:
                 expected=f"an existing file: {_SUPPORTED}",
                 hint=f"Paths are relative to {Path.cwd()}",
             )
-    return found
-
-
-def _read_bytes(path: Path, shown: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise InputFileError(shown, f"cannot be read: {exc.strerror or exc}") from None
-
-
-def _decode(data: bytes, shown: str) -> str:
-    """UTF-8 text of a file; bad bytes are reported with their line and byte offset."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputFileError(
-            shown,
-            f"is not valid UTF-8: byte 0x{data[exc.start]:02x} at byte offset {exc.start}",
-            line=data.count(b"\n", 0, exc.start) + 1,
-            expected="UTF-8 text (re-save the file as UTF-8)",
-        ) from None
-    text = text.removeprefix("\ufeff")  # a BOM from Windows editors is not content
-    if not text.strip():
-        raise InputFileError(shown, "is empty", expected=f"records: {_SUPPORTED}")
-    return text
-
-
-def _read_jsonl(path: Path, shown: str) -> list[Row]:
-    rows: list[Row] = []
-    for number, line in enumerate(_decode(_read_bytes(path, shown), shown).splitlines(), 1):
-        if not line.strip():
+    unique: dict[str, Source] = {}
+    for source in found:
+        real = os.path.realpath(source.path)
+        if real in unique:
+            log.info("%s is %s again: read once", source.shown, unique[real].shown)
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            hint = None
-            if number == 1 and line.lstrip().startswith("["):
-                hint = "The file looks like a JSON list; name it .json"
-            raise InputFileError(
-                shown,
-                f"invalid JSON: {exc.msg}",
-                line=number,
-                column=exc.colno,
-                expected="one JSON object per line (JSON Lines)",
-                hint=hint,
-            ) from None
-        if not isinstance(obj, dict):
-            raise InputFileError(
-                shown,
-                f"the line holds a JSON {_json_type(obj)}",
-                line=number,
-                expected="one JSON object per line (JSON Lines)",
-            )
-        rows.append((number, obj))
-    return rows
+        unique[real] = source
+    return list(unique.values())
 
 
-def _json_type(value: Any) -> str:
-    names = {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}
-    return names.get(type(value), "number")
+def resolve_paths(path: str | list[str]) -> list[Path]:
+    """The local files `data.path` names (see `resolve_sources`)."""
+    return [s.path for s in resolve_sources(DataConfig(path=path))]
 
 
-def _read_json(path: Path, shown: str) -> list[Row]:
-    try:
-        doc = json.loads(_decode(_read_bytes(path, shown), shown))
-    except json.JSONDecodeError as exc:
-        raise InputFileError(
-            shown,
-            f"invalid JSON: {exc.msg}",
-            line=exc.lineno,
-            column=exc.colno,
-            expected="a JSON list of objects",
-        ) from None
-    if not isinstance(doc, list):
-        raise InputFileError(
-            shown,
-            f"the document is a JSON {_json_type(doc)}",
-            expected="a JSON list of objects ([{...}, {...}])",
-            hint="For one object per line, name the file .jsonl",
-        )
-    for index, item in enumerate(doc):
-        if not isinstance(item, dict):
-            raise InputFileError(
-                shown,
-                f"item {index + 1} of the list is a JSON {_json_type(item)}",
-                expected="every item to be a JSON object",
-            )
-    return [(index + 1, item) for index, item in enumerate(doc)]
-
-
-def _read_csv(path: Path, shown: str) -> list[Row]:
-    reader = csv.reader(io.StringIO(_decode(_read_bytes(path, shown), shown), newline=""))
-    header: list[str] | None = None
-    rows: list[Row] = []
-    last_line = 0
-    try:
-        for fields in reader:
-            start, last_line = last_line + 1, reader.line_num
-            if not fields:
-                continue
-            if header is None:
-                header = fields
-                if len(set(header)) != len(header):
-                    raise InputFileError(
-                        shown, f"duplicate column names in header {header}", line=start
-                    )
-                continue
-            if len(fields) > len(header):
-                raise InputFileError(
-                    shown,
-                    f"the row has {len(fields)} fields but the header has {len(header)}",
-                    line=start,
-                    expected="one value per header column (quote values that contain commas)",
-                )
-            # A short row reads as missing values (None), which validation reports per record.
-            padded = fields + [None] * (len(header) - len(fields))
-            rows.append((start, dict(zip(header, padded, strict=True))))
-    except csv.Error as exc:
-        raise InputFileError(
-            shown, f"invalid CSV: {exc}", line=reader.line_num, expected="RFC 4180 CSV"
-        ) from None
-    return rows
-
-
-def _read_parquet(path: Path, shown: str) -> list[Row]:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except OSError as exc:
-        raise InputFileError(shown, f"cannot be read: {exc.strerror or exc}") from None
-    except Exception as exc:  # pyarrow raises ArrowInvalid and friends for corrupt files
-        raise InputFileError(
-            shown, f"cannot be read as Parquet: {exc}", expected="a Parquet file"
-        ) from None
-    return [(index + 1, row) for index, row in enumerate(table.to_pylist())]
-
-
-def _read_dataset_folder(path: Path, shown: str) -> list[Row]:
-    import datasets
-
-    if (path / "dataset_dict.json").is_file():
-        splits = sorted(p.name for p in path.iterdir() if p.is_dir())
-        raise InputFileError(
-            shown,
-            f"is a DatasetDict with splits {splits}",
-            expected="a single-split datasets.save_to_disk folder",
-            hint=f"Point data.path at one split, e.g. {shown}/{splits[0] if splits else 'train'}",
-        )
-    try:
-        dataset = datasets.load_from_disk(str(path))
-    except Exception as exc:  # datasets raises many types for a damaged folder
-        raise InputFileError(
-            shown,
-            f"cannot be loaded with datasets.load_from_disk: {exc}",
-            expected="a datasets.save_to_disk folder",
-        ) from None
-    return [(index + 1, row) for index, row in enumerate(dataset.to_list())]
-
-
-def read_rows(path: Path) -> tuple[str, list[Row]]:
-    """(shown path, [(1-based line/row, original object)]) for one file or dataset folder."""
-    shown = _shown(path)
+def iter_rows(source: Source, batch_rows: int = 10_000) -> Iterator[Row]:
+    """(1-based line/row, original object) of one file or dataset folder, streamed."""
+    path, shown = source.path, source.shown
     if path.is_dir():
         if not _is_dataset_folder(path):
             raise InputFileError(
@@ -271,23 +197,26 @@ def read_rows(path: Path) -> tuple[str, list[Row]]:
                 expected=_SUPPORTED,
                 hint=f"To read the files inside, use a glob such as {shown}/*.jsonl",
             )
-        rows = _read_dataset_folder(path, shown)
-    else:
-        kind = _SUFFIXES.get(path.suffix.lower())
-        if kind is None:
-            raise InputFileError(
-                shown, f"unsupported file type {path.suffix or '(none)'!r}", expected=_SUPPORTED
-            )
-        reader = {
-            "jsonl": _read_jsonl,
-            "json": _read_json,
-            "csv": _read_csv,
-            "parquet": _read_parquet,
-        }[kind]
-        rows = reader(path, shown)
+        return readers.read_dataset_folder(path, shown, batch_rows)
+    kind = _SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise InputFileError(
+            shown, f"unsupported file type {path.suffix or '(none)'!r}", expected=_SUPPORTED
+        )
+    if kind == "parquet":
+        return readers.read_parquet(path, shown, batch_rows)
+    return {"jsonl": readers.read_jsonl, "json": readers.read_json, "csv": readers.read_csv}[kind](
+        path, shown
+    )
+
+
+def read_rows(path: Path) -> tuple[str, list[Row]]:
+    """(shown path, [(1-based line/row, original object)]) for one file or dataset folder."""
+    source = Source(path, _shown(path))
+    rows = list(iter_rows(source))
     if not rows:
-        raise InputFileError(shown, "contains no records", expected=f"records: {_SUPPORTED}")
-    return shown, rows
+        raise InputFileError(source.shown, "contains no records", expected=f"records: {_SUPPORTED}")
+    return source.shown, rows
 
 
 def _union_columns(rows: Iterable[Row]) -> list[str]:
@@ -340,26 +269,78 @@ def _check_columns_map(cfg: DataConfig) -> None:
         )
 
 
-def ingest(cfg: DataConfig) -> pd.DataFrame:
-    """Read every file of `cfg.path` into canonical records, in path and row order."""
+def _canonical(shown: str, rows: Iterable[Row], schema: str, resolved) -> list[dict[str, Any]]:
+    out = []
+    for number, row in rows:
+        fmt, messages, text = to_canonical(row, schema, resolved)
+        out.append(
+            {
+                "record_id": content_id(messages, text),
+                "source_file": shown,
+                "source_row": number,
+                "format": fmt,
+                "messages": dumps_messages(messages),
+                "text": text,
+                "raw": dumps_raw(row),
+            }
+        )
+    return out
+
+
+def iter_record_chunks(cfg: DataConfig) -> Iterator[list[dict[str, Any]]]:
+    """Canonical records of every file of `cfg.path`, in path and row order, in chunks of at
+    most `cfg.chunk_rows` (never spanning two files)."""
+    from sft_pipeline.streams import Progress
+
     _check_columns_map(cfg)
-    records: list[dict[str, Any]] = []
-    for path in resolve_paths(cfg.path):
-        shown, rows = read_rows(path)
-        schema, resolved = file_schema(shown, _union_columns(rows), cfg)
-        for number, row in rows:
-            fmt, messages, text = to_canonical(row, schema, resolved)
-            records.append(
-                {
-                    "record_id": content_id(messages, text),
-                    "source_file": shown,
-                    "source_row": number,
-                    "format": fmt,
-                    "messages": dumps_messages(messages),
-                    "text": text,
-                    "raw": dumps_raw(row),
-                }
+    progress = Progress("ingest_records")
+    total = 0
+    for source in resolve_sources(cfg):
+        rows = iter_rows(source, cfg.chunk_rows)
+        head = list(islice(rows, DETECT_ROWS))
+        if not head:
+            raise InputFileError(
+                source.shown, "contains no records", expected=f"records: {_SUPPORTED}"
             )
-        log.info("read %d records from %s (format %s)", len(rows), shown, schema)
-    log.info("ingested %d records in total", len(records))
+        schema, resolved = file_schema(source.shown, _union_columns(head), cfg)
+        count = 0
+        pending: Iterator[Row] = iter(head)
+        for chunk in _chunked(_chain(pending, rows), cfg.chunk_rows):
+            records = _canonical(source.shown, chunk, schema, resolved)
+            count += len(records)
+            progress.update(len(records))
+            yield records
+        total += count
+        log.info("read %d records from %s (format %s)", count, source.shown, schema)
+    progress.finish()
+    log.info("ingested %d records in total", total)
+
+
+def _chain(*iterables: Iterable[Row]) -> Iterator[Row]:
+    for iterable in iterables:
+        yield from iterable
+
+
+def _chunked(rows: Iterable[Row], size: int) -> Iterator[list[Row]]:
+    it = iter(rows)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+def ingest_to_parquet(cfg: DataConfig):
+    """Stream every record into a spooled records Parquet file; returns its `RecordTable`."""
+    from sft_pipeline.streams import ParquetSpool
+
+    spool = ParquetSpool("records")
+    for records in iter_record_chunks(cfg):
+        spool.write(records)
+    return spool.close()
+
+
+def ingest(cfg: DataConfig) -> pd.DataFrame:
+    """Read every file of `cfg.path` into canonical records, in path and row order (in memory:
+    for small data and tests; the pipeline streams with `ingest_to_parquet`)."""
+    records: list[dict[str, Any]] = []
+    for chunk in iter_record_chunks(cfg):
+        records.extend(chunk)
     return make_frame(records)

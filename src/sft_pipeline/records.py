@@ -141,12 +141,31 @@ def detect_schema(columns: Iterable[str], columns_map: Mapping[str, str] | None 
             best = (-score, order, schema)
     if best is None:
         raise ValueError(
-            f"cannot detect the input format from columns {sorted(available)}; expected one of: "
+            f"cannot detect the input format from columns {sorted(available)}; "
+            + _nearest_format(available, columns_map)
+            + "expected one of: "
             + "; ".join(f"{s} ({expected_columns(s)})" for s in SCHEMAS)
             + ". Set data.schema and map your columns with data.columns, for example "
             "{prompt: <prompt column>, response: <response column>}"
         )
     return best[2]
+
+
+def _nearest_format(available: list[str], columns_map: Mapping[str, str]) -> str:
+    """ "looks like alpaca, but column `output` is missing; " for the schema with most of its
+    required columns present (none present: nothing to say)."""
+    best: tuple[int, int, str, list[str]] | None = None
+    for order, schema in enumerate(_DETECTION_ORDER):
+        _resolved, missing = resolve_columns(schema, available, columns_map)
+        present = len(_REQUIRED[schema]) - len(missing)
+        if present and (best is None or (-present, len(missing), order) < best[:3]):
+            best = (-present, len(missing), order, [schema, *missing])  # type: ignore[list-item]
+    if best is None:
+        return ""
+    schema, *missing = best[3]
+    names = " and ".join(f"`{'|'.join(_REQUIRED[schema][m][1])}`" for m in missing)
+    plural = "s" if len(missing) > 1 else ""
+    return f"looks like {schema}, but column{plural} {names} {'are' if plural else 'is'} missing; "
 
 
 def _maybe_json_list(value: Any) -> Any:

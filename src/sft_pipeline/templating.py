@@ -223,7 +223,8 @@ class Renderer:
             prompt = self.render(messages[:i], True)
             self._check_prefix(consumed, prompt, i, "with the generation prompt")
             segments.append({"text": prompt[len(consumed) :], "supervised": False})
-            turn = self.render(messages[: i + 1], False)
+            # The last message's turn is the whole conversation, already rendered.
+            turn = full if i + 1 == len(messages) else self.render(messages[: i + 1], False)
             self._check_prefix(prompt, turn, i + 1, "without the generation prompt")
             rendered, supervised = self._split_turn(turn[len(prompt) :], messages[i]["content"])
             segments.append({"text": supervised, "supervised": i >= supervise_from})

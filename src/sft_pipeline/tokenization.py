@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from datasets import Dataset, DatasetInfo, Features, Value
 from datasets import Sequence as HFSequence
 
@@ -39,9 +41,9 @@ HISTOGRAM_BINS = 16
 FEATURES = Features(
     {
         "record_id": Value("string"),
-        "input_ids": HFSequence(Value("int64")),
-        "attention_mask": HFSequence(Value("int64")),
-        "labels": HFSequence(Value("int64")),
+        "input_ids": HFSequence(Value("int32")),
+        "attention_mask": HFSequence(Value("int32")),
+        "labels": HFSequence(Value("int32")),
     }
 )
 
@@ -59,16 +61,22 @@ def supervised_char_mask(segments: Sequence[dict[str, Any]]) -> tuple[str, np.nd
     return text, mask
 
 
+# str.isspace for every code point up to U+3000, the last whitespace character in Unicode.
+_SPACE = np.array([chr(c).isspace() for c in range(0x3001)], dtype=bool)
+
+
+def whitespace_mask(text: str) -> np.ndarray:
+    """Per character of `text`: `str.isspace()`, computed over the code points at once."""
+    codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    return _SPACE[np.minimum(codes, len(_SPACE) - 1)] & (codes < len(_SPACE))
+
+
 def token_supervision(text: str, char_mask: np.ndarray, offsets: Sequence[Sequence[int]]):
     """Per token: is it supervised (by its first non-whitespace character, see module doc)."""
-    is_space = np.fromiter((c.isspace() for c in text), dtype=bool, count=len(text))
+    is_space = whitespace_mask(text)
     # next_solid[c] = index of the first non-whitespace character at or after c.
-    next_solid = np.full(len(text) + 1, len(text), dtype=np.int64)
-    solid_at = np.flatnonzero(~is_space)
-    if solid_at.size:
-        idx = np.searchsorted(solid_at, np.arange(len(text) + 1))
-        found = idx < solid_at.size
-        next_solid[found] = solid_at[idx[found]]
+    positions = np.where(is_space, len(text), np.arange(len(text)))
+    next_solid = np.append(np.minimum.accumulate(positions[::-1])[::-1], len(text))
     spans = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
     starts, ends = spans[:, 0], spans[:, 1]
     anchor = next_solid[starts]
@@ -82,16 +90,10 @@ def encode_texts(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[lis
 
     bos = tokenizer.bos_token if tokenizer_adds_bos(tokenizer) else ""
     split = [bool(bos) and text.startswith(bos) for text in texts]
-    enc = tokenizer(
-        [text[len(bos) :] if cut else text for text, cut in zip(texts, split, strict=True)],
-        add_special_tokens=False,
-        return_offsets_mapping=True,
-        return_attention_mask=False,
-    )
+    inputs = [text[len(bos) :] if cut else text for text, cut in zip(texts, split, strict=True)]
+    batch_ids, batch_offsets = _encode(tokenizer, inputs)
     ids, offsets = [], []
-    for cut, row_ids, row_offsets in zip(
-        split, enc["input_ids"], enc["offset_mapping"], strict=True
-    ):
+    for cut, row_ids, row_offsets in zip(split, batch_ids, batch_offsets, strict=True):
         if cut:
             n = len(bos)
             row_ids = [tokenizer.bos_token_id, *row_ids]
@@ -99,6 +101,37 @@ def encode_texts(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[lis
         ids.append(list(row_ids))
         offsets.append(list(row_offsets))
     return ids, offsets
+
+
+def _encode(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[tuple]]]:
+    """`tokenizer(texts, add_special_tokens=False)` ids and offsets, straight from the Rust
+    backend when there is one: the same call transformers makes, with the same settings (no
+    truncation, no padding, its `split_special_tokens`), without building a BatchEncoding."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    setup = getattr(tokenizer, "set_truncation_and_padding", None)
+    if backend is None or setup is None or not hasattr(backend, "encode_batch"):
+        enc = tokenizer(
+            texts,
+            add_special_tokens=False,
+            return_offsets_mapping=True,
+            return_attention_mask=False,
+        )
+        return enc["input_ids"], enc["offset_mapping"]
+    from transformers.tokenization_utils_base import PaddingStrategy, TruncationStrategy
+
+    setup(
+        padding_strategy=PaddingStrategy.DO_NOT_PAD,
+        truncation_strategy=TruncationStrategy.DO_NOT_TRUNCATE,
+        max_length=None,
+        stride=0,
+        pad_to_multiple_of=None,
+        padding_side=None,
+    )
+    split_special = bool(getattr(tokenizer, "split_special_tokens", False))
+    if backend.encode_special_tokens != split_special:
+        backend.encode_special_tokens = split_special
+    encodings = backend.encode_batch(texts, add_special_tokens=False, is_pretokenized=False)
+    return [e.ids for e in encodings], [e.offsets for e in encodings]
 
 
 def _require_fast(tokenizer) -> None:
@@ -110,59 +143,133 @@ def _require_fast(tokenizer) -> None:
         )
 
 
+def _tokenize_batch(batch, tokenizer, limit: int, rejected: list, truncated: list) -> pa.Table:
+    """One batch of rendered rows as an Arrow table of int32 token columns."""
+    joined = [supervised_char_mask(row["segments"]) for row in batch]
+    batch_ids, batch_offsets = encode_texts(tokenizer, [text for text, _ in joined])
+    record_ids, id_rows, label_rows = [], [], []
+    for row, (text, char_mask), ids, offsets in zip(
+        batch, joined, batch_ids, batch_offsets, strict=True
+    ):
+        supervised = token_supervision(text, char_mask, offsets) if ids else np.zeros(0, bool)
+        if not supervised.any():
+            rejected.append({"record_id": row["record_id"], "reason": "no supervised token at all"})
+            continue
+        if len(ids) > limit:
+            first = int(np.argmax(supervised))
+            ids, supervised = ids[:limit], supervised[:limit]
+            if not supervised.any():
+                rejected.append(
+                    {
+                        "record_id": row["record_id"],
+                        "reason": f"no supervised token after truncation to {limit} tokens "
+                        f"(prompt is {first} tokens)",
+                    }
+                )
+                continue
+            truncated.append(row["record_id"])
+        ids_arr = np.asarray(ids, dtype=np.int32)
+        record_ids.append(row["record_id"])
+        id_rows.append(ids_arr)
+        label_rows.append(np.where(supervised, ids_arr, np.int32(IGNORE_INDEX)).astype(np.int32))
+    lengths = np.fromiter((len(r) for r in id_rows), np.int32, len(id_rows))
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32))
+
+    def lists(rows: list[np.ndarray]) -> pa.ListArray:
+        flat = np.concatenate(rows) if rows else np.zeros(0, np.int32)
+        return pa.ListArray.from_arrays(offsets, pa.array(flat, pa.int32()))
+
+    return pa.table(
+        {
+            "record_id": pa.array(record_ids, pa.string()),
+            "input_ids": lists(id_rows),
+            "attention_mask": lists([np.ones(n, np.int32) for n in lengths]),
+            "labels": lists(label_rows),
+        }
+    )
+
+
+def _info(limit: int, truncated: list[str]) -> DatasetInfo:
+    # The truncation record travels in the dataset's own metadata (saved in dataset_info.json),
+    # so summarize_token_stats can report it without re-tokenizing.
+    return DatasetInfo(
+        description=json.dumps({"max_seq_length": limit, "truncated_record_ids": truncated}),
+        features=FEATURES,
+    )
+
+
+def _log_outcome(truncated: list, rejected: list, rows: int, limit: int) -> None:
+    if truncated:
+        log.warning("truncated %d of %d rows to %d tokens", len(truncated), rows, limit)
+    if rejected:
+        log.warning("rejected %d of %d rows with no supervised token", len(rejected), rows)
+
+
 def tokenize_texts(
     texts: list[dict[str, Any]], tokenizer, cfg: TokenizationConfig
 ) -> tuple[Dataset, list[dict[str, str]]]:
     """Tokenize rendered rows; returns the dataset and the rows rejected (with a reason)."""
     _require_fast(tokenizer)
-    columns: dict[str, list] = {name: [] for name in FEATURES}
     rejected: list[dict[str, str]] = []
     truncated: list[str] = []
     limit = cfg.max_seq_length
-    for start in range(0, len(texts), cfg.batch_size):
-        batch = texts[start : start + cfg.batch_size]
-        joined = [supervised_char_mask(row["segments"]) for row in batch]
-        batch_ids, batch_offsets = encode_texts(tokenizer, [text for text, _ in joined])
-        for row, (text, char_mask), ids, offsets in zip(
-            batch, joined, batch_ids, batch_offsets, strict=True
-        ):
-            supervised = token_supervision(text, char_mask, offsets) if ids else np.zeros(0, bool)
-            if not supervised.any():
-                rejected.append(
-                    {"record_id": row["record_id"], "reason": "no supervised token at all"}
-                )
-                continue
-            if len(ids) > limit:
-                first = int(np.argmax(supervised))
-                ids, supervised = ids[:limit], supervised[:limit]
-                if not supervised.any():
-                    rejected.append(
-                        {
-                            "record_id": row["record_id"],
-                            "reason": f"no supervised token after truncation to {limit} tokens "
-                            f"(prompt is {first} tokens)",
-                        }
-                    )
-                    continue
-                truncated.append(row["record_id"])
-            ids_arr = np.asarray(ids, dtype=np.int64)
-            columns["record_id"].append(row["record_id"])
-            columns["input_ids"].append(ids_arr.tolist())
-            columns["attention_mask"].append([1] * len(ids))
-            columns["labels"].append(np.where(supervised, ids_arr, IGNORE_INDEX).tolist())
-    if truncated:
-        log.warning("truncated %d of %d rows to %d tokens", len(truncated), len(texts), limit)
-    if rejected:
-        log.warning("rejected %d of %d rows with no supervised token", len(rejected), len(texts))
-    # The truncation record travels in the dataset's own metadata (saved in dataset_info.json),
-    # so summarize_token_stats can report it without re-tokenizing.
-    info = DatasetInfo(
-        description=json.dumps({"max_seq_length": limit, "truncated_record_ids": truncated}),
-        features=FEATURES,
-    )
+    tables = [
+        _tokenize_batch(
+            texts[start : start + cfg.batch_size], tokenizer, limit, rejected, truncated
+        )
+        for start in range(0, len(texts), cfg.batch_size)
+    ]
+    _log_outcome(truncated, rejected, len(texts), limit)
+    columns = {name: [] for name in FEATURES}
+    for table in tables:
+        for name in FEATURES:
+            columns[name].extend(table[name].to_pylist())
     # from_dict with explicit features and info: the fingerprint is a hash of the content, so
     # save_to_disk output is byte-identical for the same input.
-    return Dataset.from_dict(columns, features=FEATURES, info=info), rejected
+    return Dataset.from_dict(columns, features=FEATURES, info=_info(limit, truncated)), rejected
+
+
+def tokenize_stream(texts, tokenizer, cfg: TokenizationConfig, name: str = "tokens"):
+    """`tokenize_texts` over a `JSONLines` handle (or list) batch by batch, written as an Arrow
+    stream to a spool file; returns (memory-mapped Dataset, rejected rows).
+
+    The dataset's fingerprint is a sha256 of its token bytes, so `save_to_disk` of the same
+    tokens is byte-identical, whatever the batch size."""
+    import hashlib
+
+    from datasets.table import MemoryMappedTable
+
+    from sft_pipeline.streams import Progress, spool_dir
+
+    _require_fast(tokenizer)
+    rejected: list[dict[str, str]] = []
+    truncated: list[str] = []
+    limit = cfg.max_seq_length
+    schema = FEATURES.arrow_schema
+    path = spool_dir(name) / f"{name}.arrow"
+    digest = hashlib.sha256()
+    progress = Progress(f"tokenize_conversations ({name})", len(texts))
+    batches = (
+        texts.iter_batches(cfg.batch_size)
+        if hasattr(texts, "iter_batches")
+        else (texts[i : i + cfg.batch_size] for i in range(0, len(texts), cfg.batch_size))
+    )
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for batch in batches:
+            table = _tokenize_batch(batch, tokenizer, limit, rejected, truncated).cast(schema)
+            for column in table.columns:
+                for chunk in column.chunks:
+                    for buffer in chunk.buffers():
+                        if buffer is not None:
+                            digest.update(buffer)
+            writer.write_table(table)
+            progress.update(len(batch))
+    progress.finish()
+    _log_outcome(truncated, rejected, progress.done, limit)
+    digest.update(json.dumps(truncated).encode())
+    table = MemoryMappedTable.from_file(str(path))
+    dataset = Dataset(table, info=_info(limit, truncated), fingerprint=digest.hexdigest()[:16])
+    return dataset, rejected
 
 
 def _describe(values: np.ndarray) -> dict[str, float | int | None]:
@@ -184,6 +291,25 @@ def _truncated_ids(dataset: Dataset) -> list[str] | None:
         return None  # a dataset not made by tokenize_texts: unknown, not zero
 
 
+def _token_counts(dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: tokens and supervised tokens, by Arrow compute over the table's batches."""
+    lengths, supervised = [], []
+    for batch in dataset.data.table.select(["labels"]).to_batches():
+        labels = batch.column(0)
+        lengths.append(pc.list_value_length(labels).to_numpy(zero_copy_only=False))
+        flat = pc.not_equal(pc.list_flatten(labels), IGNORE_INDEX)
+        rows = pc.list_parent_indices(labels).to_numpy()
+        supervised.append(
+            np.bincount(rows, weights=flat.to_numpy(zero_copy_only=False), minlength=len(labels))
+        )
+    if not lengths:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return (
+        np.concatenate(lengths).astype(np.int64),
+        np.concatenate(supervised).astype(np.int64),
+    )
+
+
 def summarize_token_stats(
     splits: dict[str, tuple[list[dict[str, Any]], Dataset, list[dict[str, str]]]],
     cfg: TokenizationConfig,
@@ -192,11 +318,7 @@ def summarize_token_stats(
     edges = np.linspace(0, cfg.max_seq_length, HISTOGRAM_BINS + 1).round().astype(int)
     report: dict[str, Any] = {"max_seq_length": cfg.max_seq_length, "splits": {}}
     for name, (texts, dataset, rejected) in splits.items():
-        lengths = np.asarray([len(ids) for ids in dataset["input_ids"]], dtype=np.int64)
-        supervised = np.asarray(
-            [sum(1 for x in labels if x != IGNORE_INDEX) for labels in dataset["labels"]],
-            dtype=np.int64,
-        )
+        lengths, supervised = _token_counts(dataset)
         truncated = _truncated_ids(dataset)
         counts, _ = np.histogram(lengths, bins=edges)
         report["splits"][name] = {

@@ -7,6 +7,7 @@ exactly what is wrong ("empty_content: message 2 (assistant) is empty after stri
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections import Counter
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 
@@ -208,10 +210,10 @@ def _view_frame(records: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def _failures(frame: pd.DataFrame, cfg: ValidationConfig) -> dict[int, set[str]]:
+def _failures(frame: pd.DataFrame, schema: pa.DataFrameSchema) -> dict[int, set[str]]:
     """Row position -> codes of the checks pandera found failing there."""
     try:
-        build_schema(cfg).validate(frame, lazy=True)
+        schema.validate(frame, lazy=True)
     except pa.errors.SchemaErrors as exc:
         cases = exc.failure_cases
         structural = cases[~cases["check"].isin([rule.code for rule in RULES] + [DUPLICATE])]
@@ -228,17 +230,71 @@ def _failures(frame: pd.DataFrame, cfg: ValidationConfig) -> dict[int, set[str]]
     return {}
 
 
-def validate(
-    records: pd.DataFrame, cfg: ValidationConfig
-) -> tuple[pd.DataFrame, list[dict[str, Any]], dict[str, Any]]:
-    """Split canonical records into (valid, rejected rows with every reason, counts report)."""
+class _SeenIds:
+    """Content ids seen in earlier chunks and where each was first seen, in sorted numpy runs
+    (about 20 bytes a record, merged like a binary counter: O(log n) runs to search)."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.files: list[str] = []
+        self._file_index: dict[str, int] = {}
+
+    @staticmethod
+    def key(record_id: str) -> int:
+        if len(record_id) == 16:
+            try:
+                return int(record_id, 16)
+            except ValueError:
+                pass
+        return int.from_bytes(hashlib.sha256(record_id.encode()).digest()[:8], "big")
+
+    def first(self, keys: np.ndarray) -> list[tuple[str, int] | None]:
+        """(source_file, source_row) where each key was first seen, or None."""
+        found: list[tuple[str, int] | None] = [None] * len(keys)
+        for ids, files, rows in self.runs:
+            at = np.searchsorted(ids, keys)
+            at_ok = np.minimum(at, len(ids) - 1)
+            hit = (at < len(ids)) & (ids[at_ok] == keys)
+            for k in np.flatnonzero(hit):
+                if found[k] is None:
+                    found[k] = (self.files[files[at_ok[k]]], int(rows[at_ok[k]]))
+        return found
+
+    def add(self, keys: np.ndarray, files: list[str], rows: np.ndarray) -> None:
+        if not len(keys):
+            return
+        index = np.array(
+            [self._file_index.setdefault(f, len(self._file_index)) for f in files], np.int32
+        )
+        self.files = list(self._file_index)
+        order = np.argsort(keys, kind="stable")
+        self.runs.append((keys[order], index[order], rows[order]))
+        while len(self.runs) > 1 and len(self.runs[-2][0]) <= 2 * len(self.runs[-1][0]):
+            (k1, f1, r1), (k2, f2, r2) = self.runs[-2], self.runs[-1]
+            keys_all = np.concatenate([k1, k2])
+            order = np.argsort(keys_all, kind="stable")  # earlier run first on equal keys
+            self.runs[-2:] = [
+                (keys_all[order], np.concatenate([f1, f2])[order], np.concatenate([r1, r2])[order])
+            ]
+
+
+def _validate_chunk(
+    records: pd.DataFrame, cfg: ValidationConfig, schema, seen: _SeenIds
+) -> tuple[pd.DataFrame, list[dict[str, Any]], Counter[str]]:
+    """One chunk: (valid records, rejected rows with every reason, reason counts)."""
     missing = [c for c in RECORD_COLUMNS if c not in records.columns]
     if missing:
         raise ValueError(f"records lack canonical columns {missing}; got {list(records.columns)}")
     records = records[RECORD_COLUMNS].reset_index(drop=True)
     frame = _view_frame(records)
-    failed = _failures(frame, cfg)
+    failed = _failures(frame, schema)
 
+    # Duplicates of records in earlier chunks: the same rule as pandera's within the chunk.
+    keys = np.fromiter((seen.key(r) for r in records["record_id"]), np.uint64, len(records))
+    earlier = seen.first(keys) if cfg.reject_duplicates else [None] * len(records)
+    for position, where in enumerate(earlier):
+        if where is not None:
+            failed.setdefault(position, set()).add(DUPLICATE)
     first_seen: dict[str, int] = {}
     for position, record_id in enumerate(records["record_id"]):
         first_seen.setdefault(record_id, position)
@@ -255,11 +311,11 @@ def validate(
             for text in rule.explain(view, cfg)
         ]
         if DUPLICATE in codes:
-            first = first_seen[records.at[position, "record_id"]]
-            reasons.append(
-                f"{DUPLICATE}: same content as {records.at[first, 'source_file']}:"
-                f"{records.at[first, 'source_row']} (kept the first)"
-            )
+            where = earlier[position]
+            if where is None:
+                first = first_seen[records.at[position, "record_id"]]
+                where = (records.at[first, "source_file"], records.at[first, "source_row"])
+            reasons.append(f"{DUPLICATE}: same content as {where[0]}:{where[1]} (kept the first)")
         counts.update(codes)
         rejected.append(
             {
@@ -270,15 +326,24 @@ def validate(
                 "record": json.loads(records.at[position, "raw"]),
             }
         )
+    if cfg.reject_duplicates:
+        new = np.array([where is None for where in earlier], dtype=bool)
+        firsts = sorted(p for r, p in first_seen.items() if new[p])
+        seen.add(
+            keys[firsts],
+            [records.at[p, "source_file"] for p in firsts],
+            records["source_row"].to_numpy(np.int64)[firsts],
+        )
+    valid = records[~records.index.isin(list(failed))].reset_index(drop=True)
+    return valid, rejected, counts
 
-    valid_mask = ~records.index.isin(list(failed))
-    valid = records[valid_mask].reset_index(drop=True)
-    ingested = len(records)
+
+def _report(ingested: int, valid: int, rejected: int, counts: Counter[str]) -> dict[str, Any]:
     report = {
         "ingested": ingested,
-        "valid": len(valid),
-        "rejected": len(rejected),
-        "rejected_fraction": len(rejected) / ingested if ingested else 0.0,
+        "valid": valid,
+        "rejected": rejected,
+        "rejected_fraction": rejected / ingested if ingested else 0.0,
         "reasons": dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))),
     }
     log.info(
@@ -290,7 +355,37 @@ def validate(
     )
     if counts:
         log.warning("rejection reasons (records per code): %s", report["reasons"])
-    return valid, rejected, report
+    return report
+
+
+def validate(
+    records: pd.DataFrame, cfg: ValidationConfig
+) -> tuple[pd.DataFrame, list[dict[str, Any]], dict[str, Any]]:
+    """Split canonical records into (valid, rejected rows with every reason, counts report)."""
+    valid, rejected, counts = _validate_chunk(records, cfg, build_schema(cfg), _SeenIds())
+    return valid, rejected, _report(len(records), len(valid), len(rejected), counts)
+
+
+def validate_stream(records, cfg: ValidationConfig):
+    """`validate` chunk by chunk over a `RecordTable` (or DataFrame), the same pandera schema on
+    each chunk: valid records and rejects stream into spool files, so memory stays flat.
+
+    Returns (valid `RecordTable`, rejected `JSONLines`, counts report)."""
+    from sft_pipeline.streams import JSONLinesSpool, ParquetSpool, Progress, iter_record_frames
+
+    schema, seen = build_schema(cfg), _SeenIds()
+    valid_out, rejected_out = ParquetSpool("valid_records"), JSONLinesSpool("rejected_records")
+    counts: Counter[str] = Counter()
+    progress = Progress("validate_records", len(records))
+    for chunk in iter_record_frames(records):
+        valid, rejected, chunk_counts = _validate_chunk(chunk, cfg, schema, seen)
+        valid_out.write(valid)
+        rejected_out.write(rejected)
+        counts.update(chunk_counts)
+        progress.update(len(chunk))
+    progress.finish()
+    report = _report(progress.done, valid_out.rows, rejected_out.rows, counts)
+    return valid_out.close(), rejected_out.close(), report
 
 
 def check_rejected_fraction(

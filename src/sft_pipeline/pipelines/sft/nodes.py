@@ -10,8 +10,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from sft_pipeline import config as C
 
 log = logging.getLogger(__name__)
@@ -19,32 +17,40 @@ log = logging.getLogger(__name__)
 
 # `path` is a str or a list of str (DataConfig checks it): a union annotation here would make
 # Kedro's typed-parameter check warn that it cannot validate unions, on every run.
-def ingest_records(path: Any, schema: str, columns: dict[str, str]) -> pd.DataFrame:
-    from sft_pipeline.ingestion import ingest
+# The data half streams: each node returns lazy handles on spooled files (sft_pipeline.streams)
+# that the catalog's datasets move into place, never whole tables.
+def ingest_records(
+    path: Any,
+    schema: str,
+    columns: dict[str, str],
+    split: str = "train",
+    subset: Any = None,  # str or None (DataConfig checks it; no union for Kedro)
+    chunk_rows: int = 10_000,
+):
+    from sft_pipeline.ingestion import ingest_to_parquet
 
     data = {"path": path, "schema": schema, "columns": columns}
-    records = ingest(C.parse_section(C.DataConfig, data, "data"))
+    data |= {"split": split, "subset": subset, "chunk_rows": chunk_rows}
+    records = ingest_to_parquet(C.parse_section(C.DataConfig, data, "data"))
     log.info("ingested %d records", len(records))
     return records
 
 
-def validate_records(
-    records: pd.DataFrame, validation: dict[str, Any]
-) -> tuple[pd.DataFrame, list[dict[str, Any]], dict[str, Any]]:
-    from sft_pipeline.validation import validate
+def validate_records(records, validation: dict[str, Any]):
+    from sft_pipeline.validation import validate_stream
 
-    return validate(records, C.parse_section(C.ValidationConfig, validation, "validation"))
+    return validate_stream(records, C.parse_section(C.ValidationConfig, validation, "validation"))
 
 
 def split_records(
-    valid_records: pd.DataFrame,
+    valid_records,
     validation_report: dict[str, Any],
     eval_fraction: float,
     seed: int,
     max_rejected_fraction: float,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+):
     from sft_pipeline.hooks import artifact_path
-    from sft_pipeline.splitting import split
+    from sft_pipeline.splitting import split_stream
     from sft_pipeline.validation import check_rejected_fraction
 
     # The gate runs here, after validate_records has saved the rejects, so the error can point
@@ -57,7 +63,7 @@ def split_records(
         artifact_path("rejected_records"),
     )
     data = {"eval_fraction": eval_fraction, "seed": seed}
-    return split(valid_records, C.parse_section(C.DataConfig, data, "data"))
+    return split_stream(valid_records, C.parse_section(C.DataConfig, data, "data"))
 
 
 def prepare_base_model(model: dict[str, Any]):
@@ -67,34 +73,35 @@ def prepare_base_model(model: dict[str, Any]):
 
 
 def render_conversations(
-    train_records: pd.DataFrame,
-    eval_records: pd.DataFrame,
+    train_records,
+    eval_records,
     base_model: Path,
     template: dict[str, Any],
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+):
     from sft_pipeline.model_loading import load_tokenizer
-    from sft_pipeline.templating import render_records
+    from sft_pipeline.rendering import render_stream
 
     cfg = C.parse_section(C.TemplateConfig, template, "template")
     tokenizer = load_tokenizer(base_model)
-    return render_records(train_records, tokenizer, cfg), render_records(
-        eval_records, tokenizer, cfg
+    return (
+        render_stream(train_records, tokenizer, cfg, "train_texts"),
+        render_stream(eval_records, tokenizer, cfg, "eval_texts"),
     )
 
 
 def tokenize_conversations(
-    train_texts: list[dict[str, Any]],
-    eval_texts: list[dict[str, Any]],
+    train_texts,
+    eval_texts,
     base_model: Path,
     tokenization: dict[str, Any],
 ):
     from sft_pipeline.model_loading import load_tokenizer
-    from sft_pipeline.tokenization import summarize_token_stats, tokenize_texts
+    from sft_pipeline.tokenization import summarize_token_stats, tokenize_stream
 
     cfg = C.parse_section(C.TokenizationConfig, tokenization, "tokenization")
     tokenizer = load_tokenizer(base_model)
-    train_tokens, train_rejected = tokenize_texts(train_texts, tokenizer, cfg)
-    eval_tokens, eval_rejected = tokenize_texts(eval_texts, tokenizer, cfg)
+    train_tokens, train_rejected = tokenize_stream(train_texts, tokenizer, cfg, "train_tokens")
+    eval_tokens, eval_rejected = tokenize_stream(eval_texts, tokenizer, cfg, "eval_tokens")
     stats = summarize_token_stats(
         {
             "train": (train_texts, train_tokens, train_rejected),

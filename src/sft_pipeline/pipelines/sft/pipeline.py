@@ -10,7 +10,14 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             node(
                 nodes.ingest_records,
-                inputs=["params:data.path", "params:data.schema", "params:data.columns"],
+                inputs=[
+                    "params:data.path",
+                    "params:data.schema",
+                    "params:data.columns",
+                    "params:data.split",
+                    "params:data.subset",
+                    "params:data.chunk_rows",
+                ],
                 outputs="records",
                 name="ingest_records",
             ),
