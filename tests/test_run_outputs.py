@@ -104,6 +104,19 @@ def test_live_metric_names_keep_splits_apart_and_drop_running_totals() -> None:
     assert tracking.metric_name("eval_loss", evaluation=True) == "eval/loss"
 
 
+def test_dvclive_is_our_callback_not_transformers_report_to(tmp_path: Path) -> None:
+    from sft_pipeline.config import TrainingConfig
+    from sft_pipeline.finetune.job import report_integrations
+
+    # transformers' own DVCLive callback would rewrite dvc.yaml: it must never be asked for.
+    assert report_integrations(["dvclive"]) == ["none"]
+    training = TrainingConfig(report_to=["dvclive"], live_dir=str(tmp_path / "live"))
+    (callback,) = tracking.live_callbacks(training, resuming=False)
+    assert isinstance(callback, tracking.LiveMetrics)
+    assert callback.directory == tmp_path / "live"
+    assert tracking.live_callbacks(TrainingConfig(report_to="none"), resuming=False) == []
+
+
 # ---------------------------------------------------------------------------------------------
 # Slow: one real run
 
@@ -117,7 +130,9 @@ def test_run_is_quiet_and_ends_with_metrics_and_paths(run) -> None:
     assert tail[1].split() == ["metric", "base", "tuned", "change"]
     labels = [" ".join(line.split()[:-3]) for line in tail[2:6]]
     assert labels == ["eval loss", "exact match", "ROUGE-L", "stopped by EOS"]
-    paths = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in tail[6:] if line}
+    # stdout (the summary) comes before stderr in `output`: read the labelled lines only.
+    labelled = (line.split(":", 1) for line in tail[6:] if ":" in line)
+    paths = {label: path.strip() for label, path in labelled if label in ("report", "merged model")}
     assert paths["report"].endswith(REPORT)
     assert paths["merged model"].endswith("data/06_models/merged")
     # The progress of generation, per model.
