@@ -194,6 +194,9 @@ class _JSONListParser:
                 if self._more():
                     continue  # the item may run past the block read so far
                 raise self._error(exc, "a JSON list of objects") from None
+            if end - self.pos > MAX_RECORD_BYTES:
+                line = self.lines_before + self.buf.count("\n", 0, self.pos) + 1
+                raise _too_long(self.shown, line, "a list item")
             self.pos = end
             return value
 

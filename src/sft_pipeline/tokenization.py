@@ -189,6 +189,15 @@ def _tokenize_batch(batch, tokenizer, limit: int, rejected: list, truncated: lis
     )
 
 
+def _content_parts(table: pa.Table):
+    """Bytes of a batch's content that do not depend on where batches begin and end."""
+    yield "ids", pc.list_flatten(table["input_ids"]).to_numpy().tobytes()
+    yield "labels", pc.list_flatten(table["labels"]).to_numpy().tobytes()
+    lengths = pc.list_value_length(table["input_ids"]).to_numpy(zero_copy_only=False)
+    yield "lengths", lengths.astype(np.int64).tobytes()
+    yield "record_ids", "".join(f"{r}\0" for r in table["record_id"].to_pylist()).encode()
+
+
 def _info(limit: int, truncated: list[str]) -> DatasetInfo:
     # The truncation record travels in the dataset's own metadata (saved in dataset_info.json),
     # so summarize_token_stats can report it without re-tokenizing.
@@ -247,7 +256,7 @@ def tokenize_stream(texts, tokenizer, cfg: TokenizationConfig, name: str = "toke
     limit = cfg.max_seq_length
     schema = FEATURES.arrow_schema
     path = spool_dir(name) / f"{name}.arrow"
-    digest = hashlib.sha256()
+    digests = {name: hashlib.sha256() for name in ("ids", "lengths", "labels", "record_ids")}
     progress = Progress(f"tokenize_conversations ({name})", len(texts))
     batches = (
         texts.iter_batches(cfg.batch_size)
@@ -257,16 +266,15 @@ def tokenize_stream(texts, tokenizer, cfg: TokenizationConfig, name: str = "toke
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for batch in batches:
             table = _tokenize_batch(batch, tokenizer, limit, rejected, truncated).cast(schema)
-            for column in table.columns:
-                for chunk in column.chunks:
-                    for buffer in chunk.buffers():
-                        if buffer is not None:
-                            digest.update(buffer)
+            for name, part in _content_parts(table):
+                digests[name].update(part)
             writer.write_table(table)
             progress.update(len(batch))
     progress.finish()
     _log_outcome(truncated, rejected, progress.done, limit)
-    digest.update(json.dumps(truncated).encode())
+    digest = hashlib.sha256(json.dumps(truncated).encode())
+    for part in digests.values():
+        digest.update(part.digest())
     table = MemoryMappedTable.from_file(str(path))
     dataset = Dataset(table, info=_info(limit, truncated), fingerprint=digest.hexdigest()[:16])
     return dataset, rejected
