@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import PROJECT_ROOT
 from test_finetune import _PAIRS, tokenize_pairs
 
 TRAIN_PROCESS = Path(__file__).with_name("train_process.py")
@@ -34,7 +36,15 @@ def job_files(tiny_model_dir, tiny_tokenizer, tmp_path):
     train, evaluation = tmp_path / "train_tokens", tmp_path / "eval_tokens"
     tokenize_pairs(tiny_tokenizer, _PAIRS, 4).save_to_disk(str(train))
     tokenize_pairs(tiny_tokenizer, _PAIRS, 1).save_to_disk(str(evaluation))
-    return base, train, evaluation
+    # Every process of a test runs this copy of the package: the run fingerprint covers the
+    # training code, and an edit to the working tree mid-test would (rightly) start over.
+    code = tmp_path / "code"
+    shutil.copytree(
+        PROJECT_ROOT / "src" / "sft_pipeline",
+        code / "sft_pipeline",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    return base, train, evaluation, code
 
 
 def training(output_dir: Path, **overrides) -> dict:
@@ -58,7 +68,7 @@ class TrainRun:
     """Start a training process with `spec`; `kill_when_stopped` / `finish` end it."""
 
     def __init__(self, tmp: Path, name: str, job_files, training_values: dict, **extra) -> None:
-        base, train, evaluation = job_files
+        base, train, evaluation, code = job_files
         self.out = tmp / f"out-{name}"
         self.marker = tmp / f"{name}.stopped"
         self.log = tmp / f"{name}.log"
@@ -75,7 +85,12 @@ class TrainRun:
         }
         spec_path = tmp / f"{name}.json"
         spec_path.write_text(json.dumps(spec))
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": str(code),
+        }
         with self.log.open("w") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, str(TRAIN_PROCESS), str(spec_path)],
@@ -144,7 +159,7 @@ def test_killed_after_a_checkpoint_and_during_a_save_ends_with_the_uninterrupted
 
     resumed = TrainRun(tmp_path, "resumed", job_files, values)
     summary = resumed.finish()
-    assert summary["resumed_from"].endswith("checkpoint-4")
+    assert str(summary["resumed_from"]).endswith("checkpoint-4"), resumed.output()[-4000:]
     assert summary["global_step"] == 8
     assert "skipping incomplete checkpoint" in resumed.output()
     assert "checkpoint-6" in resumed.output()
@@ -171,7 +186,9 @@ def test_length_grouped_batches_resume_exactly_when_killed_in_the_second_epoch(j
     ).kill_when_stopped()
     resumed = TrainRun(tmp_path, "resumed", job_files, values(tmp_path / "b"))
     summary = resumed.finish()
-    assert summary["resumed_from"].endswith("checkpoint-6")  # two steps into epoch 2
+    assert str(summary["resumed_from"]).endswith("checkpoint-6"), resumed.output()[
+        -4000:
+    ]  # two steps into epoch 2
     difference = max_difference(resumed.adapter(), straight.adapter())
     print(f"max |resumed - uninterrupted| adapter difference: {difference:.3g}")
     assert difference <= 1e-6
