@@ -7,6 +7,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import gguf
 import pytest
 import torch
 from conftest import build_tiny_tokenizer, save_tiny_model
@@ -138,6 +139,9 @@ def test_export_folder_lists_the_files_and_the_modelfile_uses_them(exported):
     assert summary["ollama_template"] == "chatml"
     # q8_0 stores a weight in about half the bytes of f16.
     assert summary["gguf"]["q8_0"]["bytes"] < 0.75 * summary["gguf"]["f16"]["bytes"]
+    # llama.cpp refuses a pre-tokenizer name it does not know (it spells GPT-2's "gpt-2").
+    reader = gguf.GGUFReader(out / "model-q8_0.gguf")
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
     text = (out / "Modelfile").read_text()
     assert "FROM ./model-f16.gguf\n" in text
     assert "model-q8_0.gguf" in text

@@ -152,7 +152,7 @@ def tokenizer_pre_type(tok_json: dict[str, Any]) -> str:
         )
     byte_level = steps[kinds.index("ByteLevel")]
     if kinds == ["ByteLevel"] and byte_level.get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's spelling; it refuses "gpt2" as an unknown pre-tokenizer
     if (
         kinds == ["Digits", "ByteLevel"]
         and steps[0].get("individual_digits")
