@@ -54,7 +54,8 @@ HEADER = (
 #         role: metrics          # `dvc metrics show` / `dvc exp show` (kept in the DVC cache)
 #   training_history:
 #     metadata:
-#       dvc: {role: plot, x: step, y: loss}   # a `dvc plots` data series
+#       dvc: {role: plot, x: step, y: loss,   # a `dvc plots` data series
+#             live_param: training.live_dir}  # + DVCLive's live metrics and plots folder
 #   evaluation_plots:
 #     metadata:
 #       dvc: {role: images}      # a folder of PNGs that `dvc plots show` embeds
@@ -292,6 +293,10 @@ def build_stage(node: Any, project: Project, graph: CodeGraph) -> dict[str, Any]
             plots.append({path: {k: meta[k] for k in ("x", "y") if k in meta}})
         else:
             outs.append(path)
+        if "live_param" in meta and _reports_to_dvclive(project.params):
+            live = param_value(project.params, meta["live_param"])
+            metrics.append(f"{live}/metrics.json")
+            plots.append({f"{live}/plots/metrics": {"x": "step"}})
         if "persist_param" in meta:
             persistent.append(param_value(project.params, meta["persist_param"]))
     outs.extend({folder: {"persist": True, "cache": False}} for folder in persistent)
@@ -322,6 +327,13 @@ def param_value(params: Mapping[str, Any], dotted: str) -> Any:
         raise DvcGenerationError(f"{dotted!r}: unknown parameter section {section!r}")
     model = SFTParameters.model_fields[section].annotation
     return getattr(_section(params, model, section), key)
+
+
+def _reports_to_dvclive(params: Mapping[str, Any]) -> bool:
+    # DVCLive writes its folder only when it is a tracker of the run; an out that is never
+    # written would fail the stage.
+    report_to = param_value(params, "training.report_to")
+    return "dvclive" in ([report_to] if isinstance(report_to, str) else report_to)
 
 
 def _check_names(nodes: Sequence[Any]) -> None:

@@ -55,6 +55,7 @@ _NO_EFFECT_ON_WEIGHTS = frozenset(
         "output_dir",
         "resume",
         "report_to",
+        "live_dir",
         "logging_steps",
         "save_steps",
         "save_total_limit",
