@@ -131,6 +131,8 @@ def _data_files(params: Mapping[str, Any], root: Path) -> list[str]:
     value = _section(params, DataConfig, "data").path
     found: list[str] = []
     for pattern in [value] if isinstance(value, str) else value:
+        if pattern.startswith("hf://"):
+            continue  # a Hub dataset: pinned by the `@<commit>` in the parameter itself
         if glob.has_magic(pattern):
             base = root if not Path(pattern).is_absolute() else Path("/")
             matches = sorted(glob.glob(pattern, root_dir=base, recursive=True))
