@@ -11,11 +11,13 @@ import pandas as pd
 import pytest
 
 from sft_pipeline import readers, streams
+from sft_pipeline.artifact_io import ArrowDataset
 from sft_pipeline.config import DataConfig, TokenizationConfig, ValidationConfig
 from sft_pipeline.errors import InputFileError
 from sft_pipeline.ingestion import ingest, ingest_to_parquet
 from sft_pipeline.splitting import split, split_stream
-from sft_pipeline.tokenization import tokenize_stream, tokenize_texts
+from sft_pipeline.token_files import tokenize_stream
+from sft_pipeline.tokenization import tokenize_texts
 from sft_pipeline.validation import validate, validate_stream
 
 FIXTURE_FILES = [
@@ -78,10 +80,16 @@ def test_streamed_tokens_equal_in_memory_ones_as_int32(tiny_tokenizer, tmp_path)
     assert streamed.to_list() == in_memory.to_list()
     assert str(streamed.features["input_ids"].feature.dtype) == "int32"
     other, _ = tokenize_stream(rows, tiny_tokenizer, TokenizationConfig(max_seq_length=24))
-    streamed.save_to_disk(str(tmp_path / "a"))
-    other.save_to_disk(str(tmp_path / "b"))
-    for file in sorted(p.name for p in (tmp_path / "a").iterdir()):
+    # The spooled save_to_disk folder is moved into place; another batch size, the same bytes.
+    ArrowDataset(str(tmp_path / "a")).save(streamed)
+    ArrowDataset(str(tmp_path / "b")).save(other)
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == ["data-00000-of-00001.arrow", "dataset_info.json", "state.json"]
+    for file in files:
         assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
+    loaded = ArrowDataset(str(tmp_path / "a")).load()
+    assert loaded.to_list() == in_memory.to_list()
+    assert json.loads(loaded.info.description)["truncated_record_ids"] == ["9", "10", "11"]
 
 
 def _conv(user: str, assistant: str) -> list[dict[str, str]]:

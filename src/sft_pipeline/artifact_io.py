@@ -23,7 +23,13 @@ from kedro.io import AbstractDataset
 from kedro_datasets._typing import HTMLPreview, ImagePreview, JSONPreview, TablePreview
 
 from sft_pipeline.atomic import atomic_path, write_text
-from sft_pipeline.streams import JSONLines, RecordTable, write_json_lines, write_records
+from sft_pipeline.streams import (
+    JSONLines,
+    RecordTable,
+    move_into,
+    write_json_lines,
+    write_records,
+)
 
 # A preview cell longer than this is cut: a table row should fit on a screen.
 PREVIEW_CELL_CHARS = 300
@@ -147,7 +153,13 @@ class ArrowDataset(_FileDataset):
 
     def save(self, data) -> None:
         with atomic_path(self._filepath, is_dir=True) as tmp:
-            data.save_to_disk(str(tmp))
+            spooled = getattr(data, "spooled_folder", None)
+            if spooled is not None and Path(spooled).is_dir():
+                # Already a save_to_disk folder (tokenize_stream): moved, never read again.
+                for path in sorted(Path(spooled).iterdir()):
+                    move_into(path, tmp / path.name)
+            else:
+                data.save_to_disk(str(tmp))
 
     def preview(self, nrows: int = 5) -> TablePreview:
         dataset = self.load()

@@ -297,7 +297,7 @@ def read_parquet(path: Path, shown: str, batch_rows: int) -> Iterator[Row]:
     import pyarrow.parquet as pq
 
     try:
-        parquet = pq.ParquetFile(path, memory_map=True)
+        parquet = pq.ParquetFile(path)
     except OSError as exc:
         if isinstance(exc, FileNotFoundError | PermissionError):
             raise InputFileError(shown, f"cannot be read: {exc.strerror or exc}") from None

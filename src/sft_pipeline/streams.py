@@ -101,7 +101,8 @@ class RecordTable:
 
     def iter_batches(self, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
         """One batch per row group (bounded: `ROW_GROUP_ROWS` rows when written here)."""
-        parquet = pq.ParquetFile(self.path, memory_map=True)
+        # Buffered reads, not a memory map: mapped pages would count as memory.
+        parquet = pq.ParquetFile(self.path)
         for index in range(parquet.num_row_groups):
             yield from parquet.read_row_group(index, columns=columns).to_batches()
 

@@ -189,15 +189,6 @@ def _tokenize_batch(batch, tokenizer, limit: int, rejected: list, truncated: lis
     )
 
 
-def _content_parts(table: pa.Table):
-    """Bytes of a batch's content that do not depend on where batches begin and end."""
-    yield "ids", pc.list_flatten(table["input_ids"]).to_numpy().tobytes()
-    yield "labels", pc.list_flatten(table["labels"]).to_numpy().tobytes()
-    lengths = pc.list_value_length(table["input_ids"]).to_numpy(zero_copy_only=False)
-    yield "lengths", lengths.astype(np.int64).tobytes()
-    yield "record_ids", "".join(f"{r}\0" for r in table["record_id"].to_pylist()).encode()
-
-
 def _info(limit: int, truncated: list[str]) -> DatasetInfo:
     # The truncation record travels in the dataset's own metadata (saved in dataset_info.json),
     # so summarize_token_stats can report it without re-tokenizing.
@@ -238,48 +229,6 @@ def tokenize_texts(
     return Dataset.from_dict(columns, features=FEATURES, info=_info(limit, truncated)), rejected
 
 
-def tokenize_stream(texts, tokenizer, cfg: TokenizationConfig, name: str = "tokens"):
-    """`tokenize_texts` over a `JSONLines` handle (or list) batch by batch, written as an Arrow
-    stream to a spool file; returns (memory-mapped Dataset, rejected rows).
-
-    The dataset's fingerprint is a sha256 of its token bytes, so `save_to_disk` of the same
-    tokens is byte-identical, whatever the batch size."""
-    import hashlib
-
-    from datasets.table import MemoryMappedTable
-
-    from sft_pipeline.streams import Progress, spool_dir
-
-    _require_fast(tokenizer)
-    rejected: list[dict[str, str]] = []
-    truncated: list[str] = []
-    limit = cfg.max_seq_length
-    schema = FEATURES.arrow_schema
-    path = spool_dir(name) / f"{name}.arrow"
-    digests = {name: hashlib.sha256() for name in ("ids", "lengths", "labels", "record_ids")}
-    progress = Progress(f"tokenize_conversations ({name})", len(texts))
-    batches = (
-        texts.iter_batches(cfg.batch_size)
-        if hasattr(texts, "iter_batches")
-        else (texts[i : i + cfg.batch_size] for i in range(0, len(texts), cfg.batch_size))
-    )
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        for batch in batches:
-            table = _tokenize_batch(batch, tokenizer, limit, rejected, truncated).cast(schema)
-            for name, part in _content_parts(table):
-                digests[name].update(part)
-            writer.write_table(table)
-            progress.update(len(batch))
-    progress.finish()
-    _log_outcome(truncated, rejected, progress.done, limit)
-    digest = hashlib.sha256(json.dumps(truncated).encode())
-    for part in digests.values():
-        digest.update(part.digest())
-    table = MemoryMappedTable.from_file(str(path))
-    dataset = Dataset(table, info=_info(limit, truncated), fingerprint=digest.hexdigest()[:16])
-    return dataset, rejected
-
-
 def _describe(values: np.ndarray) -> dict[str, float | int | None]:
     if values.size == 0:
         return {"min": None, "mean": None, "p50": None, "p95": None, "max": None}
@@ -299,11 +248,24 @@ def _truncated_ids(dataset: Dataset) -> list[str] | None:
         return None  # a dataset not made by tokenize_texts: unknown, not zero
 
 
+def _label_batches(dataset: Dataset):
+    """The record batches of a dataset's `labels`: read from its Arrow files without memory
+    mapping when it has them (mapped pages would count as the process's memory), else from
+    the table in memory."""
+    files = [f["filename"] for f in dataset.cache_files]
+    if not files or dataset._indices is not None:
+        yield from dataset.data.table.select(["labels"]).to_batches()
+        return
+    for name in files:
+        with pa.OSFile(name) as source:
+            yield from pa.ipc.open_stream(source)
+
+
 def _token_counts(dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
     """Per row: tokens and supervised tokens, by Arrow compute over the table's batches."""
     lengths, supervised = [], []
-    for batch in dataset.data.table.select(["labels"]).to_batches():
-        labels = batch.column(0)
+    for batch in _label_batches(dataset):
+        labels = batch.column("labels")
         lengths.append(pc.list_value_length(labels).to_numpy(zero_copy_only=False))
         flat = pc.not_equal(pc.list_flatten(labels), IGNORE_INDEX)
         rows = pc.list_parent_indices(labels).to_numpy()

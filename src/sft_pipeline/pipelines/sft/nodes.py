@@ -96,7 +96,8 @@ def tokenize_conversations(
     tokenization: dict[str, Any],
 ):
     from sft_pipeline.model_loading import load_tokenizer
-    from sft_pipeline.tokenization import summarize_token_stats, tokenize_stream
+    from sft_pipeline.token_files import tokenize_stream
+    from sft_pipeline.tokenization import summarize_token_stats
 
     cfg = C.parse_section(C.TokenizationConfig, tokenization, "tokenization")
     tokenizer = load_tokenizer(base_model)
