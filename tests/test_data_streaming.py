@@ -39,12 +39,15 @@ def test_chunked_and_whole_file_ingestion_write_identical_bytes(fixtures_dir, na
     assert records_bytes(path, 7) == records_bytes(path, 10**6)
 
 
-def test_streamed_validation_and_split_equal_the_in_memory_ones(tmp_path, monkeypatch):
-    monkeypatch.setattr(streams, "ROW_GROUP_ROWS", 4)  # many chunks, duplicates across them
+@pytest.mark.parametrize(("group_rows", "chunk_rows"), [(1, 1), (4, 3), (4096, 10_000)])
+def test_streamed_validation_and_split_equal_the_in_memory_ones(
+    tmp_path, monkeypatch, group_rows, chunk_rows
+):
+    monkeypatch.setattr(streams, "ROW_GROUP_ROWS", group_rows)  # duplicates across chunks
     rows = [{"prompt": f"q{i % 7}", "response": "a" if i % 5 else ""} for i in range(30)]
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    cfg = DataConfig(path=str(path), chunk_rows=3)
+    cfg = DataConfig(path=str(path), chunk_rows=chunk_rows)
     table = ingest_to_parquet(cfg)
     frame = ingest(cfg)
     pd.testing.assert_frame_equal(table.to_pandas(), frame, check_dtype=False)

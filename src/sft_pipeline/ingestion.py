@@ -121,9 +121,9 @@ def _walk_glob(pattern: str) -> list[Path]:
             dirs[:] = []
             continue
         seen.add(real)
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # as glob: no hidden folders
         rel = os.path.relpath(folder, base or "/")
-        for name in [*dirs, *files]:
+        for name in [*dirs, *(f for f in files if not f.startswith("."))]:
             relpath = name if rel == "." else f"{rel}/{name}"
             if regex.match(relpath):
                 found.append(Path(folder) / name)
