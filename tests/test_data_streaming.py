@@ -229,3 +229,11 @@ def test_hub_dataset_missing_from_the_cache_says_how_to_get_it(hub_cache):
         ingest(DataConfig(path="hf://datasets/owner/absent"))
     with pytest.raises(InputFileError, match=r"no files for split 'validation'"):
         ingest(DataConfig(path="hf://datasets/owner/alpaca", split="validation"))
+
+
+@pytest.mark.parametrize("block", [7, 4096])
+def test_json_lists_stream_item_by_item_across_block_boundaries(fixtures_dir, monkeypatch, block):
+    monkeypatch.setattr(readers, "_BLOCK", block)
+    path = fixtures_dir / "datasets" / "llamafactory" / "kto_en_demo.json"
+    items = [row for _number, row in readers.read_json(path, path.name)]
+    assert items == json.loads(path.read_text(encoding="utf-8"))
