@@ -68,17 +68,9 @@ def save_family_model(path: Path, family: str, fixtures: Path) -> Path:
     return path
 
 
-# Phi-2's tokenizer has no token to pad with but its EOS, so the merge adds one; the shard-wise
-# merge grows the embedding and head weights but not the head's bias (Phi has one), and the
-# merged folder then fails to load. Strict: this turns into a failure once that is fixed.
-PHI_HEAD_BIAS = pytest.mark.xfail(
-    strict=True, reason="shard-wise merge does not grow lm_head.bias with the vocabulary"
-)
-
-
 @pytest.mark.parametrize(
     "family",
-    [pytest.param(f, marks=PHI_HEAD_BIAS) if f == "phi" else f for f in sorted(FAMILIES)],
+    sorted(FAMILIES),
 )
 def test_family_fine_tunes_through_the_pipeline_and_merges_exactly(
     family, tmp_path, fixtures_dir, monkeypatch

@@ -282,7 +282,11 @@ class ShardwiseMerge:
         keys = []
         reader = _Reader(self.weights_dir, self.mapping)
         for name in self.mapping:
-            if name.endswith(".weight") and re.search(r"embed|lm_head|wte|output", name):
+            # Vocabulary-sized tensors: embeddings, the LM head and its bias (Phi-2 has one).
+            is_head_bias = name.endswith(".bias") and re.search(r"lm_head|output", name)
+            if (name.endswith(".weight") and re.search(r"embed|lm_head|wte|output", name)) or (
+                is_head_bias
+            ):
                 if name in self.quantized:
                     continue
                 replaced = self.adapter.replaced.get(name)
@@ -326,8 +330,10 @@ class ShardwiseMerge:
             tensor = delta.apply(tensor)
         if name in self.embedding_keys and tensor.shape[0] < self.vocab_size:
             extra = self.vocab_size - tensor.shape[0]
+            # New rows are the mean of the old ones, as transformers' resize_token_embeddings
+            # initializes them (for the head's bias too).
             mean = tensor.to(torch.float32).mean(dim=0, keepdim=True).to(tensor.dtype)
-            tensor = torch.cat([tensor, mean.expand(extra, -1)])
+            tensor = torch.cat([tensor, mean.expand(extra, *tensor.shape[1:])])
         return tensor.contiguous()
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
