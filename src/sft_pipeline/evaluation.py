@@ -16,6 +16,7 @@ from typing import Any
 
 from sft_pipeline.config import EvaluationConfig, QuantizationConfig
 from sft_pipeline.model_loading import load_model, load_tokenizer
+from sft_pipeline.tokenization import encode_texts
 
 log = logging.getLogger(__name__)
 
@@ -196,12 +197,11 @@ def generate(
     progress = tqdm(total=len(prompts), desc=f"generating {desc}".strip(), unit="prompt")
     with torch.inference_mode(), progress:
         for batch in _batches(order, cfg.batch_size):
-            # Prompts already hold BOS where the model expects one (templating adds it).
-            enc = tokenizer(
-                [prompts[i] for i in batch],
-                add_special_tokens=False,
-                padding=True,
-                return_tensors="pt",
+            # Tokenized exactly as training tokenized them (a leading BOS split off first, as
+            # `encode_texts` does), then left-padded.
+            ids, _ = encode_texts(tokenizer, [prompts[i] for i in batch])
+            enc = tokenizer.pad(
+                {"input_ids": ids}, padding=True, padding_side="left", return_tensors="pt"
             ).to(device)
             out = model.generate(
                 **enc,
