@@ -193,22 +193,6 @@ class ExportConfig(_Section):
         return value
 
 
-GGUFType = Literal["f32", "f16", "bf16", "q8_0"]
-
-
-class ExportConfig(_Section):
-    # GGUF files to write for llama.cpp and Ollama; empty writes none (the export is optional and
-    # a q8_0 of a 7B takes minutes and 7 GB).
-    gguf: list[GGUFType] = Field(default_factory=list)
-
-    @field_validator("gguf")
-    @classmethod
-    def _unique(cls, value: list[str]) -> list[str]:
-        if len(set(value)) != len(value):
-            raise ValueError(f"each GGUF type once, got {value}")
-        return value
-
-
 class SFTParameters(_Section):
     """All of `parameters_sft.yml`; nodes usually parse only their own sections."""
 
@@ -222,7 +206,6 @@ class SFTParameters(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
-    export: ExportConfig = Field(default_factory=ExportConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
 
     @field_validator("*", mode="before")
