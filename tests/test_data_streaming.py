@@ -237,3 +237,21 @@ def test_json_lists_stream_item_by_item_across_block_boundaries(fixtures_dir, mo
     path = fixtures_dir / "datasets" / "llamafactory" / "kto_en_demo.json"
     items = [row for _number, row in readers.read_json(path, path.name)]
     assert items == json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_rendering_in_worker_processes_writes_the_same_bytes(tiny_tokenizer, tmp_path, monkeypatch):
+    from sft_pipeline import rendering
+    from sft_pipeline.config import TemplateConfig
+
+    monkeypatch.setattr(streams, "ROW_GROUP_ROWS", 3)
+    rows = [{"prompt": f"q {i}", "response": f"Paris {i}"} for i in range(20)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    records = ingest_to_parquet(DataConfig(path=str(path)))
+    monkeypatch.setenv("SFT_PIPELINE_RENDER_WORKERS", "0")
+    serial = rendering.render_stream(records, tiny_tokenizer, TemplateConfig()).path.read_bytes()
+    monkeypatch.setenv("SFT_PIPELINE_RENDER_WORKERS", "2")
+    assert rendering._workers(7) == 2
+    parallel = rendering.render_stream(records, tiny_tokenizer, TemplateConfig())
+    assert parallel.path.read_bytes() == serial
+    assert len(parallel) == 20

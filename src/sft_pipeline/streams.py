@@ -187,7 +187,8 @@ def iter_record_frames(records: Any) -> Iterator[pd.DataFrame]:
             yield records.iloc[start : start + ROW_GROUP_ROWS].reset_index(drop=True)
 
 
-def _dumps(row: Any) -> str:
+def json_line(row: Any) -> str:
+    """One JSON Lines line: UTF-8 as is (no escapes), then a newline."""
     return json.dumps(row, ensure_ascii=False) + "\n"
 
 
@@ -235,8 +236,13 @@ class JSONLinesSpool:
 
     def write(self, rows: Iterable[Any]) -> None:
         for row in rows:
-            self._file.write(_dumps(row))
+            self._file.write(json_line(row))
             self.rows += 1
+
+    def write_lines(self, block: str, rows: int) -> None:
+        """Append `rows` lines already serialized with `json_line`."""
+        self._file.write(block)
+        self.rows += rows
 
     def close(self) -> JSONLines:
         self._file.close()
@@ -251,4 +257,4 @@ def write_json_lines(data: Any, target: Path) -> None:
     rows = data.to_dict(orient="records") if isinstance(data, pd.DataFrame) else data
     with target.open("w", encoding="utf-8", newline="\n") as f:
         for row in rows:
-            f.write(_dumps(row))
+            f.write(json_line(row))
