@@ -16,6 +16,7 @@ that produced them, so the bytes depend only on the records, never on a chunk si
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
@@ -54,12 +55,17 @@ def spool_dir(prefix: str) -> Path:
 
 
 def move_into(source: Path, target: Path) -> None:
-    """Move a spooled file to `target` (a temporary sibling of the artifact)."""
+    """Move a spooled file to `target` (a temporary sibling of the artifact); a spool folder
+    left empty is removed at once, not only when the process ends."""
     try:
         os.replace(source, target)
     except OSError:  # another filesystem: copy, then drop the spool copy
         shutil.copyfile(source, target)
         source.unlink()
+    for folder in (source.parent, source.parent.parent):
+        if folder.name.startswith("sft-") or folder.parent.name.startswith("sft-"):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
 
 
 class Progress:
