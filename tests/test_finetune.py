@@ -409,7 +409,7 @@ def test_a_truncated_fingerprint_or_a_killed_write_does_not_break_the_next_run(t
 def test_length_grouped_order_depends_only_on_seed_and_epoch():
     import torch
 
-    from sft_pipeline.trainer.sft_trainer import SeededLengthGroupedSampler
+    from sft_pipeline.trainer.sampling import SeededLengthGroupedSampler
 
     lengths = [3, 9, 4, 12, 5, 7, 8, 2, 11, 6, 10, 1] * 2
     sampler = SeededLengthGroupedSampler(4, lengths, seed=42)

@@ -76,10 +76,9 @@ class ChatModel:
 
 
 def load_chat_model(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR) -> ChatModel:
-    from transformers import GenerationConfig
 
-    from sft_pipeline.export import stop_token_ids
-    from sft_pipeline.model_loading import load_model, load_tokenizer
+    from sft_pipeline.gguf_vocab import stop_token_ids
+    from sft_pipeline.model_loading import load_generation_config, load_model, load_tokenizer
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -89,10 +88,7 @@ def load_chat_model(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR) -> ChatMod
         )
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir).eval()
-    try:
-        generation_config = GenerationConfig.from_pretrained(str(model_dir))
-    except OSError:
-        generation_config = None
+    generation_config = load_generation_config(model_dir)
     return ChatModel(model, tokenizer, stop_token_ids(tokenizer, generation_config))
 
 

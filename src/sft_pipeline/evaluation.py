@@ -262,19 +262,24 @@ def _figure(title: str):
     return figure, axes
 
 
+def _finish(figure, axes, drawn: bool, empty: str, labels: tuple[str, str]):
+    """A legend for what was drawn, or a note saying there was nothing to draw; axis labels."""
+    if drawn:
+        axes.legend()
+    else:
+        axes.text(0.5, 0.5, empty, ha="center", va="center")
+    axes.set_xlabel(labels[0])
+    axes.set_ylabel(labels[1])
+    return figure
+
+
 def plot_training_history(history: list[dict[str, Any]]):
     figure, axes = _figure("Training loss")
     for key, style in (("loss", "-"), ("eval_loss", "o-")):
         points = [(h["step"], h[key]) for h in history or [] if h.get(key) is not None]
         if points:
             axes.plot(*zip(*points, strict=True), style, label=key)
-    if axes.lines:
-        axes.legend()
-    else:
-        axes.text(0.5, 0.5, "no loss logged", ha="center", va="center")
-    axes.set_xlabel("step")
-    axes.set_ylabel("loss")
-    return figure
+    return _finish(figure, axes, bool(axes.lines), "no loss logged", ("step", "loss"))
 
 
 def plot_token_lengths(token_stats: dict[str, Any]):
@@ -286,13 +291,8 @@ def plot_token_lengths(token_stats: dict[str, Any]):
         if edges and counts:
             label = f"{split} ({stats.get('rows_kept', sum(counts))} rows)"
             axes.stairs(counts, edges, fill=True, alpha=0.5, label=label)
-    if axes.patches:
-        axes.legend()
-    else:
-        axes.text(0.5, 0.5, "no length histogram in token_stats", ha="center", va="center")
-    axes.set_xlabel("tokens")
-    axes.set_ylabel("rows")
-    return figure
+    empty = "no length histogram in token_stats"
+    return _finish(figure, axes, bool(axes.patches), empty, ("tokens", "rows"))
 
 
 def plot_comparison(metrics: dict[str, Any]):

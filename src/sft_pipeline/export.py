@@ -29,6 +29,12 @@ from typing import Any
 import numpy as np
 
 from sft_pipeline.config import ExportConfig
+from sft_pipeline.gguf_vocab import (
+    ExportError,
+    add_tokenizer_metadata,
+    tokenizer_json,
+    tokenizer_pre_type,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +49,6 @@ SUPPORTED_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2
 # are reordered on the way out (transformers' GGUF loader reorders them back).
 _PERMUTE_QK = {"llama"}
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
-
-
-class ExportError(ValueError):
-    """The model cannot be written as GGUF (architecture, tokenizer or config not supported)."""
 
 
 def export_file_name(gguf_type: str) -> str:
@@ -96,7 +98,7 @@ def export(merged_dir: str | os.PathLike, cfg: ExportConfig) -> ExportedModel:
         from sft_pipeline.model_loading import load_tokenizer
 
         gguf_arch(AutoConfig.from_pretrained(str(merged_dir)))
-        tokenizer_pre_type(_tokenizer_json(load_tokenizer(merged_dir)))
+        tokenizer_pre_type(tokenizer_json(load_tokenizer(merged_dir)))
     else:
         log.info("export.gguf is empty: no GGUF written (set e.g. export.gguf: [q8_0])")
     return ExportedModel(merged_dir=merged_dir, cfg=cfg)
@@ -118,119 +120,6 @@ def gguf_arch(config) -> str:
             "embeddings are written)"
         )
     return SUPPORTED_ARCHITECTURES[model_type]
-
-
-# --- tokenizer ----------------------------------------------------------------------------------
-
-
-def _tokenizer_json(tokenizer) -> dict[str, Any]:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise ExportError("GGUF export needs a fast tokenizer (tokenizer.json)")
-    return json.loads(backend.to_str())
-
-
-# llama.cpp names the regex that splits text before byte-level BPE; these are the splits of the
-# common families, as Hugging Face tokenizers spell them (Split + ByteLevel without its regex).
-_PREFERRED_PRE_NAMES = ("llama-bpe", "qwen2", "tekken", "gpt-4o", "qwen35")
-
-
-def tokenizer_pre_type(tok_json: dict[str, Any]) -> str:
-    """llama.cpp's `tokenizer.ggml.pre` for a byte-level BPE tokenizer, or a refusal.
-
-    A wrong pre-tokenizer name silently changes how llama.cpp splits text, so a split we cannot
-    name is refused rather than guessed.
-    """
-    model = tok_json.get("model") or {}
-    pre = tok_json.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
-    kinds = [s.get("type") for s in steps]
-    if model.get("type") != "BPE" or "ByteLevel" not in kinds:
-        raise ExportError(
-            "GGUF export supports byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2, SmolLM "
-            f"style); this one is {model.get('type')} with pre-tokenizer {kinds}"
-        )
-    byte_level = steps[kinds.index("ByteLevel")]
-    if kinds == ["ByteLevel"] and byte_level.get("use_regex", True):
-        return "gpt-2"  # llama.cpp's spelling; it refuses "gpt2" as an unknown pre-tokenizer
-    if (
-        kinds == ["Digits", "ByteLevel"]
-        and steps[0].get("individual_digits")
-        and byte_level.get("use_regex", True)
-    ):
-        return "smollm"
-    if kinds == ["Split", "ByteLevel"] and not byte_level.get("use_regex", True):
-        pattern = (steps[0].get("pattern") or {}).get("Regex")
-        try:
-            from transformers.integrations.gguf.gguf_tokenizer_mapping import (
-                GGUF_PRE_TOKENIZER_SPLITS,
-            )
-        except ImportError:  # the table moved: refuse rather than guess
-            GGUF_PRE_TOKENIZER_SPLITS = {}
-        names = [n for n, regex in GGUF_PRE_TOKENIZER_SPLITS.items() if regex == pattern]
-        for name in (*_PREFERRED_PRE_NAMES, *names):
-            if name in names:
-                return name
-    raise ExportError(
-        f"GGUF export cannot name this tokenizer's pre-tokenizer ({kinds}) for llama.cpp; "
-        "supported: GPT-2's byte-level split, SmolLM's digit split, and the Llama 3 / Qwen2 "
-        "style regex splits"
-    )
-
-
-@dataclass(frozen=True)
-class GGUFVocab:
-    tokens: list[str]
-    token_types: list[int]
-    merges: list[str]
-    pre: str
-
-
-def gguf_vocab(tokenizer, vocab_size: int) -> GGUFVocab:
-    """Tokens by id (padded to the embedding rows), their kinds, merges and pre-tokenizer."""
-    import gguf
-
-    tok_json = _tokenizer_json(tokenizer)
-    pre = tokenizer_pre_type(tok_json)
-    vocab = tokenizer.get_vocab()
-    if len(vocab) > vocab_size:
-        raise ExportError(
-            f"tokenizer has {len(vocab)} tokens but the model only {vocab_size} embedding rows"
-        )
-    by_id = {i: t for t, i in vocab.items()}
-    added = tokenizer.added_tokens_decoder
-    tokens: list[str] = []
-    types: list[int] = []
-    for token_id in range(vocab_size):
-        if token_id not in by_id:
-            # Embedding rows past the tokenizer (padded vocabularies) get placeholder names,
-            # as llama.cpp requires one token per row.
-            tokens.append(f"[PAD{token_id}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif token_id in added:
-            tokens.append(added[token_id].content)
-            special = added[token_id].special
-            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
-        else:
-            tokens.append(by_id[token_id])
-            types.append(gguf.TokenType.NORMAL)
-    merges = []
-    for merge in tok_json["model"].get("merges") or []:
-        pair = merge.split(" ") if isinstance(merge, str) else merge
-        if any(" " in part for part in pair):
-            raise ExportError("GGUF export: a merge with a literal space cannot be written")
-        merges.append(" ".join(pair))
-    return GGUFVocab(tokens, [int(t) for t in types], merges, pre)
-
-
-def _chat_template(tokenizer) -> str | None:
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):
-        template = template.get("default")
-    return template or None
-
-
-# --- tensors ------------------------------------------------------------------------------------
 
 
 def _weight_files(model_dir: Path) -> list[Path]:
@@ -364,44 +253,6 @@ def _add_model_metadata(writer, config, arch: str, gguf_type: str) -> None:
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _add_tokenizer_metadata(writer, tokenizer, generation_config, vocab_size: int) -> None:
-    from sft_pipeline.templating import tokenizer_adds_bos
-
-    vocab = gguf_vocab(tokenizer, vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(vocab.pre)
-    writer.add_token_list(vocab.tokens)
-    writer.add_token_types(vocab.token_types)
-    writer.add_token_merges(vocab.merges)
-    if tokenizer.bos_token_id is not None:
-        writer.add_bos_token_id(tokenizer.bos_token_id)
-    eos_ids = stop_token_ids(tokenizer, generation_config)
-    writer.add_eos_token_id(eos_ids[0])
-    if len(eos_ids) > 1:
-        # llama.cpp stops at EOS and at the end-of-turn token the chat template writes.
-        writer.add_eot_token_id(eos_ids[1])
-    if tokenizer.unk_token_id is not None:
-        writer.add_unk_token_id(tokenizer.unk_token_id)
-    if tokenizer.pad_token_id is not None:
-        writer.add_pad_token_id(tokenizer.pad_token_id)
-    writer.add_add_bos_token(tokenizer_adds_bos(tokenizer))
-    writer.add_add_eos_token(False)
-    template = _chat_template(tokenizer)
-    if template:
-        writer.add_chat_template(template)
-
-
-def stop_token_ids(tokenizer, generation_config) -> list[int]:
-    """The tokenizer's EOS first, then every other id generation stops at."""
-    configured = getattr(generation_config, "eos_token_id", None)
-    configured = [configured] if isinstance(configured, int) else list(configured or [])
-    first = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids = list(dict.fromkeys([*first, *configured]))
-    if not ids:
-        raise ExportError("the model defines no EOS token: generation would never stop")
-    return ids
-
-
 # --- writing ------------------------------------------------------------------------------------
 
 
@@ -409,9 +260,9 @@ def write_gguf(model_dir: str | os.PathLike, target: str | os.PathLike, gguf_typ
     """Write the model in `model_dir` (safetensors + tokenizer) to one GGUF file of `gguf_type`."""
     import gguf
     from safetensors import safe_open
-    from transformers import AutoConfig, GenerationConfig
+    from transformers import AutoConfig
 
-    from sft_pipeline.model_loading import load_tokenizer
+    from sft_pipeline.model_loading import load_generation_config, load_tokenizer
 
     if gguf_type not in GGUF_TYPES:
         raise ExportError(f"GGUF type {gguf_type!r} not supported; supported: {GGUF_TYPES}")
@@ -419,16 +270,13 @@ def write_gguf(model_dir: str | os.PathLike, target: str | os.PathLike, gguf_typ
     config = AutoConfig.from_pretrained(str(model_dir))
     arch = gguf_arch(config)
     tokenizer = load_tokenizer(model_dir)
-    try:
-        generation_config = GenerationConfig.from_pretrained(str(model_dir))
-    except OSError:
-        generation_config = None
+    generation_config = load_generation_config(model_dir)
     plan = _plan_tensors(model_dir, config, arch, gguf_type)
 
     writer = gguf.GGUFWriter(str(target), arch)
     try:
         _add_model_metadata(writer, config, arch, gguf_type)
-        _add_tokenizer_metadata(writer, tokenizer, generation_config, config.vocab_size)
+        add_tokenizer_metadata(writer, tokenizer, generation_config, config.vocab_size)
         for t in plan:
             writer.add_tensor_info(
                 t.gguf_name,

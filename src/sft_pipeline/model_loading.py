@@ -154,3 +154,13 @@ def load_model(
         stored = manifest.get("dtype")
         kwargs["dtype"] = dtype or (device.torch_dtype(stored) if stored in _DTYPES else "auto")
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def load_generation_config(model_dir: str | os.PathLike):
+    """The folder's `GenerationConfig`, or None when it has no generation_config.json."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(str(model_dir))
+    except OSError:
+        return None

@@ -142,17 +142,13 @@ def modelfile(
     model_dir: str | os.PathLike, gguf_name: str, others: list[str]
 ) -> tuple[str, str | None]:
     """(Modelfile text, name of the translated chat layout or None) for one exported GGUF."""
-    from transformers import GenerationConfig
 
-    from sft_pipeline.export import stop_token_ids
-    from sft_pipeline.model_loading import load_tokenizer
+    from sft_pipeline.gguf_vocab import stop_token_ids
+    from sft_pipeline.model_loading import load_generation_config, load_tokenizer
 
     model_dir = Path(model_dir)
     tokenizer = load_tokenizer(model_dir)
-    try:
-        generation_config = GenerationConfig.from_pretrained(str(model_dir))
-    except OSError:
-        generation_config = None
+    generation_config = load_generation_config(model_dir)
     lines = [
         "# Ollama Modelfile of the fine-tuned model: `ollama create NAME -f Modelfile`, then",
         "# `ollama run NAME`.",

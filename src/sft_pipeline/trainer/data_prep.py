@@ -44,6 +44,7 @@ from typing import Any
 from datasets import Dataset, IterableDataset
 
 from sft_pipeline.labels import IGNORE_INDEX
+from sft_pipeline.trainer.formatting import Formatter
 from sft_pipeline.trainer.packing import pack_rows
 from sft_pipeline.trainer.sft_config import SFTConfig
 
@@ -175,8 +176,9 @@ class RowEncoder:
             )
         if self.kind == PRETOKENIZED and formatting_func is not None:
             log.warning("%s is already tokenized (input_ids): formatting_func is ignored", name)
-        self._format = _Formatter(formatting_func, first) if formatting_func else None
-        self.renderer = Renderer(tokenizer, TemplateConfig())
+        self._format = Formatter(formatting_func, first) if formatting_func else None
+        # Pre-tokenized rows are never rendered (and may come with a minimal tokenizer).
+        self.renderer = None if self.kind == PRETOKENIZED else Renderer(tokenizer, TemplateConfig())
         self.every_token = self._trains_every_token()
         log.info(
             "%s: %s data%s; loss on %s",
@@ -290,42 +292,6 @@ class RowEncoder:
 
 def _message(message: dict[str, Any]) -> dict[str, Any]:
     return {"role": message["role"], "content": message["content"]}
-
-
-class _Formatter:
-    """Calls `formatting_func` per row (returning a string, TRL today) or per batch (returning a
-    list of strings, older TRL), whichever the function does on the first row."""
-
-    def __init__(self, func: Callable, first: dict[str, Any]):
-        self.func = func
-        try:
-            self.batched = not isinstance(func(first), str)
-        except Exception as row_error:
-            # A batch function indexing a row's strings as lists: it must work on a batch of one,
-            # else the function itself is broken and its own error is the one to see.
-            try:
-                func({key: [value] for key, value in first.items()})
-            except Exception:
-                raise row_error from None
-            self.batched = True
-
-    def __call__(self, rows: list[dict[str, Any]]) -> list[str]:
-        if not self.batched:
-            return [self._check(self.func(row)) for row in rows]
-        texts = self.func({key: [row[key] for row in rows] for key in rows[0]})
-        if not isinstance(texts, list) or len(texts) != len(rows):
-            raise ValueError(
-                "formatting_func must return a string for a row, or a list of one string per "
-                f"row for a batch; for a batch of {len(rows)} rows it returned "
-                f"{type(texts).__name__} {texts!r:.80}"
-            )
-        return [self._check(text) for text in texts]
-
-    @staticmethod
-    def _check(text: Any) -> str:
-        if not isinstance(text, str):
-            raise TypeError(f"formatting_func returned {type(text).__name__}, expected str")
-        return text
 
 
 def _schema_for(column_names: list[str], text_field: str, name: str) -> tuple[str, dict[str, str]]:

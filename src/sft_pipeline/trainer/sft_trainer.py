@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,11 +25,12 @@ from datasets import Dataset, IterableDataset
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
-from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from sft_pipeline.trainer.collator import DataCollatorForSFT
 from sft_pipeline.trainer.data_prep import prepare_dataset
 from sft_pipeline.trainer.loss import causal_lm_loss, shift, unwrap
+from sft_pipeline.trainer.running_metrics import RunningMetrics
+from sft_pipeline.trainer.sampling import SeededLengthGroupedSampler, row_lengths
 from sft_pipeline.trainer.sft_config import SFTConfig
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ class SFTTrainer(Trainer):
         # them and must not divide by the accumulation steps again.
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
-        self._sft_metrics = {"train": _Window(), "eval": _Window()}
+        self._sft_metrics = {"train": RunningMetrics(), "eval": RunningMetrics()}
         self._eval_prefix = "eval"
 
     # ------------------------------------------------------------------ data order
@@ -293,100 +293,6 @@ class SFTTrainer(Trainer):
 
 
 TRAINING_ARGS_JSON = "training_args.json"
-
-
-class SeededLengthGroupedSampler(LengthGroupedSampler):
-    """Length-grouped order (random mega-batches, each sorted by length) from its own generator.
-
-    The order of epoch e is drawn from a generator seeded with `seed + e`, never from the global
-    RNG, which dropout and model building advance: a run resumed mid-epoch (the trainer skips
-    the batches already trained) replays exactly the order the interrupted run was following,
-    and every process of a distributed run draws the same order.
-    """
-
-    def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
-        super().__init__(batch_size, lengths=lengths)
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
-
-
-def row_lengths(dataset: Dataset, length_column: str) -> list[int]:
-    """Tokens per row, from the length column when there is one (columnar, no row decoding)."""
-    import pyarrow.compute as pc
-
-    table = dataset.with_format("arrow")
-    if length_column in dataset.column_names:
-        return table[length_column].to_pylist()
-    return pc.list_value_length(table["input_ids"]).to_pylist()
-
-
-class _Window:
-    """Token counts since the last log (kept as tensors: no device sync per step)."""
-
-    def __init__(self) -> None:
-        self.total_tokens = 0
-        self.total_supervised = 0
-        self.started = None
-        self._reset()
-
-    def _reset(self) -> None:
-        self.loss_sum = self.correct = self.supervised = self.tokens = 0
-
-    def continue_from(self, log_history: list[dict[str, float]]) -> None:
-        logged = [entry for entry in log_history if "num_tokens" in entry]
-        if logged:
-            self.total_tokens = int(logged[-1]["num_tokens"])
-            self.total_supervised = int(logged[-1]["supervised_tokens"])
-
-    def add(self, loss_sum, correct, supervised, tokens) -> None:
-        if self.started is None:
-            self.started = time.perf_counter()
-        self.loss_sum += loss_sum
-        self.correct += correct
-        self.supervised += supervised
-        self.tokens += tokens
-
-    def reduce(self, accelerator) -> None:
-        counts = torch.tensor(
-            [float(v) for v in (self.loss_sum, self.correct, self.supervised, self.tokens)],
-            dtype=torch.float64,
-            device=accelerator.device,
-        )
-        total = accelerator.reduce(counts, reduction="sum").tolist()
-        self.loss_sum, self.correct = total[0], int(total[1])
-        self.supervised, self.tokens = int(total[2]), int(total[3])
-
-    def flush(self, prefix: str) -> dict[str, float]:
-        supervised = int(self.supervised)
-        if supervised == 0:
-            return {}
-        tokens = int(self.tokens)
-        self.total_tokens += tokens
-        self.total_supervised += supervised
-        out = {
-            "mean_token_accuracy": float(self.correct) / supervised,
-            "num_tokens": float(self.total_tokens),
-            "supervised_tokens": float(self.total_supervised),
-        }
-        now = time.perf_counter()
-        if prefix:
-            # Token-weighted mean over the whole eval set (Trainer's is a mean of batch means).
-            out["loss"] = float(self.loss_sum) / supervised
-            self.started = None
-        else:
-            elapsed = max(now - self.started, 1e-9)
-            out["tokens_per_second"] = tokens / elapsed
-            out["supervised_tokens_per_second"] = supervised / elapsed
-            self.started = now
-        self._reset()
-        return {prefix + key: value for key, value in out.items()}
 
 
 def _sft_args(args: TrainingArguments | None, model) -> SFTConfig:

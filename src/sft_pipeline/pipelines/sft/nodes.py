@@ -194,24 +194,12 @@ def evaluate_model(
     )
 
 
-def report_run(
-    metrics: dict[str, Any],
-    training_history: list[dict[str, Any]],
-    training_summary: dict[str, Any],
-    token_stats: dict[str, Any],
-    validation_report: dict[str, Any],
-    eval_generations: list[dict[str, Any]],
-) -> str:
+def report_run(*reports: Any) -> str:
+    """metrics, training_history, training_summary, token_stats, validation_report and
+    eval_generations (the pipeline's order) -> the report page."""
     from sft_pipeline.report import render_report
 
-    return render_report(
-        metrics,
-        training_history,
-        training_summary,
-        token_stats,
-        validation_report,
-        eval_generations,
-    )
+    return render_report(*reports)
 
 
 def export_model(merged_model: Path, export: dict[str, Any]):
