@@ -2,7 +2,7 @@
 
 Builds (once, in a temporary folder unless `--work` is given) a random Llama of about 0.5B
 parameters in bf16, saved in 200 MB safetensors shards, and a rank-16 LoRA on all linear layers.
-Each merge then runs in its own subprocess so that its peak RSS (`ru_maxrss`) is its own:
+Each merge then runs in its own subprocess so that its peak RSS (VmHWM) is its own:
 
     ours   ShardwiseMerge(base, adapter).save_pretrained(out)         one shard at a time
     peft   from_pretrained(base, bf16) + PeftModel + merge_and_unload  the whole model
@@ -70,10 +70,22 @@ def merge_peft(base: str, adapter: str, out: str) -> None:
     merged.save_pretrained(out)
 
 
+def _peak_rss() -> int:
+    """This process's peak RSS in bytes: VmHWM of its own address space.
+
+    Not `getrusage(RUSAGE_SELF).ru_maxrss`: Linux carries the parent's peak across fork + exec
+    into it, so a child started by a parent that built a 3 GiB model reports at least 3 GiB.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def child(which: str, base: str, adapter: str, out: str) -> None:
     start = time.perf_counter()
     {"ours": merge_ours, "peft": merge_peft}[which](base, adapter, out)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    peak = _peak_rss()
     print(json.dumps({"peak_rss": peak, "seconds": time.perf_counter() - start}))
 
 

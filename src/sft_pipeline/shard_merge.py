@@ -178,6 +178,11 @@ class _Reader:
             self._open[shard] = safe_open(str(self.folder / shard), framework="pt")
         return self._open[shard].get_tensor(name)
 
+    def close(self) -> None:
+        """Drop every open shard: a memory-mapped file's touched pages count as resident until
+        it is unmapped, so a reader kept open over all shards would hold the whole checkpoint."""
+        self._open.clear()
+
     def meta(self, name: str) -> tuple[str, list[int]]:
         """(safetensors dtype such as "BF16", shape) without reading the tensor."""
         self.get_slice_owner(name)
@@ -353,6 +358,7 @@ class ShardwiseMerge:
             merged_map.update(dict.fromkeys(tensors, shard))
             log.info("merged %s (%d tensors)", shard, len(tensors))
             del tensors
+            reader.close()
         if (self.weights_dir / INDEX).is_file():
             index = {"metadata": {"total_size": total_size}, "weight_map": merged_map}
             (path / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
