@@ -34,6 +34,7 @@ MANIFEST_KEYS = {
     "trust_remote_code",
     "attn_implementation",
     "tokenizer",
+    "quantization",  # bitsandbytes settings of a pre-quantized checkpoint, else None
 }
 
 
