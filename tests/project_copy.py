@@ -152,6 +152,8 @@ STAGES = (
     "train_adapter",
     "merge_adapter",
     "evaluate_model",
+    "export_model",
+    "report_run",
 )
 DATA_ARTIFACTS = (
     "data/02_intermediate/records.parquet",

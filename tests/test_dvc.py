@@ -249,7 +249,13 @@ def repro(root: Path) -> set[str]:
     return pc.ran_stages(pc.run(["dvc", "repro"], root))
 
 
-DOWNSTREAM_OF_TRAINING = {"train_adapter", "merge_adapter", "evaluate_model"}
+DOWNSTREAM_OF_TRAINING = {
+    "train_adapter",
+    "merge_adapter",
+    "evaluate_model",
+    "export_model",
+    "report_run",
+}
 FROM_TOKENIZATION = {"tokenize_conversations", *DOWNSTREAM_OF_TRAINING}
 FROM_RENDERING = {"render_conversations", *FROM_TOKENIZATION}
 
