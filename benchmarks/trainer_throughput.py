@@ -40,7 +40,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 ALPACA = Path(
     os.environ.get("SFT_BENCH_DATA")
-    or ROOT.parent / "shared" / "fixtures" / "datasets" / "llamafactory" / "alpaca_en_demo.json"
+    or Path(os.environ.get("SFT_PIPELINE_FIXTURES") or ROOT.parent / "shared" / "fixtures")
+    / "datasets"
+    / "llamafactory"
+    / "alpaca_en_demo.json"
 )
 SYSTEMS = {
     # name: (kind, precision, packing)
