@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_tokenization import supervised_runs
 
 from sft_pipeline.config import TemplateConfig, TokenizationConfig
 from sft_pipeline.templating import render_messages, render_prompt_completion, trained_template
@@ -50,21 +51,6 @@ def _tokenize(row: dict, tokenizer) -> dict:
     return dataset[0]
 
 
-def _split(example: dict) -> tuple[list[list[int]], list[int]]:
-    """(runs of supervised ids, unsupervised ids)."""
-    runs, prompt, previous = [], [], False
-    for token, label in zip(example["input_ids"], example["labels"], strict=True):
-        if label == -100:
-            prompt.append(token)
-        else:
-            assert label == token
-            if not previous:
-                runs.append([])
-            runs[-1].append(token)
-        previous = label != -100
-    return runs, prompt
-
-
 @pytest.mark.parametrize("name", BASE_TOKENIZERS)
 def test_prompt_completion_strings_are_joined_like_trl_with_exact_labels(fixtures_dir, name):
     tokenizer = _tokenizer(fixtures_dir, name)
@@ -73,7 +59,7 @@ def test_prompt_completion_strings_are_joined_like_trl_with_exact_labels(fixture
         example = _tokenize(render_prompt_completion(prompt, completion, tokenizer), tokenizer)
         # The ids the model gets for this text from its own tokenizer (BOS included where used).
         assert example["input_ids"] == tokenizer(prompt + completion + eos)["input_ids"]
-        runs, unsupervised = _split(example)
+        runs, unsupervised = supervised_runs(example)
         assert len(runs) == 1
         assert tokenizer.decode(runs[0]).strip() == (completion + eos).strip()
         assert tokenizer.decode(unsupervised, skip_special_tokens=True).strip() == prompt.strip()
@@ -92,7 +78,7 @@ def test_conversations_without_a_template_use_the_logged_plain_layout(fixtures_d
         f"{bos}Answer briefly.\n\nWhat is the capital of France? Paris.{eos}\nAnd of Spain? "
         f"Madrid.{eos}"
     )
-    runs, unsupervised = _split(_tokenize(row, tokenizer))
+    runs, unsupervised = supervised_runs(_tokenize(row, tokenizer))
     assert [tokenizer.decode(r).strip() for r in runs] == [f"Paris.{eos}", f"Madrid.{eos}"]
     prompt_text = tokenizer.decode(unsupervised)
     assert "Answer briefly." in prompt_text and "And of Spain?" in prompt_text
