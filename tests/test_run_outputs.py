@@ -220,3 +220,30 @@ def test_viz_build_with_previews_has_a_preview_on_each_dataset_kind(run) -> None
     assert kind == "ImagePreview" and image.startswith("iVBORw0KGgo")  # base64 of a PNG header
     kind, html = preview("run_report")
     assert kind == "HTMLPreview" and '<table id="metrics">' in html
+
+
+@pytest.mark.parametrize("commits", [False, True], ids=["git-without-commits", "git-with-a-commit"])
+def test_dvclive_logs_in_a_dvc_project_whose_git_repository_has_no_commit(
+    tmp_path: Path, monkeypatch, commits: bool
+) -> None:
+    # `git init && dvc init` and a first run before the first commit: DVCLive asks Git for HEAD,
+    # which an empty repository does not have. The run must log all the same.
+    from types import SimpleNamespace
+
+    for command in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+        subprocess.run(command, cwd=tmp_path, check=True)
+    if commits:
+        subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
+            cwd=tmp_path,
+            check=True,
+        )
+    monkeypatch.chdir(tmp_path)
+    callback = tracking.LiveMetrics(tmp_path / "live")
+    state = SimpleNamespace(is_world_process_zero=True, global_step=1)
+    callback.on_train_begin(None, state, None)
+    callback.on_log(None, state, None, logs={"loss": 1.5, "learning_rate": 1e-3})
+    callback.on_train_end(None, state, None)
+    summary = json.loads((tmp_path / "live/metrics.json").read_text())
+    assert summary["train"]["loss"] == 1.5 and summary["step"] == 1
+    assert not (tmp_path / "live/dvc.yaml").exists()

@@ -66,11 +66,9 @@ class LiveMetrics(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero and self.live is None:
-            from dvclive import Live
-
             # dvcyaml=False: dvc.yaml is generated from the pipeline; save_dvc_exp=False: a
             # `kedro run` is not an experiment unless the user runs it through `dvc exp run`.
-            self.live = Live(
+            self.live = _live_class()(
                 dir=str(self.directory),
                 resume=self.resume and (self.directory / "metrics.json").is_file(),
                 save_dvc_exp=False,
@@ -96,3 +94,31 @@ class LiveMetrics(TrainerCallback):
         if self.live is not None:
             self.live.end()
             self.live = None
+
+
+def _live_class() -> type:
+    """`dvclive.Live`, able to start in a Git repository that has no commit yet.
+
+    DVCLive 3.49 asks Git for HEAD before it checks for an empty repository, so `git init`,
+    `dvc init` and a first run before the first commit fail with `SCMError: Empty git repo`.
+    That case gets what DVCLive gives a project outside Git: the same files, no experiment.
+    """
+    from dvclive import Live
+    from scmrepo.exceptions import SCMError
+
+    class RepositoryTolerantLive(Live):
+        def _init_dvc(self) -> None:
+            try:
+                super()._init_dvc()
+            except SCMError as error:
+                log.warning(
+                    "DVCLive: the Git repository has no commit yet (%s); live metrics go to %s "
+                    "without DVC experiment tracking until there is one",
+                    error,
+                    self.dir,
+                )
+                self._dvc_repo = None
+                self._save_dvc_exp = False
+                self._dvc_file = self._init_dvc_file()
+
+    return RepositoryTolerantLive
