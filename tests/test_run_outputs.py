@@ -230,7 +230,7 @@ def test_dvclive_logs_in_a_dvc_project_whose_git_repository_has_no_commit(
     # which an empty repository does not have. The run must log all the same.
     from types import SimpleNamespace
 
-    for command in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+    for command in (["git", "init", "-q"], [str(pc.VENV_BIN / "dvc"), "init", "-q"]):
         subprocess.run(command, cwd=tmp_path, check=True)
     if commits:
         subprocess.run(
