@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import weakref
 from pathlib import Path
 
 import gguf
@@ -89,7 +90,7 @@ def token_match(reference, candidate, tokenizer, prompts, new_tokens: int = 32) 
             pad_token_id=tokenizer.pad_token_id,
         )
         with torch.inference_mode():
-            sequence = reference.generate(ids, **kwargs)[0]
+            sequence = _greedy(reference, ids, kwargs)
             other = candidate.generate(ids, **kwargs)[0, ids.shape[1] :].tolist()
             picks = candidate(sequence[None]).logits[0, ids.shape[1] - 1 : -1].argmax(-1)
         wanted = sequence[ids.shape[1] :].tolist()
@@ -98,6 +99,18 @@ def token_match(reference, candidate, tokenizer, prompts, new_tokens: int = 32) 
         prefix += next((k for k, (a, b) in pairs if a != b), len(wanted))
         total += len(wanted)
     return {"teacher_forced": same / total, "free_running": prefix / total}
+
+
+# The reference's greedy continuations, computed once per model for every GGUF type compared.
+_REFERENCE_SEQUENCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _greedy(reference, ids: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    cache = _REFERENCE_SEQUENCES.setdefault(reference, {})
+    key = (tuple(ids[0].tolist()), tuple(sorted(kwargs.items())))
+    if key not in cache:
+        cache[key] = reference.generate(ids, **kwargs)[0]
+    return cache[key]
 
 
 @pytest.mark.parametrize("gguf_type", ["f16", "q8_0"])
