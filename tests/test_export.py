@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import weakref
 from pathlib import Path
 
 import gguf
@@ -72,8 +71,28 @@ def chat_prompts(tokenizer) -> list[str]:
     ]
 
 
-def token_match(reference, candidate, tokenizer, prompts, new_tokens: int = 32) -> dict:
-    """How often `candidate` picks the greedy token `reference` picks.
+def greedy_runs(model, tokenizer, prompts, new_tokens: int = 32) -> list[torch.Tensor]:
+    """Per prompt: its ids followed by exactly `new_tokens` greedy tokens of `model`."""
+    runs = []
+    for text in prompts:
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        with torch.inference_mode():
+            runs.append(model.generate(ids, **_greedy_kwargs(tokenizer, new_tokens))[0])
+    return runs
+
+
+def _greedy_kwargs(tokenizer, new_tokens: int) -> dict:
+    return dict(
+        do_sample=False,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def token_match(references, candidate, tokenizer, new_tokens: int = 32) -> dict:
+    """How often `candidate` picks the greedy token the reference picked in `references`
+    (the reference's `greedy_runs` with the same `new_tokens`).
 
     `teacher_forced`: at each step of the reference's greedy continuation, the share of steps
     where the candidate's argmax (given the same prefix) is the same token. `free_running`: the
@@ -81,36 +100,18 @@ def token_match(reference, candidate, tokenizer, prompts, new_tokens: int = 32) 
     near-tie flipped early makes the rest differ, so it understates weight fidelity.
     """
     same = prefix = total = 0
-    for text in prompts:
-        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-        kwargs = dict(
-            do_sample=False,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+    for sequence in references:
+        start = sequence.shape[0] - new_tokens
+        ids = sequence[None, :start]
         with torch.inference_mode():
-            sequence = _greedy(reference, ids, kwargs)
-            other = candidate.generate(ids, **kwargs)[0, ids.shape[1] :].tolist()
-            picks = candidate(sequence[None]).logits[0, ids.shape[1] - 1 : -1].argmax(-1)
-        wanted = sequence[ids.shape[1] :].tolist()
+            other = candidate.generate(ids, **_greedy_kwargs(tokenizer, new_tokens))[0, start:]
+            picks = candidate(sequence[None]).logits[0, start - 1 : -1].argmax(-1)
+        wanted = sequence[start:].tolist()
         same += sum(int(a == b) for a, b in zip(picks.tolist(), wanted, strict=True))
-        pairs = enumerate(zip(wanted, other, strict=True))
+        pairs = enumerate(zip(wanted, other.tolist(), strict=True))
         prefix += next((k for k, (a, b) in pairs if a != b), len(wanted))
         total += len(wanted)
     return {"teacher_forced": same / total, "free_running": prefix / total}
-
-
-# The reference's greedy continuations, computed once per model for every GGUF type compared.
-_REFERENCE_SEQUENCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _greedy(reference, ids: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    cache = _REFERENCE_SEQUENCES.setdefault(reference, {})
-    key = (tuple(ids[0].tolist()), tuple(sorted(kwargs.items())))
-    if key not in cache:
-        cache[key] = reference.generate(ids, **kwargs)[0]
-    return cache[key]
 
 
 @pytest.mark.parametrize("gguf_type", ["f16", "q8_0"])
@@ -139,7 +140,8 @@ def test_greedy_generation_matches_the_merged_model(exported, gguf_type, capsys)
     reference = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(merged)
     candidate, _ = load_gguf(out, gguf_type)
-    match = token_match(reference, candidate, tokenizer, chat_prompts(tokenizer))
+    references = greedy_runs(reference, tokenizer, chat_prompts(tokenizer))
+    match = token_match(references, candidate, tokenizer)
     with capsys.disabled():
         print(f"\n  tiny llama {gguf_type}: {match}")
     assert match["teacher_forced"] >= MIN_MATCH[gguf_type], match
@@ -181,7 +183,9 @@ def test_qwen2_exports_with_its_attention_biases(tmp_path):
     reference = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(merged)
     candidate, _ = load_gguf(tmp_path / "export", "f16")
-    match = token_match(reference, candidate, tokenizer, chat_prompts(tokenizer)[:2], 16)
+    prompts = chat_prompts(tokenizer)[:2]
+    references = greedy_runs(reference, tokenizer, prompts, 16)
+    match = token_match(references, candidate, tokenizer, 16)
     assert match["teacher_forced"] >= MIN_MATCH["f16"], match
 
 
@@ -289,12 +293,13 @@ def test_smollm2_default_exports_to_f16_and_q8_0(tmp_path, capsys):
     reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     prompts = chat_prompts(tokenizer)
+    references = greedy_runs(reference, tokenizer, prompts)  # once, for both GGUF types
     assert json.loads((out / "export.json").read_text())["ollama_template"] == "chatml"
     for gguf_type in ("f16", "q8_0"):
         candidate, gguf_tokenizer = load_gguf(out, gguf_type)
         for text in prompts:
             assert gguf_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
-        match = token_match(reference, candidate, tokenizer, prompts)
+        match = token_match(references, candidate, tokenizer)
         with capsys.disabled():
             print(f"\n  SmolLM2-135M {gguf_type}: {match}")
         assert match["teacher_forced"] >= MIN_MATCH[gguf_type], match
