@@ -17,6 +17,7 @@ queued run's temporary workspace) always holds the progress so far.
 
 from __future__ import annotations
 
+import functools
 import logging
 import numbers
 from pathlib import Path
@@ -96,12 +97,14 @@ class LiveMetrics(TrainerCallback):
             self.live = None
 
 
+@functools.cache
 def _live_class() -> type:
     """`dvclive.Live`, able to start in a Git repository that has no commit yet.
 
     DVCLive 3.49 asks Git for HEAD before it checks for an empty repository, so `git init`,
     `dvc init` and a first run before the first commit fail with `SCMError: Empty git repo`.
-    That case gets what DVCLive gives a project outside Git: the same files, no experiment.
+    DVCLive catches the DVC errors of its set-up but not Git's (`scmrepo`'s SCMError); after one,
+    it gets what DVCLive gives a project outside Git: the same files, no experiment.
     """
     from dvclive import Live
     from scmrepo.exceptions import SCMError
@@ -112,8 +115,8 @@ def _live_class() -> type:
                 super()._init_dvc()
             except SCMError as error:
                 log.warning(
-                    "DVCLive: the Git repository has no commit yet (%s); live metrics go to %s "
-                    "without DVC experiment tracking until there is one",
+                    "DVCLive could not read the Git repository (%s); live metrics go to %s "
+                    "without DVC experiment tracking",
                     error,
                     self.dir,
                 )
