@@ -34,7 +34,7 @@ def model_dir() -> Path:
     """SmolLM2-135M-Instruct as safetensors (converted once, cached); SFT_BENCH_MODEL overrides."""
     if os.environ.get("SFT_BENCH_MODEL"):
         return Path(os.environ["SFT_BENCH_MODEL"])
-    from sft_pipeline.base_model import bundled_gguf_path, convert_gguf
+    from sft_pipeline.model.base_model import bundled_gguf_path, convert_gguf
 
     return convert_gguf(bundled_gguf_path())
 

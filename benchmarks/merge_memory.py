@@ -55,7 +55,7 @@ def build(work: Path, hidden: int, layers: int) -> tuple[Path, Path]:
 
 
 def merge_ours(base: str, adapter: str, out: str) -> None:
-    from sft_pipeline.shard_merge import ShardwiseMerge
+    from sft_pipeline.export.shard_merge import ShardwiseMerge
 
     ShardwiseMerge(Path(base), Path(adapter)).save_pretrained(out)
 

@@ -5,11 +5,12 @@ One command, one run, side by side (issue 5, point 5):
     .venv/bin/python benchmarks/trainer_throughput.py            # 12 steps, every system
     .venv/bin/python benchmarks/trainer_throughput.py --quick    # 3 steps, 64 records, fp32 only
 
-Same model (SmolLM2-135M-Instruct, converted from the bundled GGUF by sft_pipeline.base_model), LoRA
-r=16 on all linear layers, the first 256 records of the Alpaca test fixture (ChatML with
-SmolLM's default system prompt; completion = output + <|im_end|>), max length 512, batch 8,
-lr 2e-4, no gradient checkpointing. Each system runs in its own subprocess so its peak RSS is its
-own. Throughput counts non-padding tokens (and supervised tokens) of the batches that optimizer
+Same model (SmolLM2-135M-Instruct, converted from the bundled GGUF by
+sft_pipeline.model.base_model), LoRA r=16 on all linear layers, the first 256 records of the
+Alpaca test fixture (ChatML with SmolLM's default system prompt; completion = output +
+<|im_end|>), max length 512, batch 8, lr 2e-4, no gradient checkpointing. Each system runs in its
+own subprocess so its peak RSS is its own. Throughput counts non-padding tokens (and supervised
+tokens) of the batches that optimizer
 steps 2..N consumed, over the wall time from the end of step 1 to the end of step N (step 1 pays
 one-off costs). The last column is the whole `train()` call. "held-out" is the completion loss
 of each trained model on the same 64 later Alpaca records, computed by one function for all
@@ -74,7 +75,7 @@ def model_dir() -> Path:
     override = os.environ.get("SFT_BENCH_MODEL")
     if override:
         return Path(override)
-    from sft_pipeline.base_model import bundled_gguf_path, convert_gguf
+    from sft_pipeline.model.base_model import bundled_gguf_path, convert_gguf
 
     return convert_gguf(bundled_gguf_path())
 
@@ -85,7 +86,7 @@ def alpaca_rows(n: int) -> list[dict]:
 
 def prompt_completion(rows: list[dict], tokenizer) -> list[dict[str, str]]:
     """TRL's prompt-completion form of the rows: the same conversation our pipeline renders."""
-    from sft_pipeline.records import to_canonical
+    from sft_pipeline.data.records import to_canonical
 
     out = []
     for row in rows:
@@ -480,7 +481,7 @@ def _bf16_pays_off(torch) -> bool:
     """bf16 rows where the hardware has bf16: a GPU, or a CPU with AVX512-BF16/AMX."""
     if torch.cuda.is_available():
         return True
-    from sft_pipeline.device import cpu_has_native_bf16
+    from sft_pipeline.model.device import cpu_has_native_bf16
 
     return cpu_has_native_bf16()
 

@@ -99,7 +99,7 @@ def make_project(
     if model_dir is not None:
         shutil.copytree(model_dir, dst / TINY_MODEL)
     elif with_model:
-        from conftest import save_tiny_model
+        from tests.conftest import save_tiny_model
 
         save_tiny_model(dst / TINY_MODEL)
     return dst

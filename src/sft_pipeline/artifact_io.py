@@ -22,8 +22,8 @@ import pandas as pd
 from kedro.io import AbstractDataset
 from kedro_datasets._typing import HTMLPreview, ImagePreview, JSONPreview, TablePreview
 
-from sft_pipeline.atomic import atomic_path, write_text
-from sft_pipeline.streams import (
+from sft_pipeline.common.atomic import atomic_path, write_text
+from sft_pipeline.data.streams import (
     JSONLines,
     RecordTable,
     move_into,

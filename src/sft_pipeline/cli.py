@@ -14,8 +14,8 @@ from typing import Any
 import click
 import yaml
 
-from sft_pipeline import dvc_stages
-from sft_pipeline.chat_cli import sft
+from sft_pipeline.export.chat_cli import sft
+from sft_pipeline.repro import dvc_stages
 
 DVC_YAML = "dvc.yaml"
 
@@ -91,7 +91,7 @@ _ENV_HELP = (
 @click.pass_obj
 def generate(metadata, env: str, output: str | None) -> None:
     """Write dvc.yaml: one stage per node of the `sft` pipeline."""
-    from sft_pipeline.atomic import write_text
+    from sft_pipeline.common.atomic import write_text
 
     project_path = Path(metadata.project_path)
     text = generate_text(project_path, env)

@@ -2,8 +2,8 @@
 
 from kedro.config import OmegaConfigLoader
 
-from sft_pipeline.hooks import ArtifactPaths, RunGuard
-from sft_pipeline.run_output import RunOutput
+from sft_pipeline.run.hooks import ArtifactPaths, RunGuard
+from sft_pipeline.run.output import RunOutput
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

@@ -14,14 +14,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from sft_pipeline import device
-from sft_pipeline.config import (
+from sft_pipeline.common.config import (
     LoraConfig,
     Method,
     QuantizationConfig,
     TrainingConfig,
     training_method,
 )
+from sft_pipeline.model import device
 
 log = logging.getLogger(__name__)
 SPEC_FILE = "job.json"
@@ -54,12 +54,12 @@ class TrainJob:
         return self.eval_tokens is not None and len(self.eval_tokens) > 0
 
     def for_this_device(self) -> TrainJob:
-        """The job with `load_in_4bit: auto` decided (`sft_pipeline.device`) and checked."""
+        """The job with `load_in_4bit: auto` decided (`sft_pipeline.model.device`) and checked."""
         quant = self.quantization
         if _base_is_prequantized(self.base_model_dir):
             # The checkpoint holds only 4-bit codes: QLoRA on them is the one method there is.
             if not self.lora.enabled or quant.load_in_4bit is False:
-                from sft_pipeline.config import ConfigError
+                from sft_pipeline.common.config import ConfigError
 
                 raise ConfigError(
                     f"{self.base_model_dir}: the base is a pre-quantized bitsandbytes 4-bit "

@@ -32,11 +32,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from sft_pipeline import device
-from sft_pipeline.atomic import write_text
+from sft_pipeline.common.atomic import write_text
 from sft_pipeline.finetune import run_state
 from sft_pipeline.finetune.job import TrainJob
 from sft_pipeline.finetune.workflow import FolderArtifact, Result, train_here
+from sft_pipeline.model import device
 
 log = logging.getLogger(__name__)
 PREPARED_FILE = "prepared.json"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from sft_pipeline import device
 from sft_pipeline.finetune.job import TrainJob
+from sft_pipeline.model import device
 
 
 def build_model(job: TrainJob, precision: device.Precision):
@@ -15,7 +15,7 @@ def build_model(job: TrainJob, precision: device.Precision):
     import torch
     from peft import LoraConfig as PeftLoraConfig
 
-    from sft_pipeline.model_loading import load_model
+    from sft_pipeline.model.loading import load_model
 
     if job.method == "full":
         # Master weights in fp32: AdamW updates in bf16 lose most small steps; the trainer's

@@ -36,13 +36,13 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from sft_pipeline.atomic import remove_leftovers, write_text
+from sft_pipeline.common.atomic import remove_leftovers, write_text
 from sft_pipeline.finetune.job import TrainJob
 
 log = logging.getLogger(__name__)
 
 FINGERPRINT_FILE = "run_fingerprint.json"
-# The library function the fingerprint's code set is walked from (sft_pipeline.code_graph).
+# The library function the fingerprint's code set is walked from (sft_pipeline.repro.code_graph).
 TRAINING_ENTRY = "sft_pipeline.finetune.workflow"
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -91,7 +91,7 @@ def code_fingerprint() -> dict[str, str]:
     """
     from importlib.metadata import version
 
-    from sft_pipeline.code_graph import module_files, package_graph
+    from sft_pipeline.repro.code_graph import module_files, package_graph
 
     root = package_graph().source_dir
     digest = hashlib.sha256()
@@ -260,7 +260,7 @@ def prepare_output_dir(output_dir: Path, fingerprint: dict[str, Any], resume: st
 
 def prepare_run(job: TrainJob) -> tuple[dict[str, Any], Path | None]:
     """(run fingerprint, checkpoint to resume from or None), with the output folder made ready."""
-    from sft_pipeline.model_loading import read_manifest
+    from sft_pipeline.model.loading import read_manifest
 
     fingerprint = run_fingerprint(job, read_manifest(job.base_model_dir))
     resume_from = prepare_output_dir(

@@ -25,7 +25,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from sft_pipeline.config import TrainingConfig
+from sft_pipeline.common.config import TrainingConfig
 
 log = logging.getLogger(__name__)
 

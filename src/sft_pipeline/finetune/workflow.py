@@ -1,7 +1,7 @@
 """The training workflow: the library side of the `train_adapter` node, top to bottom.
 
 train(job)
-  decide 4-bit for this device       TrainJob.for_this_device    (sft_pipeline.device)
+  decide 4-bit for this device       TrainJob.for_this_device    (sft_pipeline.model.device)
   N processes? -> accelerate launch  launch.train_in_processes   (each runs train_here)
   train_here(job)
     resolve precision                device.resolve_precision (bf16 CPU: timed steps)
@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sft_pipeline import device
 from sft_pipeline.finetune import model_setup, run_state
 from sft_pipeline.finetune.job import TrainJob, build_sft_config
+from sft_pipeline.model import device
 
 PARAMS_FILE = "training_params.json"
 Result = tuple[Any, list[dict[str, Any]], dict[str, Any]]
@@ -85,7 +85,7 @@ def train_here(
     from transformers import set_seed
 
     from sft_pipeline.finetune import tracking
-    from sft_pipeline.model_loading import load_tokenizer
+    from sft_pipeline.model.loading import load_tokenizer
     from sft_pipeline.trainer import SFTTrainer
 
     precision = device.resolve_precision(

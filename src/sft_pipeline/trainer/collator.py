@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from sft_pipeline.labels import IGNORE_INDEX
+from sft_pipeline.common.labels import IGNORE_INDEX
 from sft_pipeline.trainer.packing import pack_rows
 
 

@@ -16,7 +16,7 @@ Strings are joined as they are (BOS when the model uses one + prompt + completio
 models need no chat template. Conversations and the pipeline's records go through the pipeline's
 own templating and tokenization code with `template.chat_template: auto` (the tokenizer's chat
 template, or the plain layout for a base model), so the trainer and `kedro run` build identical
-labels. Every label comes from the same character-offset rule (`sft_pipeline.tokenization`).
+labels. Every label comes from the same character-offset rule (`sft_pipeline.data.tokenization`).
 
 `completion_only_loss=False` trains on every token of prompt-completion data (and of the
 pipeline's records), `assistant_only_loss=False` on every token of a conversation.
@@ -43,7 +43,7 @@ from typing import Any
 
 from datasets import Dataset, IterableDataset
 
-from sft_pipeline.labels import IGNORE_INDEX
+from sft_pipeline.common.labels import IGNORE_INDEX
 from sft_pipeline.trainer.formatting import Formatter
 from sft_pipeline.trainer.packing import pack_rows
 from sft_pipeline.trainer.sft_config import SFTConfig
@@ -163,8 +163,8 @@ class RowEncoder:
     """Encodes rows of one dataset (whose type is fixed by its first row) into ids and labels."""
 
     def __init__(self, tokenizer, args: SFTConfig, formatting_func, name, columns, first):
-        from sft_pipeline.config import TemplateConfig
-        from sft_pipeline.templating import Renderer
+        from sft_pipeline.common.config import TemplateConfig
+        from sft_pipeline.data.templating import Renderer
 
         self.tokenizer, self.args, self.name = tokenizer, args, name
         self.kind = dataset_type(columns, first, formatting_func)
@@ -237,8 +237,8 @@ class RowEncoder:
         return ids_out, labels_out
 
     def _tokenize(self, rows: Iterable[dict[str, Any]]) -> tuple[list, list]:
-        from sft_pipeline.config import TokenizationConfig
-        from sft_pipeline.tokenization import tokenize_texts
+        from sft_pipeline.common.config import TokenizationConfig
+        from sft_pipeline.data.tokenization import tokenize_texts
 
         rows = list(rows)
         texts = self._format(rows) if self._format else None
@@ -275,7 +275,7 @@ class RowEncoder:
         return ids, [list(r) for r in tokens["labels"]]
 
     def _render(self, row: dict[str, Any], text: str | None) -> dict[str, Any]:
-        from sft_pipeline.records import to_canonical
+        from sft_pipeline.data.records import to_canonical
 
         renderer = self.renderer
         if text is not None:
@@ -296,7 +296,7 @@ def _message(message: dict[str, Any]) -> dict[str, Any]:
 
 def _schema_for(column_names: list[str], text_field: str, name: str) -> tuple[str, dict[str, str]]:
     """The records schema of a raw dataset, honouring `dataset_text_field` for plain text."""
-    from sft_pipeline.records import detect_schema
+    from sft_pipeline.data.records import detect_schema
 
     try:
         schema = detect_schema(column_names)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sft_pipeline.labels import IGNORE_INDEX
+from sft_pipeline.common.labels import IGNORE_INDEX
 
 # Config fields that transform logits after the LM head: the chunked path would skip them.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")

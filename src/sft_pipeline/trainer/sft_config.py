@@ -1,7 +1,7 @@
 """`SFTConfig`: `transformers.TrainingArguments` plus the fields supervised fine-tuning needs.
 
 A requested precision that cannot run on this device is replaced by the best one that can, with
-one warning, by the rules of `sft_pipeline.device`, so every code path (our trainer, the Kedro
+one warning, by the rules of `sft_pipeline.model.device`, so every code path (our trainer, the Kedro
 node, a user's script) sees the same decision.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from sft_pipeline.device import resolve_precision
+from sft_pipeline.model.device import resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class SFTConfig(TrainingArguments):
 
 
 def _resolve_precision(cfg: TrainingArguments) -> None:
-    """Replace a precision request this device cannot honour (rules in `sft_pipeline.device`).
+    """Replace a precision request this device cannot honour (rules in `sft_pipeline.model.device`).
 
     This runs before `TrainingArguments.__post_init__`, which refuses fp16 on a CPU.
     """

@@ -10,14 +10,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from sft_pipeline import config as C
+from sft_pipeline.common import config as C
 
 log = logging.getLogger(__name__)
 
 
 # `path` is a str or a list of str (DataConfig checks it): a union annotation here would make
 # Kedro's typed-parameter check warn that it cannot validate unions, on every run.
-# The data half streams: each node returns lazy handles on spooled files (sft_pipeline.streams)
+# The data half streams: each node returns lazy handles on spooled files (sft_pipeline.data.streams)
 # that the catalog's datasets move into place, never whole tables.
 def ingest_records(
     path: Any,
@@ -27,7 +27,7 @@ def ingest_records(
     subset: Any = None,  # str or None (DataConfig checks it; no union for Kedro)
     chunk_rows: int = 10_000,
 ):
-    from sft_pipeline.ingestion import ingest_to_parquet
+    from sft_pipeline.data.ingestion import ingest_to_parquet
 
     data = {"path": path, "schema": schema, "columns": columns}
     data |= {"split": split, "subset": subset, "chunk_rows": chunk_rows}
@@ -37,7 +37,7 @@ def ingest_records(
 
 
 def validate_records(records, validation: dict[str, Any]):
-    from sft_pipeline.validation import validate_stream
+    from sft_pipeline.data.validation import validate_stream
 
     return validate_stream(records, C.parse_section(C.ValidationConfig, validation, "validation"))
 
@@ -49,9 +49,9 @@ def split_records(
     seed: int,
     max_rejected_fraction: float,
 ):
-    from sft_pipeline.hooks import artifact_path
-    from sft_pipeline.splitting import split_stream
-    from sft_pipeline.validation import check_rejected_fraction
+    from sft_pipeline.data.splitting import split_stream
+    from sft_pipeline.data.validation import check_rejected_fraction
+    from sft_pipeline.run.hooks import artifact_path
 
     # The gate runs here, after validate_records has saved the rejects, so the error can point
     # at a file that exists.
@@ -67,7 +67,7 @@ def split_records(
 
 
 def prepare_base_model(model: dict[str, Any]):
-    from sft_pipeline.base_model import prepare_base_model as prepare
+    from sft_pipeline.model.base_model import prepare_base_model as prepare
 
     return prepare(C.parse_section(C.ModelConfig, model, "model"))
 
@@ -78,8 +78,8 @@ def render_conversations(
     base_model: Path,
     template: dict[str, Any],
 ):
-    from sft_pipeline.model_loading import load_tokenizer
-    from sft_pipeline.rendering import render_stream
+    from sft_pipeline.data.rendering import render_stream
+    from sft_pipeline.model.loading import load_tokenizer
 
     cfg = C.parse_section(C.TemplateConfig, template, "template")
     tokenizer = load_tokenizer(base_model)
@@ -95,9 +95,9 @@ def tokenize_conversations(
     base_model: Path,
     tokenization: dict[str, Any],
 ):
-    from sft_pipeline.model_loading import load_tokenizer
-    from sft_pipeline.token_files import tokenize_stream
-    from sft_pipeline.tokenization import summarize_token_stats
+    from sft_pipeline.data.token_files import tokenize_stream
+    from sft_pipeline.data.tokenization import summarize_token_stats
+    from sft_pipeline.model.loading import load_tokenizer
 
     cfg = C.parse_section(C.TokenizationConfig, tokenization, "tokenization")
     tokenizer = load_tokenizer(base_model)
@@ -148,7 +148,7 @@ def merge_adapter(
     training_summary: dict[str, Any],
     merge_base_model: Any = None,  # str or None (MergeConfig checks it; no union for Kedro)
 ):
-    from sft_pipeline.merging import merge
+    from sft_pipeline.export.merge import merge
 
     return merge(
         base_model,
@@ -171,7 +171,7 @@ def evaluate_model(
     training_summary: Any = None,  # dicts; no union annotation for Kedro's parameter check
     quantization: Any = None,
 ):
-    from sft_pipeline.evaluation import evaluate
+    from sft_pipeline.evaluation.evaluate import evaluate
 
     # The base is evaluated as training held it: in 4-bit after QLoRA (on CUDA).
     qlora = (training_summary or {}).get("method") == "qlora"
@@ -197,12 +197,12 @@ def evaluate_model(
 def report_run(*reports: Any) -> str:
     """metrics, training_history, training_summary, token_stats, validation_report and
     eval_generations (the pipeline's order) -> the report page."""
-    from sft_pipeline.report import render_report
+    from sft_pipeline.evaluation.report import render_report
 
     return render_report(*reports)
 
 
 def export_model(merged_model: Path, export: dict[str, Any]):
-    from sft_pipeline.export import export as plan_export
+    from sft_pipeline.export.gguf import export as plan_export
 
     return plan_export(merged_model, C.parse_section(C.ExportConfig, export, "export"))

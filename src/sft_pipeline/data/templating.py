@@ -1,0 +1,373 @@
+"""Render canonical records into the exact strings the model sees, split into segments.
+
+A rendered row is a list of segments `{"text", "supervised"}` whose concatenation is exactly the
+model's input text (BOS included when the model expects one), so tokenization can use
+`add_special_tokens=False` and derive labels from the supervised character spans.
+
+Segment boundaries come from incremental prefix rendering, never from searching the text for a
+response template (the source of TRL's "could not find response key" bugs): for each assistant
+turn i we render `messages[:i]` with the generation prompt and `messages[:i+1]` without it, and
+require each rendering to extend the previous one. A template that rewrites earlier turns when a
+later one is added (not prefix-preserving) fails loudly, naming the template.
+
+The supervised part of an assistant turn is everything after its generation prompt up to and
+including the end-of-turn token that closes it (`<|im_end|>`, `<|end|>`, `</s>`, ...); what
+follows that token (a newline, the next role header) is not supervised. A template whose turns
+end without a special token gets the tokenizer's EOS text appended to each assistant turn, so the
+model learns to stop.
+
+Which template: `template.chat_template: auto` (the default) takes the tokenizer's own chat
+template, and for a base model whose tokenizer has none the built-in `plain` layout: each prompt
+followed directly by its reply and EOS, a system message as a preamble. A single prompt/reply pair
+is then exactly prompt + completion + EOS, the way prompt/completion strings are joined for base
+models (`render_prompt_completion`), so the trainer and the pipeline see the same text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from jinja2 import TemplateError
+
+from sft_pipeline.common.config import TemplateConfig
+
+log = logging.getLogger(__name__)
+
+BUILTIN_TEMPLATES = ("chatml", "alpaca", "plain")
+# The layout `auto` falls back to when the tokenizer has no chat template (a base model).
+FALLBACK_TEMPLATE = "plain"
+
+
+class ChatTemplateError(ValueError):
+    """A chat template is missing, cannot render a conversation, or is not prefix-preserving."""
+
+
+Segment = dict[str, Any]
+
+
+def tokenizer_template(tokenizer) -> str | None:
+    """The tokenizer's own chat template (the default one of several named), or None."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # several named templates: the default one is for chat
+        template = template.get("default")
+    return template or None
+
+
+def builtin_template(name: str) -> str:
+    source = resources.files("sft_pipeline.data") / "templates" / f"{name}.jinja"
+    return source.read_text(encoding="utf-8")
+
+
+def resolve_template(tokenizer, cfg: TemplateConfig) -> tuple[str, str]:
+    """Return (template source, human-readable name) for `cfg.chat_template`."""
+    choice = cfg.chat_template
+    if choice in ("auto", "tokenizer"):
+        template = tokenizer_template(tokenizer)
+        if template:
+            return template, f"the chat template of tokenizer {tokenizer.name_or_path!r}"
+        if choice == "tokenizer":
+            raise ChatTemplateError(
+                f"tokenizer {tokenizer.name_or_path!r} has no chat template; set "
+                "template.chat_template to 'auto' (the plain layout for base models), "
+                "'chatml' or 'alpaca', or to the path of a .jinja file"
+            )
+        return builtin_template(FALLBACK_TEMPLATE), (
+            f"built-in template {FALLBACK_TEMPLATE!r} (tokenizer {tokenizer.name_or_path!r} has "
+            "no chat template: each prompt is followed directly by its reply and EOS)"
+        )
+    if choice in BUILTIN_TEMPLATES:
+        return builtin_template(choice), f"built-in template {choice!r}"
+    path = Path(choice)
+    if not path.is_file():
+        raise ChatTemplateError(
+            f"template.chat_template: {choice!r} is not 'auto', 'tokenizer', "
+            f"{' or '.join(repr(t) for t in BUILTIN_TEMPLATES)}, nor an existing .jinja file"
+        )
+    return path.read_text(encoding="utf-8"), f"template file {str(path)!r}"
+
+
+def trained_template(tokenizer, cfg: TemplateConfig) -> tuple[str, str] | None:
+    """(source, name) of the template the data is rendered with when it is not the tokenizer's
+    own (a built-in, a file, or the fallback of `auto`), else None: what a merged tokenizer must
+    carry so that the model is prompted the way it was trained."""
+    if cfg.chat_template in ("auto", "tokenizer") and tokenizer_template(tokenizer):
+        return None
+    return resolve_template(tokenizer, cfg)
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether plain `tokenizer(text)` starts with BOS, i.e. the model was trained with one."""
+    if tokenizer.bos_token is None or tokenizer.bos_token_id is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def special_token_texts(tokenizer) -> list[str]:
+    """Texts of special and added tokens, longest first (so `<|end|>` is not read as `<`...)."""
+    texts = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
+    return sorted((t for t in texts if t), key=len, reverse=True)
+
+
+class Renderer:
+    """Renders conversations with one tokenizer and template; shared across records."""
+
+    def __init__(self, tokenizer, cfg: TemplateConfig):
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self._template: tuple[str, str] | None = None
+        self.bos_text = tokenizer.bos_token if tokenizer_adds_bos(tokenizer) else ""
+        self.eos_text = tokenizer.eos_token
+        self.specials = special_token_texts(tokenizer)
+        self.system_merges = 0
+
+    @property
+    def template(self) -> str:
+        # Resolved on first use: plain-text records need no template at all.
+        if self._template is None:
+            self._template = resolve_template(self.tokenizer, self.cfg)
+            if self.cfg.chat_template == "auto" and not tokenizer_template(self.tokenizer):
+                log.warning("conversations are rendered with %s", self._template[1])
+        return self._template[0]
+
+    @property
+    def name(self) -> str:
+        return self._template[1] if self._template else f"template {self.cfg.chat_template!r}"
+
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages,
+            chat_template=self.template,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
+        )
+
+    def row(
+        self, messages: list[dict[str, Any]], text: str = "", supervise_from: int = 0
+    ) -> dict[str, Any]:
+        """Segments of one record; assistant turns before message `supervise_from` (those of a
+        prompt given as messages) are rendered but not supervised."""
+        if not messages:
+            return self._text_row(text)
+        added = _with_system_prompt(messages, self.cfg.system_prompt)
+        supervise_from += len(added) - len(messages)
+        messages = added
+        try:
+            full = self.render(messages, False)
+        except TemplateError as exc:
+            if messages[0]["role"] != "system":
+                raise ChatTemplateError(
+                    f"{self.name} cannot render the conversation: {exc}"
+                ) from exc
+            # Gemma- and Mistral-style templates raise on a system role; keep the instruction by
+            # prefixing it to the first user turn instead of dropping it.
+            messages = merge_system_into_first_user(messages)
+            supervise_from = max(supervise_from - 1, 0)
+            try:
+                full = self.render(messages, False)
+            except TemplateError as retry_exc:
+                raise ChatTemplateError(
+                    f"{self.name} cannot render the conversation, even with the system prompt "
+                    f"merged into the first user turn: {retry_exc}"
+                ) from retry_exc
+            self.system_merges += 1
+            log.debug(
+                "%s raises on a system role (%s); merged it into the first user turn",
+                self.name,
+                exc,
+            )
+        segments = self._conversation_segments(messages, full, supervise_from)
+        return _finish_row(segments, self.bos_text, _last_assistant_content(messages))
+
+    def _require_eos(self, what: str) -> str:
+        if self.eos_text is None:
+            raise ChatTemplateError(
+                f"tokenizer {self.tokenizer.name_or_path!r} has no EOS token; {what} needs one "
+                "to mark its end"
+            )
+        return self.eos_text
+
+    def _text_row(self, text: str) -> dict[str, Any]:
+        eos = self._require_eos("a text record")
+        # Text that already ends with EOS keeps a single one.
+        segments = [{"text": text if text.endswith(eos) else text + eos, "supervised": True}]
+        return _finish_row(segments, self.bos_text, "")
+
+    def prompt_completion_row(self, prompt: str, completion: str) -> dict[str, Any]:
+        eos = self._require_eos("a completion")
+        if not completion.endswith(eos):
+            completion += eos
+        segments = [
+            {"text": prompt, "supervised": False},
+            {"text": completion, "supervised": True},
+        ]
+        return _finish_row(segments, self.bos_text, completion[: -len(eos)])
+
+    def _conversation_segments(
+        self, messages: list[dict[str, Any]], full: str, supervise_from: int = 0
+    ) -> list[Segment]:
+        assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if not any(i >= supervise_from for i in assistant_turns):
+            raise ChatTemplateError("the conversation has no assistant turn to supervise")
+        if assistant_turns[0] == 0:
+            raise ChatTemplateError("the conversation starts with an assistant turn; no prompt")
+        segments: list[Segment] = []
+        consumed = ""  # the template's rendering that the segments so far cover
+        for i in assistant_turns:
+            prompt = self.render(messages[:i], True)
+            self._check_prefix(consumed, prompt, i, "with the generation prompt")
+            segments.append({"text": prompt[len(consumed) :], "supervised": False})
+            # The last message's turn is the whole conversation, already rendered.
+            turn = full if i + 1 == len(messages) else self.render(messages[: i + 1], False)
+            self._check_prefix(prompt, turn, i + 1, "without the generation prompt")
+            rendered, supervised = self._split_turn(turn[len(prompt) :], messages[i]["content"])
+            segments.append({"text": supervised, "supervised": i >= supervise_from})
+            consumed = prompt + rendered
+        self._check_prefix(consumed, full, len(messages), "without the generation prompt")
+        segments.append({"text": full[len(consumed) :], "supervised": False})
+        return segments
+
+    def _split_turn(self, tail: str, content: str) -> tuple[str, str]:
+        """Split a rendered assistant turn (after its generation prompt).
+
+        Returns (the part of `tail` the supervised segment covers, the supervised text). They
+        differ only when EOS text is appended because the turn ends without a special token.
+        """
+        stripped = tail.lstrip()
+        lead = len(tail) - len(stripped)
+        for candidate in (content, content.strip()):
+            if candidate and stripped.startswith(candidate):
+                end = lead + len(candidate)
+                break
+        else:
+            raise ChatTemplateError(
+                f"{self.name} does not render the assistant content verbatim after the "
+                f"generation prompt (expected it to start {content[:40]!r}, rendered "
+                f"{tail[:60]!r}); use a template that keeps assistant content as is"
+            )
+        rest = tail[end:]
+        gap = len(rest) - len(rest.lstrip())
+        for token in self.specials:
+            if rest.startswith(token, gap):
+                end += gap + len(token)
+                return tail[:end], tail[:end]
+        if self.eos_text is None:
+            raise ChatTemplateError(
+                f"{self.name} ends assistant turns without a special token and tokenizer "
+                f"{self.tokenizer.name_or_path!r} has no EOS token to append"
+            )
+        return tail[:end], tail[:end] + self.eos_text
+
+    def _check_prefix(self, before: str, after: str, n_messages: int, how: str) -> None:
+        if after.startswith(before):
+            return
+        at = next(
+            (k for k, (a, b) in enumerate(zip(before, after, strict=False)) if a != b),
+            min(len(before), len(after)),
+        )
+        raise ChatTemplateError(
+            f"{self.name} is not prefix-preserving: rendering the first {n_messages} messages "
+            f"{how} does not extend the previous rendering (they differ at character {at}: "
+            f"{before[at : at + 30]!r} vs {after[at : at + 30]!r}), so assistant turns cannot "
+            "be located reliably; use a prefix-preserving template (e.g. 'chatml' or a .jinja "
+            "file)"
+        )
+
+
+def _with_system_prompt(messages: list[dict[str, Any]], system_prompt: str | None):
+    if system_prompt and messages[0]["role"] != "system":
+        return [{"role": "system", "content": system_prompt}, *messages]
+    return messages
+
+
+def merge_system_into_first_user(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fold a leading system message into the first user turn (for templates without one)."""
+    system, rest = messages[0], list(messages[1:])
+    for k, message in enumerate(rest):
+        if message["role"] == "user":
+            rest[k] = {**message, "content": f"{system['content']}\n\n{message['content']}"}
+            return rest
+    raise ChatTemplateError("a system message needs a user turn to merge into")
+
+
+def _last_assistant_content(messages: list[dict[str, Any]]) -> str:
+    return next(m["content"] for m in reversed(messages) if m["role"] == "assistant")
+
+
+def _finish_row(segments: list[Segment], bos_text: str, reference: str) -> dict[str, Any]:
+    text = "".join(s["text"] for s in segments)
+    # The template may already start with BOS (Llama-2, Gemma); never add a second one.
+    if bos_text and not text.startswith(bos_text):
+        segments = [{"text": bos_text, "supervised": False}, *segments]
+    segments = _merge_adjacent(segments)
+    last_supervised = max(k for k, s in enumerate(segments) if s["supervised"])
+    prompt = "".join(s["text"] for s in segments[:last_supervised])
+    return {"segments": segments, "prompt": prompt, "reference": reference}
+
+
+def _merge_adjacent(segments: Sequence[Segment]) -> list[Segment]:
+    merged: list[Segment] = []
+    for seg in segments:
+        if not seg["text"]:
+            continue
+        if merged and merged[-1]["supervised"] == seg["supervised"]:
+            merged[-1] = {"text": merged[-1]["text"] + seg["text"], "supervised": seg["supervised"]}
+        else:
+            merged.append(dict(seg))
+    return merged
+
+
+def render_messages(messages: list[dict[str, Any]], tokenizer, cfg: TemplateConfig) -> dict:
+    """Render one conversation; plain-text records go through `render_text`."""
+    if not messages:
+        raise ChatTemplateError("no messages to render (use render_text for text records)")
+    renderer = Renderer(tokenizer, cfg)
+    row = renderer.row(messages)
+    if renderer.system_merges:
+        log.info(
+            "%s does not support a system role: merged it into the first user turn", renderer.name
+        )
+    return row
+
+
+def render_text(text: str, tokenizer, cfg: TemplateConfig) -> dict:
+    """Render a plain-text (language-modelling) record: all of it supervised, then EOS."""
+    return Renderer(tokenizer, cfg)._text_row(text)
+
+
+def render_prompt_completion(prompt: str, completion: str, tokenizer) -> dict:
+    """Prompt and completion strings joined as they are, with no chat template: BOS (when the
+    model uses one) + prompt + completion + EOS, the completion and its EOS supervised."""
+    return Renderer(tokenizer, TemplateConfig()).prompt_completion_row(prompt, completion)
+
+
+def render_records(records: pd.DataFrame, tokenizer, cfg: TemplateConfig) -> list[dict]:
+    """Render every canonical record; errors name the record's file and row."""
+    renderer = Renderer(tokenizer, cfg)
+    rows = []
+    for rec in records.itertuples(index=False):
+        try:
+            messages = json.loads(rec.messages)
+            row = renderer.row(messages, rec.text)
+        except (ChatTemplateError, TemplateError, KeyError, TypeError, ValueError) as exc:
+            raise ChatTemplateError(
+                f"{rec.source_file}, row {rec.source_row} (record {rec.record_id}): "
+                f"cannot render with {renderer.name}: {exc}"
+            ) from exc
+        rows.append({"record_id": rec.record_id, **row})
+    if renderer.system_merges:
+        log.info(
+            "%s does not support a system role: merged the system prompt into the first user "
+            "turn of %d of %d records",
+            renderer.name,
+            renderer.system_merges,
+            len(rows),
+        )
+    log.info("rendered %d records with %s", len(rows), renderer.name)
+    return rows

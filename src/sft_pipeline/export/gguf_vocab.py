@@ -1,0 +1,164 @@
+"""The tokenizer as GGUF metadata: vocabulary, merges, token types, pre-tokenizer, special ids.
+
+llama.cpp rebuilds the tokenizer from these fields (a byte-level BPE: `tokenizer.ggml.model` is
+"gpt2") and applies the Jinja chat template stored next to them, so an exported file tokenizes
+prompts exactly as the merged model's tokenizer does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+
+class ExportError(ValueError):
+    """The model cannot be written as GGUF (architecture, tokenizer or config not supported)."""
+
+
+def tokenizer_json(tokenizer) -> dict[str, Any]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ExportError("GGUF export needs a fast tokenizer (tokenizer.json)")
+    return json.loads(backend.to_str())
+
+
+# llama.cpp names the regex that splits text before byte-level BPE; these are the splits of the
+# common families, as Hugging Face tokenizers spell them (Split + ByteLevel without its regex).
+_PREFERRED_PRE_NAMES = ("llama-bpe", "qwen2", "tekken", "gpt-4o", "qwen35")
+
+
+def tokenizer_pre_type(tok_json: dict[str, Any]) -> str:
+    """llama.cpp's `tokenizer.ggml.pre` for a byte-level BPE tokenizer, or a refusal.
+
+    A wrong pre-tokenizer name silently changes how llama.cpp splits text, so a split we cannot
+    name is refused rather than guessed.
+    """
+    model = tok_json.get("model") or {}
+    pre = tok_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    if model.get("type") != "BPE" or "ByteLevel" not in kinds:
+        raise ExportError(
+            "GGUF export supports byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2, SmolLM "
+            f"style); this one is {model.get('type')} with pre-tokenizer {kinds}"
+        )
+    byte_level = steps[kinds.index("ByteLevel")]
+    if kinds == ["ByteLevel"] and byte_level.get("use_regex", True):
+        return "gpt-2"  # llama.cpp's spelling; it refuses "gpt2" as an unknown pre-tokenizer
+    if (
+        kinds == ["Digits", "ByteLevel"]
+        and steps[0].get("individual_digits")
+        and byte_level.get("use_regex", True)
+    ):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"] and not byte_level.get("use_regex", True):
+        pattern = (steps[0].get("pattern") or {}).get("Regex")
+        try:
+            from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+                GGUF_PRE_TOKENIZER_SPLITS,
+            )
+        except ImportError:  # the table moved: refuse rather than guess
+            GGUF_PRE_TOKENIZER_SPLITS = {}
+        names = [n for n, regex in GGUF_PRE_TOKENIZER_SPLITS.items() if regex == pattern]
+        for name in (*_PREFERRED_PRE_NAMES, *names):
+            if name in names:
+                return name
+    raise ExportError(
+        f"GGUF export cannot name this tokenizer's pre-tokenizer ({kinds}) for llama.cpp; "
+        "supported: GPT-2's byte-level split, SmolLM's digit split, and the Llama 3 / Qwen2 "
+        "style regex splits"
+    )
+
+
+@dataclass(frozen=True)
+class GGUFVocab:
+    tokens: list[str]
+    token_types: list[int]
+    merges: list[str]
+    pre: str
+
+
+def gguf_vocab(tokenizer, vocab_size: int) -> GGUFVocab:
+    """Tokens by id (padded to the embedding rows), their kinds, merges and pre-tokenizer."""
+    import gguf
+
+    tok_json = tokenizer_json(tokenizer)
+    pre = tokenizer_pre_type(tok_json)
+    vocab = tokenizer.get_vocab()
+    if len(vocab) > vocab_size:
+        raise ExportError(
+            f"tokenizer has {len(vocab)} tokens but the model only {vocab_size} embedding rows"
+        )
+    by_id = {i: t for t, i in vocab.items()}
+    added = tokenizer.added_tokens_decoder
+    tokens: list[str] = []
+    types: list[int] = []
+    for token_id in range(vocab_size):
+        if token_id not in by_id:
+            # Embedding rows past the tokenizer (padded vocabularies) get placeholder names,
+            # as llama.cpp requires one token per row.
+            tokens.append(f"[PAD{token_id}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif token_id in added:
+            tokens.append(added[token_id].content)
+            special = added[token_id].special
+            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[token_id])
+            types.append(gguf.TokenType.NORMAL)
+    merges = []
+    for merge in tok_json["model"].get("merges") or []:
+        pair = merge.split(" ") if isinstance(merge, str) else merge
+        if any(" " in part for part in pair):
+            raise ExportError("GGUF export: a merge with a literal space cannot be written")
+        merges.append(" ".join(pair))
+    return GGUFVocab(tokens, [int(t) for t in types], merges, pre)
+
+
+def _chat_template(tokenizer) -> str | None:
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default")
+    return template or None
+
+
+# --- tensors ------------------------------------------------------------------------------------
+
+
+def add_tokenizer_metadata(writer, tokenizer, generation_config, vocab_size: int) -> None:
+    from sft_pipeline.data.templating import tokenizer_adds_bos
+
+    vocab = gguf_vocab(tokenizer, vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.token_types)
+    writer.add_token_merges(vocab.merges)
+    if tokenizer.bos_token_id is not None:
+        writer.add_bos_token_id(tokenizer.bos_token_id)
+    eos_ids = stop_token_ids(tokenizer, generation_config)
+    writer.add_eos_token_id(eos_ids[0])
+    if len(eos_ids) > 1:
+        # llama.cpp stops at EOS and at the end-of-turn token the chat template writes.
+        writer.add_eot_token_id(eos_ids[1])
+    if tokenizer.unk_token_id is not None:
+        writer.add_unk_token_id(tokenizer.unk_token_id)
+    if tokenizer.pad_token_id is not None:
+        writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_add_bos_token(tokenizer_adds_bos(tokenizer))
+    writer.add_add_eos_token(False)
+    template = _chat_template(tokenizer)
+    if template:
+        writer.add_chat_template(template)
+
+
+def stop_token_ids(tokenizer, generation_config) -> list[int]:
+    """The tokenizer's EOS first, then every other id generation stops at."""
+    configured = getattr(generation_config, "eos_token_id", None)
+    configured = [configured] if isinstance(configured, int) else list(configured or [])
+    first = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids = list(dict.fromkeys([*first, *configured]))
+    if not ids:
+        raise ExportError("the model defines no EOS token: generation would never stop")
+    return ids

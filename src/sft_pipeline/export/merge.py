@@ -1,0 +1,268 @@
+"""Merge a trained adapter into a full-precision base and save a standalone model folder.
+
+The base is always reloaded from disk in fp32: merging into a 4-bit model re-quantizes the
+merged weights, and on CPUs with avx512_bf16 bitsandbytes repacks 4-bit weights in place after
+the first inference, which silently corrupts a merge (seen with bitsandbytes on CPU).
+The saved folder is usable without this project: safetensors weights, tokenizer with its chat
+template, a generation config that stops at the end-of-turn token and pads with a non-EOS
+token, and a model card.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sft_pipeline.common.config import DataConfig, TemplateConfig
+from sft_pipeline.export.model_card import model_card
+from sft_pipeline.model.loading import (
+    load_model,
+    load_tokenizer,
+    read_manifest,
+    trust_remote_code,
+)
+
+log = logging.getLogger(__name__)
+
+# Common names of padding-capable tokens, tried after the tokenizer's own pad and unk tokens.
+_PAD_CANDIDATES = (
+    "<|endoftext|>",
+    "<pad>",
+    "<|pad|>",
+    "[PAD]",
+    "<|finetune_right_pad_id|>",
+    "<unk>",
+)
+_ADDED_PAD = "<|pad|>"
+
+
+@dataclass
+class MergedModel:
+    """A merged (or passed-through) model ready to be saved as a standalone folder."""
+
+    model: Any
+    tokenizer: Any
+    model_card: str
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        (path / "README.md").write_text(self.model_card, encoding="utf-8")
+
+
+def adapter_kind(adapter_dir: Path) -> str:
+    """ "peft" for a PEFT adapter folder, "full" for a full model folder (full fine-tuning)."""
+    if (adapter_dir / "adapter_config.json").is_file():
+        return "peft"
+    if (adapter_dir / "config.json").is_file() and any(adapter_dir.glob("*.safetensors")):
+        return "full"
+    raise FileNotFoundError(
+        f"{adapter_dir}: expected a PEFT adapter (adapter_config.json + adapter_model.safetensors)"
+        " or a full model (config.json + *.safetensors)"
+    )
+
+
+def merge(
+    base_model_dir: str | os.PathLike,
+    adapter_dir: str | os.PathLike,
+    data_cfg: DataConfig,
+    training_summary: dict[str, Any],
+    template_cfg: TemplateConfig | None = None,
+    merge_base: str | None = None,
+) -> MergedModel:
+    """The merged model; `merge_base` (`merge.base_model`) names other weights to merge into."""
+    from sft_pipeline.data.templating import trained_template
+
+    base_model_dir, adapter_dir = Path(base_model_dir), Path(adapter_dir)
+    manifest = read_manifest(base_model_dir)
+    kind = adapter_kind(adapter_dir)
+    has_tokenizer = any(adapter_dir.glob("tokenizer*"))
+    tokenizer = load_tokenizer(adapter_dir if has_tokenizer else base_model_dir)
+    template = trained_template(tokenizer, template_cfg) if template_cfg is not None else None
+    if template is not None:
+        # The merged model answers in the format it was trained on, so its tokenizer carries
+        # the template the data was rendered with (a base model's plain layout included), not
+        # the base's own (or none).
+        tokenizer.chat_template = template[0]
+        log.info("merged tokenizer gets %s as its chat template", template[1])
+    adapter_config: dict[str, Any] = {}
+    if kind == "peft":
+        adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text("utf-8"))
+        model, merged_into = merge_weights(base_model_dir, adapter_dir, len(tokenizer), merge_base)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        log.info("%s holds a full model (full fine-tuning): passing it through", adapter_dir)
+        merged_into = None
+        model = AutoModelForCausalLM.from_pretrained(
+            str(adapter_dir),
+            use_safetensors=True,
+            dtype="auto",
+            trust_remote_code=trust_remote_code(base_model_dir),
+        )
+    eos_ids, pad_id = configure_special_tokens(model, tokenizer)
+    card = model_card(
+        manifest,
+        kind,
+        adapter_config,
+        data_cfg,
+        training_summary,
+        eos_ids,
+        pad_id,
+        tokenizer,
+        system_prompt=template_cfg.system_prompt if template_cfg else None,
+        trained_template=template,
+        merged_into=merged_into,
+    )
+    return MergedModel(model=model.eval(), tokenizer=tokenizer, model_card=card)
+
+
+def merge_weights(
+    base_model_dir: Path, adapter_dir: Path, vocab_size: int, merge_base: str | None = None
+):
+    """(merged model, the weights it was merged into, for the model card).
+
+    Shard by shard (`sft_pipeline.export.shard_merge`: one shard in memory, the checkpoint's
+    dtype and layout) into the base's own checkpoint, dequantized when it exists only in 4-bit,
+    or into `merge_base`. Adapters only PEFT can merge go through `merge_adapter` (whole model,
+    fp32).
+    """
+    import torch
+
+    from sft_pipeline.export import shard_merge
+    from sft_pipeline.model.base_model import resolve_weights_folder
+
+    manifest = read_manifest(base_model_dir)
+    prequantized = bool(manifest.get("quantization"))
+    if merge_base:
+        weights = resolve_weights_folder(merge_base)
+        merged_into = f"the full-precision weights of `{merge_base}` (merge.base_model)"
+    else:
+        weights = shard_merge.local_weights_folder(base_model_dir)
+        merged_into = (
+            "the dequantized 4-bit weights of the pre-quantized base, the weights the adapter "
+            "was trained against"
+            if prequantized
+            else "the base weights, in their stored dtype"
+        )
+    try:
+        model = shard_merge.ShardwiseMerge(
+            weights, adapter_dir, trust_remote_code=trust_remote_code(base_model_dir)
+        )
+    except shard_merge.NotShardwise as exc:
+        if prequantized and not merge_base:
+            raise ValueError(
+                f"{adapter_dir}: cannot merge into the pre-quantized base ({exc}); set "
+                "merge.base_model to its full-precision original"
+            ) from None
+        log.warning("merging the whole model with PEFT (in fp32 memory): %s", exc)
+        model = merge_adapter(weights if merge_base else base_model_dir, adapter_dir, vocab_size)
+        stored = manifest.get("stored_dtype") or manifest.get("dtype") or "float32"
+        return model.to(getattr(torch, stored)), merged_into
+    if vocab_size > model.vocab_size:
+        # The trainer added tokens (e.g. a pad token): the merged embeddings need their rows.
+        model.resize_token_embeddings(vocab_size)
+    log.info("merging shard by shard into %s (%s)", weights, merged_into)
+    return model, merged_into
+
+
+def merge_adapter(base_model_dir: Path, adapter_dir: Path, vocab_size: int):
+    """Base reloaded in fp32 from disk + PEFT adapter, merged into plain linear layers."""
+    import torch
+    from peft import PeftModel
+
+    base = load_model(base_model_dir, quantization=None, dtype=torch.float32)
+    if vocab_size > base.get_input_embeddings().num_embeddings:
+        # The trainer added tokens (e.g. a pad token): the adapter's saved embeddings expect them.
+        base.resize_token_embeddings(vocab_size)
+    peft_model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    model = peft_model.merge_and_unload()
+    leftovers = sorted(
+        {
+            type(m).__name__
+            for m in model.modules()
+            if "4bit" in type(m).__name__ or "Lora" in type(m).__name__
+        }
+    )
+    if leftovers:
+        raise RuntimeError(f"merge left non-plain layers in the model: {leftovers}")
+    return model
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """EOS plus the special token(s) the chat template puts after an assistant reply.
+
+    Instruct models often end a turn with a token other than the tokenizer's EOS (`<|im_end|>`,
+    `<|eot_id|>`, `<end_of_turn>`); generation must stop there too, or it runs on into a
+    hallucinated next turn.
+    """
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    if not getattr(tokenizer, "chat_template", None):
+        return ids
+    marker = "sft-pipeline-reply-marker"
+    conversation = [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": marker},
+    ]
+    try:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False)
+    except Exception as exc:  # a template may reject this minimal conversation; EOS still stops
+        log.warning("chat template could not render a probe conversation (%s)", exc)
+        return ids
+    if marker not in text:
+        return ids
+    tail = text[text.rindex(marker) + len(marker) :]
+    special = set(tokenizer.all_special_ids) | {
+        i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special
+    }
+    for token_id in tokenizer(tail, add_special_tokens=False)["input_ids"]:
+        if token_id in special and token_id not in ids:
+            ids.append(token_id)
+    return ids
+
+
+def choose_pad_token_id(tokenizer, eos_ids: list[int]) -> int | None:
+    """An existing token that is not an EOS id, or None when a pad token must be added."""
+    vocab = tokenizer.get_vocab()
+    candidates = [tokenizer.pad_token_id, tokenizer.unk_token_id]
+    candidates += [vocab.get(name) for name in _PAD_CANDIDATES]
+    # Other special tokens except BOS (padding with BOS would confuse models that look for it).
+    candidates += sorted(set(tokenizer.all_special_ids) - {tokenizer.bos_token_id})
+    for token_id in candidates:
+        if token_id is not None and token_id not in eos_ids:
+            return token_id
+    return None
+
+
+def configure_special_tokens(model, tokenizer) -> tuple[list[int], int]:
+    """Set generation_config eos (end-of-turn included) and a non-EOS pad on model and tokenizer."""
+    gen = model.generation_config
+    existing = gen.eos_token_id if gen.eos_token_id is not None else []
+    existing = [existing] if isinstance(existing, int) else list(existing)
+    eos_ids = list(dict.fromkeys([*existing, *end_of_turn_ids(tokenizer)]))
+    if not eos_ids:
+        raise ValueError("neither the model nor the tokenizer defines an EOS token")
+    pad_id = choose_pad_token_id(tokenizer, eos_ids)
+    if pad_id is None:
+        # Last resort: a new token changes the vocabulary, so the embeddings grow by one row.
+        log.warning("no non-EOS token to pad with: adding %s and resizing embeddings", _ADDED_PAD)
+        tokenizer.add_special_tokens({"pad_token": _ADDED_PAD})
+        model.resize_token_embeddings(len(tokenizer))
+        pad_id = tokenizer.pad_token_id
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
+    gen.eos_token_id = eos_ids if len(eos_ids) > 1 else eos_ids[0]
+    gen.pad_token_id = pad_id
+    if tokenizer.bos_token_id is not None:
+        gen.bos_token_id = tokenizer.bos_token_id
+    model.config.pad_token_id = pad_id
+    return eos_ids, pad_id
+
+
+# --- model card ---------------------------------------------------------------------------------

@@ -1,0 +1,166 @@
+"""Load a model folder's tokenizer and weights: base (with its manifest), merged or any local model.
+
+Every step after `prepare_base_model` loads through here, from safetensors only; the device and
+the 4-bit choice come from `sft_pipeline.model.device`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from sft_pipeline.common.config import QuantizationConfig
+
+MANIFEST = "manifest.json"
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ModelResolutionError(ValueError):
+    """`model.name_or_path` could not be resolved to loadable safetensors weights."""
+
+
+# Whether loaders may run code shipped with a model: `model.trust_remote_code` of this run, set
+# by the project's hook when the run starts. A manifest is data (DVC may pull it from a remote),
+# so what it records never turns remote code on by itself.
+_remote_code_allowed = False
+
+
+def allow_remote_code(allowed: bool) -> None:
+    """Record `model.trust_remote_code` of this run for every later load in this process."""
+    global _remote_code_allowed
+    _remote_code_allowed = bool(allowed)
+
+
+def trust_remote_code(model_dir: str | os.PathLike, allowed: bool | None = None) -> bool:
+    """Whether to load `model_dir` with its own code: only when it needs it and it is allowed.
+
+    `allowed` None means this run's `model.trust_remote_code` (`allow_remote_code`). A folder
+    whose manifest asks for remote code that is not allowed is refused, naming the parameter.
+    """
+    model_dir = Path(model_dir)
+    wanted = bool(_manifest_or_default(model_dir).get("trust_remote_code"))
+    allowed = _remote_code_allowed if allowed is None else allowed
+    if wanted and not allowed:
+        raise ModelResolutionError(
+            f"{model_dir / MANIFEST} records trust_remote_code: true, but this run's parameters "
+            "do not allow running the model's own code; set model.trust_remote_code: true if "
+            "you trust it (and re-run prepare_base_model)"
+        )
+    return wanted
+
+
+def read_manifest(model_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(model_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: expected a base model folder written by prepare_base_model"
+        )
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _manifest_or_default(model_dir: Path) -> dict[str, Any]:
+    # Folders written by merge (or by users) have no manifest: they are plain local models.
+    if (model_dir / MANIFEST).is_file():
+        return read_manifest(model_dir)
+    return {"model_path": ".", "revision": None, "trust_remote_code": False, "dtype": None}
+
+
+def load_tokenizer_from(folder: str | Path, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(folder), use_fast=True, trust_remote_code=trust_remote_code
+    )
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelResolutionError(
+            f"{folder}: only a slow tokenizer ({type(tokenizer).__name__}) could be loaded; the "
+            "pipeline needs a fast tokenizer (tokenizer.json, or sentencepiece/tiktoken files "
+            "that transformers can convert)"
+        )
+    return tokenizer
+
+
+def load_tokenizer(model_dir: str | os.PathLike, *, allow_remote_code: bool | None = None):
+    """The fast tokenizer saved in a model folder, with a pad token set.
+
+    pad == eos is acceptable for batching: labels are prebuilt with -100 on padding, so EOS is
+    never masked out of the loss by this choice.
+    """
+    model_dir = Path(model_dir)
+    tokenizer = load_tokenizer_from(model_dir, trust_remote_code(model_dir, allow_remote_code))
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelResolutionError(f"{model_dir}: tokenizer has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def model_source(model_dir: str | os.PathLike) -> tuple[str, str | None]:
+    """(path or hub id that from_pretrained loads the weights from, revision)."""
+    model_dir = Path(model_dir)
+    manifest = _manifest_or_default(model_dir)
+    model_path = manifest.get("model_path") or "."
+    if model_path == ".":
+        return str(model_dir), None
+    return model_path, manifest.get("revision")
+
+
+def load_model(
+    model_dir: str | os.PathLike,
+    quantization: QuantizationConfig | None = None,
+    dtype=None,
+    *,
+    allow_remote_code: bool | None = None,
+):
+    """The model a base (or merged) folder describes, from safetensors only.
+
+    With `quantization` (whose `load_in_4bit` the caller has decided), a bitsandbytes NF4/FP4
+    model; otherwise the weights load in `dtype` (default: the manifest's dtype).
+    """
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from sft_pipeline.model import device
+
+    model_dir = Path(model_dir)
+    manifest = _manifest_or_default(model_dir)
+    path, revision = model_source(model_dir)
+    kwargs: dict[str, Any] = {
+        "use_safetensors": True,
+        "trust_remote_code": trust_remote_code(model_dir, allow_remote_code),
+        "device_map": device.device_name(),
+    }
+    if revision:
+        kwargs["revision"] = revision
+    if manifest.get("attn_implementation"):
+        kwargs["attn_implementation"] = manifest["attn_implementation"]
+    if isinstance(dtype, str):
+        dtype = device.torch_dtype(dtype)
+    if quantization is not None and quantization.load_in_4bit is True:
+        precision = device.resolve_precision("auto")
+        compute = device.torch_dtype(
+            device.compute_dtype(quantization.bnb_4bit_compute_dtype, precision)
+        )
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quantization.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=quantization.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=compute,
+        )
+        # Non-quantized parts (norms, embeddings) follow the compute dtype unless told otherwise.
+        kwargs["dtype"] = dtype or compute
+    else:
+        stored = manifest.get("dtype")
+        kwargs["dtype"] = dtype or (device.torch_dtype(stored) if stored in _DTYPES else "auto")
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def load_generation_config(model_dir: str | os.PathLike):
+    """The folder's `GenerationConfig`, or None when it has no generation_config.json."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(str(model_dir))
+    except OSError:
+        return None

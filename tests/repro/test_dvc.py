@@ -1,0 +1,407 @@
+"""dvc.yaml generation (fast, unit level) and DVC's behaviour on a tiny copy of the project (slow).
+
+The slow tests share one project reproduced once (tests/project_copy.py); each makes one edit,
+runs `dvc repro` and checks which stages ran, from DVC's "Running stage 'x'" lines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from sft_pipeline.repro import dvc_stages
+from sft_pipeline.repro.dvc_stages import CodeGraph, ConfigFile, DvcGenerationError, Project
+from tests import project_copy as pc
+
+# ---------------------------------------------------------------------------------------------
+# Import graph on a small fake package
+
+FAKE_PACKAGE = {
+    "__init__.py": (
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from fakepkg.heavy import X\n"
+    ),
+    "config.py": "import json\n",
+    "heavy.py": "",
+    "deep.py": "",
+    "alpha.py": "from fakepkg import config\nfrom .shared import helper\n",
+    "shared.py": "def helper():\n    from fakepkg.deep import thing\n",
+    "beta.py": "import fakepkg.config\n",
+    "io.py": "from fakepkg import atomic\n",
+    "atomic.py": "",
+    "settings.py": "",
+    "pipelines/__init__.py": "",
+    "pipelines/p/__init__.py": "from .pipeline import create_pipeline\n",
+    "pipelines/p/pipeline.py": "from fakepkg.pipelines.p import nodes\n",
+    "pipelines/p/nodes.py": (
+        "from fakepkg import config as C\n"
+        "def _common():\n    from fakepkg.deep import thing\n"
+        "def node_a(x):\n    from fakepkg.alpha import run\n    return run(x)\n"
+        "def node_b(x):\n    from fakepkg import beta\n    _common()\n"
+    ),
+}
+NODES_MODULE = "fakepkg.pipelines.p.nodes"
+
+
+@pytest.fixture
+def fake_src(tmp_path: Path) -> Path:
+    for rel, text in FAKE_PACKAGE.items():
+        path = tmp_path / "src" / "fakepkg" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return tmp_path / "src"
+
+
+def fake_func(name: str):
+    def func(*args):
+        return None
+
+    func.__module__, func.__name__ = NODES_MODULE, name
+    return func
+
+
+def test_node_code_follows_its_own_imports_only(fake_src: Path) -> None:
+    graph = CodeGraph(fake_src, "fakepkg")
+    a = dvc_stages.node_modules(graph, fake_func("node_a"))
+    b = dvc_stages.node_modules(graph, fake_func("node_b"))
+    # node_a: its lazy import, transitively (a relative import, an import inside a function).
+    assert a == {"fakepkg", "fakepkg.config", "fakepkg.alpha", "fakepkg.shared", "fakepkg.deep",
+                 NODES_MODULE}  # fmt: skip
+    # node_b: `from pkg import module`, and a same-module helper it calls.
+    assert b == {"fakepkg", "fakepkg.config", "fakepkg.beta", "fakepkg.deep", NODES_MODULE}
+    # Never: an `if TYPE_CHECKING:` import, the pipeline wiring, another node's imports.
+    assert "fakepkg.heavy" not in a | b
+    assert not any(m.startswith("fakepkg.pipelines.p.pipeline") for m in a | b)
+
+
+def _fake_project(fake_src: Path, **overrides) -> Project:
+    root = fake_src.parent
+    (root / "data" / "01_raw").mkdir(parents=True)
+    for name in ("a.jsonl", "b.jsonl"):
+        (root / "data" / "01_raw" / name).write_text("{}\n")
+    (root / "requirements.lock").write_text("x==1\n")
+    catalog = {
+        name: {"type": "fakepkg.io.FileDataset", "filepath": f"data/{name}.json"}
+        for name in ("raw", "clean", "metrics", "training_history", "adapter")
+    }
+    # DVC roles come from the catalog's metadata, next to the kedro-viz layer.
+    catalog["metrics"]["metadata"] = {"kedro-viz": {"layer": "x"}, "dvc": {"role": "metrics"}}
+    catalog["training_history"]["metadata"] = {"dvc": {"role": "plot", "x": "step", "y": "loss"}}
+    catalog["adapter"]["metadata"] = {"dvc": {"persist_param": "training.output_dir"}}
+    fields = dict(
+        root=root,
+        package="fakepkg",
+        source_dir=fake_src,
+        env="ci",
+        catalog=catalog,
+        params={"data": {"path": "data/01_raw/*.jsonl"}, "training": {"output_dir": "ckpt"}},
+        param_files=[
+            ConfigFile("conf/base/parameters.yml", {"data": {"path": "x"}, "training": {}}),
+            ConfigFile("conf/ci/parameters.yml", {"training": {"max_steps": 2}}),
+        ],
+        catalog_files=[ConfigFile("conf/base/catalog.yml", catalog)],
+    )
+    fields.update(overrides)
+    return Project(**fields)
+
+
+def _node(name: str, func: str, inputs: list[str], outputs: list[str]):
+    return SimpleNamespace(name=name, func=fake_func(func), inputs=inputs, outputs=outputs)
+
+
+def test_stages_have_exact_params_deps_and_outs(fake_src: Path) -> None:
+    project = _fake_project(fake_src)
+    pipeline = SimpleNamespace(
+        nodes=[
+            _node("read", "node_a", ["params:data"], ["raw"]),
+            _node(
+                "train_adapter",
+                "node_b",
+                ["raw", "params:training"],
+                ["metrics", "training_history", "adapter"],
+            ),
+        ]
+    )
+    stages = dvc_stages.build_dvc_yaml(pipeline, project)["stages"]
+    read, train = stages["read"], stages["train_adapter"]
+    assert read["cmd"] == "kedro run --pipelines=sft --nodes=read --env=ci"
+    # The override file sets no `data` key, so only the base file lists it (DVC fails on a
+    # listed key that a file lacks).
+    assert read["params"][0] == {"conf/base/parameters.yml": ["data"]}
+    assert train["params"][:2] == [
+        {"conf/base/parameters.yml": ["training"]},
+        {"conf/ci/parameters.yml": ["training"]},
+    ]
+    assert {"conf/base/catalog.yml": ["raw.type"]} in read["params"]
+    # Dataset class module (and what it imports) and settings.py are code every node runs.
+    for stage in (read, train):
+        assert {"src/fakepkg/io.py", "src/fakepkg/atomic.py", "src/fakepkg/settings.py"} <= set(
+            stage["deps"]
+        )
+        assert "requirements.lock" in stage["deps"]
+    assert "src/fakepkg/alpha.py" in read["deps"] and "src/fakepkg/alpha.py" not in train["deps"]
+    assert "data/raw.json" in train["deps"]
+    assert read["outs"] == ["data/raw.json"]
+    assert train["metrics"] == ["data/metrics.json"]
+    assert train["plots"] == [{"data/training_history.json": {"x": "step", "y": "loss"}}]
+    assert train["outs"] == ["data/adapter.json", {"ckpt": {"persist": True, "cache": False}}]
+
+
+def test_an_unknown_dvc_role_in_the_catalog_is_an_error(fake_src: Path) -> None:
+    project = _fake_project(fake_src)
+    project.catalog["raw"]["metadata"] = {"dvc": {"role": "metric"}}
+    pipeline = SimpleNamespace(nodes=[_node("read", "node_a", ["params:data"], ["raw"])])
+    with pytest.raises(DvcGenerationError, match=r"'raw'.*metadata\.dvc\.role.*metrics"):
+        dvc_stages.build_dvc_yaml(pipeline, project)
+
+
+def test_files_named_by_params_are_deps_of_the_node_that_reads_them(fake_src: Path) -> None:
+    # `data.path` is read by the node whose code runs the ingestion module.
+    (fake_src / "fakepkg" / "data").mkdir()
+    (fake_src / "fakepkg" / "data" / "__init__.py").write_text("")
+    (fake_src / "fakepkg" / "data" / "ingestion.py").write_text("")
+    (fake_src / "fakepkg" / "alpha.py").write_text("from fakepkg.data import ingestion\n")
+    project = _fake_project(fake_src)
+    pipeline = SimpleNamespace(
+        nodes=[
+            _node("read", "node_a", ["params:data"], ["raw"]),
+            _node("other", "node_b", ["raw", "params:data"], ["clean"]),
+        ]
+    )
+    stages = dvc_stages.build_dvc_yaml(pipeline, project)["stages"]
+    assert stages["read"]["deps"][:2] == ["data/01_raw/a.jsonl", "data/01_raw/b.jsonl"]
+    assert not any(d.startswith("data/01_raw") for d in stages["other"]["deps"])
+
+
+def test_memory_dataset_between_nodes_is_an_error(fake_src: Path) -> None:
+    project = _fake_project(fake_src)
+    pipeline = SimpleNamespace(nodes=[_node("read", "node_a", ["params:data"], ["in_memory"])])
+    with pytest.raises(DvcGenerationError, match=r"in_memory.*filepath"):
+        dvc_stages.build_dvc_yaml(pipeline, project)
+
+
+# ---------------------------------------------------------------------------------------------
+# The real project
+
+
+@pytest.fixture(scope="module")
+def real_stages() -> dict:
+    from sft_pipeline.cli import load_project
+
+    pipeline, project = load_project(pc.PROJECT_ROOT, "base")
+    return pipeline, dvc_stages.build_dvc_yaml(pipeline, project)["stages"]
+
+
+def test_committed_dvc_yaml_is_current() -> None:
+    # `kedro dvc check` regenerates dvc.yaml and fails, with a diff, when it differs.
+    pc.run(["kedro", "dvc", "check"], pc.PROJECT_ROOT, timeout=120)
+
+
+def test_real_stages_match_the_pipeline(real_stages) -> None:
+    pipeline, stages = real_stages
+    assert list(stages) == [n.name for n in pipeline.nodes]
+    for node in pipeline.nodes:
+        stage = stages[node.name]
+        assert stage["cmd"] == f"kedro run --pipelines=sft --nodes={node.name} --env=base"
+        sections = {i.removeprefix("params:") for i in node.inputs if i.startswith("params:")}
+        listed = [
+            key
+            for entry in stage.get("params", [])
+            for key in entry.get("conf/base/parameters_sft.yml", [])
+        ]
+        assert set(listed) == sections, node.name
+        # Shared code is a dep of every stage.
+        for shared in (
+            "common/config.py",
+            "artifact_io.py",
+            "common/atomic.py",
+            "pipelines/sft/nodes.py",
+        ):
+            assert f"src/sft_pipeline/{shared}" in stage["deps"], (node.name, shared)
+    # A node's own library module is a dep of that node only.
+    # A library module is a dep of the nodes whose code imports it, and of no other.
+    expected = {
+        "data/ingestion.py": {"ingest_records"},
+        "evaluation/evaluate.py": {"evaluate_model", "report_run"},  # the report reads its names
+        "evaluation/report.py": {"report_run"},
+    }
+    for module, nodes in expected.items():
+        owners = {n for n, s in stages.items() if f"src/sft_pipeline/{module}" in s["deps"]}
+        assert owners == nodes, module
+    assert "data/01_raw/demo_sft.jsonl" in stages["ingest_records"]["deps"]
+    assert "src/sft_pipeline/data/templates" in stages["render_conversations"]["deps"]
+    assert {"data/06_models/checkpoints": {"persist": True, "cache": False}} in stages[
+        "train_adapter"
+    ]["outs"]
+
+
+# ---------------------------------------------------------------------------------------------
+# DVC on a tiny copy of the project
+
+
+@pytest.fixture
+def project(tmp_path_factory) -> Path:
+    root, _, _ = pc.reproduced_project(tmp_path_factory)
+    # Start from an up-to-date state even when an earlier test failed half-way.
+    pc.run(["dvc", "repro"], root)
+    return root
+
+
+def repro(root: Path) -> set[str]:
+    return pc.ran_stages(pc.run(["dvc", "repro"], root))
+
+
+DOWNSTREAM_OF_TRAINING = {
+    "train_adapter",
+    "merge_adapter",
+    "evaluate_model",
+    "export_model",
+    "report_run",
+}
+FROM_TOKENIZATION = {"tokenize_conversations", *DOWNSTREAM_OF_TRAINING}
+FROM_RENDERING = {"render_conversations", *FROM_TOKENIZATION}
+
+
+@pytest.mark.slow
+def test_full_repro_then_nothing_to_do(tmp_path_factory) -> None:
+    root, first, _ = pc.reproduced_project(tmp_path_factory)
+    assert pc.ran_stages(first) == set(pc.STAGES)
+    second = pc.run(["dvc", "repro"], root)
+    assert pc.ran_stages(second) == set(), second
+    assert "Data and pipelines are up to date" in second
+    assert (root / "dvc.lock").is_file()
+
+
+@pytest.mark.slow
+def test_learning_rate_experiment_reruns_training_merge_evaluation(project: Path) -> None:
+    out = pc.run(
+        ["dvc", "exp", "run", "-S", "conf/base/parameters_sft.yml:training.learning_rate=1e-3"],
+        project,
+    )
+    assert pc.ran_stages(out) == DOWNSTREAM_OF_TRAINING, out
+    # The new value reached the trainer (with an override file that sets `training`, only if
+    # Kedro merges environments key by key: settings.py, merge_strategy soft).
+    # (The logged learning rate never peaks within a 2-step warmup+cosine schedule, so read the
+    # effective parameters the trainer was given.)
+    effective = pc.read_json(project, "data/06_models/adapter/training_params.json")
+    assert effective["training"]["learning_rate"] == pytest.approx(1e-3)
+    assert yaml.safe_load((project / "conf/base/parameters_sft.yml").read_text())["training"][
+        "learning_rate"
+    ] == pytest.approx(1e-3)
+    shown = json.loads(pc.run(["dvc", "exp", "show", "--json"], project))
+    assert "0.001" in json.dumps(shown)
+    metrics = pc.run(["dvc", "metrics", "show", "--json"], project)
+    assert "data/08_reporting/metrics.json" in metrics
+    html = project / "plots_html"
+    pc.run(["dvc", "plots", "show", "-o", str(html)], project)
+    assert "training_history.json" in (html / "index.html").read_text()
+
+
+def _changed_stages(root: Path) -> set[str]:
+    return set(json.loads(pc.run(["dvc", "status", "--json"], root)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("section", "key", "value", "stage"),
+    [
+        ("tokenization", "batch_size", 7, "tokenize_conversations"),
+        ("evaluation", "max_new_tokens", 5, "evaluate_model"),
+    ],
+)
+def test_a_parameter_invalidates_exactly_the_node_that_reads_it(
+    project: Path, section: str, key: str, value: int, stage: str
+) -> None:
+    before = yaml.safe_load(pc.params_path(project).read_text())
+    assert _changed_stages(project) == set()
+    pc.set_params(project, {section: {key: value}})
+    try:
+        assert _changed_stages(project) == {stage}
+    finally:
+        pc.params_path(project).write_text(yaml.safe_dump(before, sort_keys=False))
+    assert _changed_stages(project) == set()
+
+
+@pytest.mark.slow
+def test_max_seq_length_reruns_from_tokenization(project: Path) -> None:
+    stats = pc.read_json(project, "data/08_reporting/token_stats.json")
+    longest = max(s["input_length"]["max"] for s in stats["splits"].values())
+    # One token shorter than the longest row: that row is truncated, so the tokens change.
+    pc.set_params(project, {"tokenization": {"max_seq_length": longest - 1}})
+    assert repro(project) == FROM_TOKENIZATION
+
+
+CUSTOM_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + ' VERB\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant VERB\\n' }}{%- endif -%}"
+)
+
+
+@pytest.mark.slow
+def test_chat_template_param_and_file_rerun_from_rendering(project: Path) -> None:
+    template = project / "conf" / pc.TINY_ENV / "chat_template.jinja"
+    template.write_text(CUSTOM_TEMPLATE.replace("VERB", "says"))
+    pc.set_params(project, {"template": {"chat_template": "conf/tiny/chat_template.jinja"}})
+    pc.run(["kedro", "dvc", "generate", "--env", pc.TINY_ENV], project)  # a new file dep
+    assert repro(project) == FROM_RENDERING
+    template.write_text(CUSTOM_TEMPLATE.replace("VERB", "writes"))
+    assert repro(project) == FROM_RENDERING
+
+
+@pytest.mark.slow
+def test_raw_data_edit_reruns_from_ingestion(project: Path) -> None:
+    extra = (pc.PROJECT_ROOT / pc.RAW_DATA).read_text().splitlines()[100:106]
+    with (project / pc.RAW_DATA).open("a") as f:
+        f.write("\n".join(extra) + "\n")
+    assert repro(project) == set(pc.STAGES) - {"prepare_base_model"}
+
+
+@pytest.mark.slow
+def test_library_source_edit_reruns_that_node_and_downstream_only(project: Path) -> None:
+    # splitting.py is imported by split_records' code only.
+    with (project / "src/sft_pipeline/data/splitting.py").open("a") as f:
+        f.write("\n# an edit\n")
+    status = json.loads(pc.run(["dvc", "status", "--json"], project))
+    assert set(status) == {"split_records"}, status
+    ran = repro(project)
+    # Downstream stages re-run when the node's outputs change; splitting is deterministic, so a
+    # comment leaves them byte-identical and DVC stops there.
+    assert "split_records" in ran and ran <= {"split_records", *FROM_RENDERING}, ran
+
+
+def _md5s(root: Path, relpath: str) -> dict[str, str]:
+    return {k: hashlib.md5(v).hexdigest() for k, v in pc.file_bytes(root, relpath).items()}
+
+
+@pytest.mark.slow
+def test_deleted_outputs_are_restored_from_cache_without_rerunning(project: Path) -> None:
+    targets = ["data/03_primary/train_records.parquet", "data/05_model_input/train_tokens"]
+    before = {t: _md5s(project, t) for t in targets}
+    (project / targets[0]).unlink()
+    shutil.rmtree(project / targets[1])
+    out = pc.run(["dvc", "repro"], project)
+    assert pc.ran_stages(out) == set(), out
+    assert {t: _md5s(project, t) for t in targets} == before
+
+
+@pytest.mark.slow
+def test_same_params_give_byte_identical_data_artifacts(tmp_path: Path, tmp_path_factory) -> None:
+    # A second, clean copy run by `kedro run` (not DVC): same bytes as the first `dvc repro`,
+    # so the data half is deterministic and Kedro and DVC write the same artifacts.
+    shared, _, snapshot = pc.reproduced_project(tmp_path_factory)
+    root = pc.make_project(tmp_path / "again", model_dir=shared / pc.TINY_MODEL)
+    pc.run(
+        ["kedro", "run", "--pipelines=sft", "--to-nodes=tokenize_conversations", "--env=tiny"],
+        root,
+    )
+    again = {k: v for a in pc.DATA_ARTIFACTS for k, v in pc.file_bytes(root, a).items()}
+    assert sorted(again) == sorted(snapshot)
+    differ = [k for k in snapshot if again[k] != snapshot[k]]
+    assert not differ, f"not byte-identical: {differ}"

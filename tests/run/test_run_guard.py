@@ -1,0 +1,69 @@
+"""What the run-start hook relies on: remote code only from parameters, credentials into the
+environment (never overriding it), leftovers of killed atomic writes removed."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from sft_pipeline.common.atomic import atomic_path, remove_leftovers
+from sft_pipeline.model import loading as model_loading
+from sft_pipeline.model.loading import ModelResolutionError, trust_remote_code
+from sft_pipeline.run.hooks import export_credentials
+
+
+@pytest.fixture
+def remote_code_folder(tmp_path):
+    (tmp_path / "manifest.json").write_text(
+        json.dumps({"model_path": ".", "trust_remote_code": True})
+    )
+    yield tmp_path
+    model_loading.allow_remote_code(False)
+
+
+def test_a_manifest_alone_never_turns_remote_code_on(remote_code_folder):
+    model_loading.allow_remote_code(False)
+    with pytest.raises(ModelResolutionError, match=r"set model\.trust_remote_code: true"):
+        trust_remote_code(remote_code_folder)
+
+
+def test_remote_code_runs_when_the_parameters_allow_it(remote_code_folder):
+    model_loading.allow_remote_code(True)
+    assert trust_remote_code(remote_code_folder) is True
+    # Allowing it does not turn it on for a model that does not ask for it.
+    (remote_code_folder / "manifest.json").write_text(json.dumps({"trust_remote_code": False}))
+    assert trust_remote_code(remote_code_folder) is False
+
+
+def test_credentials_go_to_the_environment_which_wins(monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "from-the-environment")
+    exported = export_credentials(
+        {"huggingface": {"token": "hf_from_file"}, "wandb": {"api_key": "from-file"}}
+    )
+    assert exported == ["HF_TOKEN"]
+    assert os.environ["HF_TOKEN"] == "hf_from_file"
+    assert os.environ["WANDB_API_KEY"] == "from-the-environment"
+
+
+def test_leftovers_of_interrupted_atomic_writes_are_removed(tmp_path):
+    target = tmp_path / "records.parquet"
+    target.write_text("complete")
+    # What a kill inside atomic_path leaves: the temporary sibling (a file or a folder).
+    with atomic_path(target) as tmp:
+        tmp.write_text("half")
+        leftover_file = tmp.with_name(tmp.name + "x")
+        leftover_file.write_text("half")
+    (tmp_path / ".train_tokens.tmp-abc").mkdir()
+    (tmp_path / ".adapter.old-def").mkdir()
+
+    removed = remove_leftovers(tmp_path)
+    assert {p.name for p in removed} == {
+        leftover_file.name,
+        ".train_tokens.tmp-abc",
+        ".adapter.old-def",
+    }
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["records.parquet"]
+    assert target.read_text() == "half"
