@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
 FIXTURES = Path(os.environ.get("SFT_PIPELINE_FIXTURES") or ROOT.parent / "shared" / "fixtures")
 ALPACA = FIXTURES / "datasets" / "llamafactory" / "alpaca_en_demo.json"
 MAX_LENGTH = 512
@@ -67,7 +67,7 @@ def measured(args: list[str], cwd: Path | None = None) -> dict:
 
 
 def ours(n: int, work: Path, model: Path) -> dict:
-    import project_copy as pc
+    from tests import project_copy as pc
 
     project = pc.make_project(work / f"project-{n}", with_model=False)
     data = make_records(n, work / f"alpaca-{n}.jsonl")

@@ -22,9 +22,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
 
-import project_copy as pc  # noqa: E402  (a test helper: the same tiny copy the tests use)
+# A test helper: the same tiny copy the tests use.
+from tests import project_copy as pc  # noqa: E402
 
 
 def timed(args: list[str], cwd: Path) -> tuple[float, str]:

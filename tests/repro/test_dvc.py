@@ -15,6 +15,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from sft_pipeline.common.config import DataConfig
+from sft_pipeline.data import ingestion
 from sft_pipeline.repro import dvc_stages
 from sft_pipeline.repro.dvc_stages import CodeGraph, ConfigFile, DvcGenerationError, Project
 from tests import project_copy as pc
@@ -105,6 +107,7 @@ def _fake_project(fake_src: Path, **overrides) -> Project:
             ConfigFile("conf/ci/parameters.yml", {"training": {"max_steps": 2}}),
         ],
         catalog_files=[ConfigFile("conf/base/catalog.yml", catalog)],
+        file_params=[],  # this package's readers are not in the fake package
     )
     fields.update(overrides)
     return Project(**fields)
@@ -166,7 +169,11 @@ def test_files_named_by_params_are_deps_of_the_node_that_reads_them(fake_src: Pa
     (fake_src / "fakepkg" / "data" / "__init__.py").write_text("")
     (fake_src / "fakepkg" / "data" / "ingestion.py").write_text("")
     (fake_src / "fakepkg" / "alpha.py").write_text("from fakepkg.data import ingestion\n")
-    project = _fake_project(fake_src)
+    # The real resolver of `data.path`, standing in for the fake package's reader.
+    reader = dvc_stages.FileParam(
+        "data", DataConfig, ingestion.local_data_files, reader="fakepkg.data.ingestion"
+    )
+    project = _fake_project(fake_src, file_params=[reader])
     pipeline = SimpleNamespace(
         nodes=[
             _node("read", "node_a", ["params:data"], ["raw"]),
@@ -176,6 +183,47 @@ def test_files_named_by_params_are_deps_of_the_node_that_reads_them(fake_src: Pa
     stages = dvc_stages.build_dvc_yaml(pipeline, project)["stages"]
     assert stages["read"]["deps"][:2] == ["data/01_raw/a.jsonl", "data/01_raw/b.jsonl"]
     assert not any(d.startswith("data/01_raw") for d in stages["other"]["deps"])
+
+
+def test_a_reader_module_that_no_longer_exists_fails_generation(fake_src: Path) -> None:
+    # A renamed or deleted reader must not silently drop its files from the deps.
+    gone = dvc_stages.FileParam(
+        "data", DataConfig, ingestion.local_data_files, reader="fakepkg.renamed_away"
+    )
+    project = _fake_project(fake_src, file_params=[gone])
+    pipeline = SimpleNamespace(nodes=[_node("read", "node_a", ["params:data"], ["raw"])])
+    with pytest.raises(DvcGenerationError, match=r"'data'.*fakepkg\.renamed_away.*no source"):
+        dvc_stages.build_dvc_yaml(pipeline, project)
+
+
+def test_every_reader_of_the_real_project_is_a_module_its_node_runs(real_stages) -> None:
+    # Each parameter section that names files has a resolver whose module exists and is run by
+    # the node reading that section: a rename that broke this would empty the deps silently.
+    pipeline, _stages = real_stages
+    from sft_pipeline.repro.code_graph import node_modules, package_graph
+
+    graph = package_graph()
+    runs = {n.name: node_modules(graph, n.func) for n in pipeline.nodes}
+    readers = {
+        "data": "ingest_records",
+        "template": "render_conversations",
+        "model": "prepare_base_model",
+    }
+    for fp in dvc_stages.FILE_PARAMS:
+        assert graph.module_file(fp.module) is not None, fp.module
+        assert fp.module in runs[readers[fp.section]], (fp.section, fp.module)
+
+
+def test_a_local_model_folder_is_a_dep_of_prepare_base_model(tmp_path: Path) -> None:
+    from sft_pipeline.cli import load_project
+
+    root = pc.make_project(tmp_path / "project", with_model=False)
+    (root / pc.TINY_MODEL).mkdir(parents=True)
+    (root / pc.TINY_MODEL / "config.json").write_text("{}")
+    pipeline, project = load_project(root, pc.TINY_ENV)
+    stages = dvc_stages.build_dvc_yaml(pipeline, project)["stages"]
+    owners = {name for name, s in stages.items() if pc.TINY_MODEL in s["deps"]}
+    assert owners == {"prepare_base_model"}
 
 
 def test_memory_dataset_between_nodes_is_an_error(fake_src: Path) -> None:

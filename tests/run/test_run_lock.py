@@ -89,7 +89,7 @@ TRACKER_KEY = "plantedTrackerKeyThatMustNeverLeak98765"
 
 
 def start_kedro(root: Path, *args: str) -> subprocess.Popen:
-    from project_copy import TINY_ENV, env
+    from tests.project_copy import TINY_ENV, env
 
     run_env = env()
     for name in ("HF_TOKEN", "WANDB_API_KEY"):
@@ -121,7 +121,7 @@ def adapter(root: Path) -> dict:
 def test_kedro_runs_one_at_a_time_and_credentials_never_reach_artifacts(tmp_path):
     import shutil
 
-    from project_copy import TINY_ENV, make_project, set_params
+    from tests.project_copy import TINY_ENV, make_project, set_params
 
     root = make_project(tmp_path / "project")
     set_params(root, {"training": {"max_steps": 16, "save_steps": 4}})

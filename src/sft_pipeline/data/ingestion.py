@@ -12,6 +12,7 @@ the chunk size, so chunked and whole-file ingestion write the same bytes.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import os
@@ -181,9 +182,22 @@ def resolve_sources(cfg: DataConfig) -> list[Source]:
     return list(unique.values())
 
 
-def resolve_paths(path: str | list[str]) -> list[Path]:
-    """The local files `data.path` names (see `resolve_sources`)."""
-    return [s.path for s in resolve_sources(DataConfig(path=path))]
+def local_data_files(cfg: DataConfig, root: Path) -> list[str]:
+    """The local files `data.path` names, as the project sees them from `root` (the DVC deps of
+    `ingest_records`): globs expanded exactly as `resolve_sources` expands them, loops read once.
+
+    A Hub dataset names no local file (its `@<commit>` in the parameter pins it); an entry that
+    matches nothing is returned as written, so DVC reports the missing dep.
+    """
+    entries = [cfg.path] if isinstance(cfg.path, str) else list(cfg.path)
+    found: list[str] = []
+    with contextlib.chdir(root):
+        for entry in entries:
+            if hub.is_hub_path(entry):
+                continue
+            matches = _expand(entry) if has_magic(os.path.expanduser(entry)) else []
+            found.extend([m.as_posix() for m in matches] or [entry])
+    return list(dict.fromkeys(found))
 
 
 def iter_rows(source: Source, batch_rows: int = 10_000) -> Iterator[Row]:

@@ -39,6 +39,7 @@ from sft_pipeline.common.config import TemplateConfig
 
 log = logging.getLogger(__name__)
 
+SHIPPED_FOLDER = "templates"  # next to this module: the built-in `.jinja` templates
 BUILTIN_TEMPLATES = ("chatml", "alpaca", "plain")
 # The layout `auto` falls back to when the tokenizer has no chat template (a base model).
 FALLBACK_TEMPLATE = "plain"
@@ -60,8 +61,16 @@ def tokenizer_template(tokenizer) -> str | None:
 
 
 def builtin_template(name: str) -> str:
-    source = resources.files("sft_pipeline.data") / "templates" / f"{name}.jinja"
+    source = resources.files(__package__) / SHIPPED_FOLDER / f"{name}.jinja"
     return source.read_text(encoding="utf-8")
+
+
+def local_template_files(cfg: TemplateConfig, root: Path) -> list[str]:
+    """The `.jinja` file `template.chat_template` names, if any (a DVC dep of
+    `render_conversations`; the shipped templates in SHIPPED_FOLDER are one too, always: `auto`
+    falls back to one of them for a tokenizer without a chat template)."""
+    choice = cfg.chat_template
+    return [] if choice in ("auto", "tokenizer", *BUILTIN_TEMPLATES) else [choice]
 
 
 def resolve_template(tokenizer, cfg: TemplateConfig) -> tuple[str, str]:

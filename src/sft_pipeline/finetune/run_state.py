@@ -42,8 +42,6 @@ from sft_pipeline.finetune.job import TrainJob
 log = logging.getLogger(__name__)
 
 FINGERPRINT_FILE = "run_fingerprint.json"
-# The library function the fingerprint's code set is walked from (sft_pipeline.repro.code_graph).
-TRAINING_ENTRY = "sft_pipeline.finetune.workflow"
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
@@ -91,11 +89,13 @@ def code_fingerprint() -> dict[str, str]:
     """
     from importlib.metadata import version
 
+    # The walk starts from the workflow's module object, not its name: a rename fails here.
+    from sft_pipeline.finetune import workflow
     from sft_pipeline.repro.code_graph import module_files, package_graph
 
     root = package_graph().source_dir
     digest = hashlib.sha256()
-    for source in module_files(TRAINING_ENTRY):
+    for source in module_files(workflow.__name__):
         digest.update(source.relative_to(root).as_posix().encode() + b"\0" + source.read_bytes())
     return {"sources": digest.hexdigest(), **{name: version(name) for name in LIBRARIES}}
 

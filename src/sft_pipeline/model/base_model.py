@@ -124,6 +124,17 @@ def prequantized(config: dict[str, Any]) -> dict[str, Any] | None:
     )
 
 
+def local_model_files(cfg: ModelConfig, root: Path) -> list[str]:
+    """The local folder or `.gguf` file `model.name_or_path` names, as `_resolve` classifies it
+    (the DVC dep of `prepare_base_model`). A hub id is pinned by `model.revision` (the resolved
+    commit is in the manifest); the bundled model by the package version in requirements.lock."""
+    name = cfg.name_or_path
+    if name == BUNDLED_ALIAS:
+        return []
+    path = Path(name).expanduser()
+    return [name] if (path if path.is_absolute() else root / path).exists() else []
+
+
 def resolve_weights_folder(name_or_path: str, revision: str | None = None) -> Path:
     """The local folder holding the safetensors of a model name (hub id, folder or .gguf)."""
     return _resolve(ModelConfig(name_or_path=name_or_path, revision=revision))[1]

@@ -193,4 +193,6 @@ def package_graph() -> CodeGraph:
 def module_files(module: str) -> list[Path]:
     """Source files `module` (any of its functions) can run, sorted."""
     graph = package_graph()
+    if graph.module_file(module) is None:
+        raise CodeGraphError(f"no source of {module} under {graph.source_dir}")
     return sorted(graph.files(graph.closure({module: True})))

@@ -19,7 +19,6 @@ config dicts; loading those from a project is the CLI's job (sft_pipeline.cli).
 
 from __future__ import annotations
 
-import glob
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,8 @@ from sft_pipeline.common.config import (
     TemplateConfig,
     parse_section,
 )
+from sft_pipeline.data import ingestion, templating
+from sft_pipeline.model import base_model
 from sft_pipeline.repro.code_graph import CodeGraph, node_modules
 
 _S = TypeVar("_S", bound=BaseModel)
@@ -93,6 +94,7 @@ class Project:
     params: Mapping[str, Any]  # merged parameters
     param_files: Sequence[ConfigFile]  # base first, then the environment's
     catalog_files: Sequence[ConfigFile] = field(default_factory=tuple)
+    file_params: Sequence[FileParam] | None = None  # None: this package's FILE_PARAMS
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,52 +127,35 @@ def _section(params: Mapping[str, Any], model: type[_S], key: str) -> _S:
     return parse_section(model, params.get(key), key)
 
 
-def _data_files(params: Mapping[str, Any], root: Path) -> list[str]:
-    """Files `data.path` names: a file, a folder, a glob or a list of them (globs expanded now,
-    so a file added later needs `kedro dvc generate`; `kedro dvc check` says so)."""
-    value = _section(params, DataConfig, "data").path
-    found: list[str] = []
-    for pattern in [value] if isinstance(value, str) else value:
-        if pattern.startswith("hf://"):
-            continue  # a Hub dataset: pinned by the `@<commit>` in the parameter itself
-        if glob.has_magic(pattern):
-            base = root if not Path(pattern).is_absolute() else Path("/")
-            matches = sorted(glob.glob(pattern, root_dir=base, recursive=True))
-            found.extend(matches or [pattern])  # none: DVC reports the missing dep
-        else:
-            found.append(pattern)
-    return found
-
-
-def _template_files(params: Mapping[str, Any], root: Path) -> list[str]:
-    value = _section(params, TemplateConfig, "template").chat_template
-    return [value] if value.endswith(".jinja") else []
-
-
-def _model_files(params: Mapping[str, Any], root: Path) -> list[str]:
-    """A local model folder or `.gguf` file; a hub id is pinned by `model.revision` instead."""
-    value = _section(params, ModelConfig, "model").name_or_path
-    path = Path(value) if Path(value).is_absolute() else root / value
-    return [value] if path.exists() else []
-
-
 @dataclass(frozen=True)
 class FileParam:
-    """A parameter section that names files, and the library module that opens them."""
+    """A parameter section that names files, and the resolver the library itself uses for them.
+
+    The resolver is a code object, not a module name: the module whose code opens the files is
+    `resolver.__module__`, so a rename moves the dep with it (or fails the import), never points
+    at nothing. `reader` overrides that module only for a package other than this one.
+    """
 
     section: str
-    reader: str  # module (relative to the package) whose code reads the files
-    files: Callable[[Mapping[str, Any], Path], list[str]]
+    model: type[BaseModel]
+    resolver: Callable[[Any, Path], list[str]]
+    reader: str = ""
+
+    @property
+    def module(self) -> str:
+        return self.reader or self.resolver.__module__
+
+    def files(self, params: Mapping[str, Any], root: Path) -> list[str]:
+        return self.resolver(_section(params, self.model, self.section), root)
 
 
-# A node gets these files as deps when it both reads the section and runs the reader module, so
-# e.g. merge_adapter (which reads `data` for the model card) does not depend on the raw files.
+# A node gets these files as deps when it both reads the section and runs the resolver's module,
+# so e.g. merge_adapter (which reads the model's name for the card) does not depend on raw files.
 FILE_PARAMS = (
-    FileParam("data", "data.ingestion", _data_files),
-    FileParam("template", "data.templating", _template_files),
-    FileParam("model", "model.base_model", _model_files),
+    FileParam("data", DataConfig, ingestion.local_data_files),
+    FileParam("template", TemplateConfig, templating.local_template_files),
+    FileParam("model", ModelConfig, base_model.local_model_files),
 )
-SHIPPED_TEMPLATES = "data/templates"  # package folder of `.jinja` chat templates (chatml, alpaca)
 
 
 def params_entries(
@@ -262,13 +247,17 @@ def build_stage(node: Any, project: Project, graph: CodeGraph) -> dict[str, Any]
     code = graph.files(runs | graph.closure(dict.fromkeys(extra, True)))
 
     deps: list[str] = [dataset_path(i, project.catalog) for i in inputs]
-    for fp in FILE_PARAMS:
-        if (sections is None or fp.section in sections) and f"{package}.{fp.reader}" in runs:
+    for fp in FILE_PARAMS if project.file_params is None else project.file_params:
+        if graph.module_file(fp.module) is None:
+            raise DvcGenerationError(
+                f"the reader of parameter section {fp.section!r} ({fp.module}) has no source "
+                f"under {graph.source_dir}: its files would silently stop being deps"
+            )
+        if (sections is None or fp.section in sections) and fp.module in runs:
             deps.extend(fp.files(project.params, root))
-            if fp.section == "template":
-                shipped = graph.source_dir / package / SHIPPED_TEMPLATES
-                if shipped.is_dir():
-                    deps.append(_rel(shipped, root))
+            if fp.resolver is templating.local_template_files:
+                shipped = graph.module_file(fp.module).parent / templating.SHIPPED_FOLDER
+                deps.append(_rel(shipped, root))
     deps.extend(sorted(_rel(p, root) for p in code))
     if (root / LOCK_FILE).is_file():
         deps.append(LOCK_FILE)

@@ -143,13 +143,20 @@ def train_adapter(
 def merge_adapter(
     base_model: Path,
     adapter: Path,
-    data: dict[str, Any],
+    data_path: Any,
+    data_schema: str,
+    data_columns: dict[str, str],
+    eval_fraction: float,
+    seed: int,
     template: dict[str, Any],
     training_summary: dict[str, Any],
     merge_base_model: Any = None,  # str or None (MergeConfig checks it; no union for Kedro)
 ):
     from sft_pipeline.export.merge import merge
 
+    # Only the data keys the model card describes: chunk sizes and the like change no byte.
+    data = {"path": data_path, "schema": data_schema, "columns": data_columns}
+    data |= {"eval_fraction": eval_fraction, "seed": seed}
     return merge(
         base_model,
         adapter,

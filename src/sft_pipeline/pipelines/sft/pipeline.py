@@ -76,7 +76,11 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=[
                     "base_model",
                     "adapter",
-                    "params:data",
+                    "params:data.path",
+                    "params:data.schema",
+                    "params:data.columns",
+                    "params:data.eval_fraction",
+                    "params:data.seed",
                     "params:template",
                     "training_summary",
                     "params:merge.base_model",

@@ -1,0 +1,27 @@
+"""The import-graph walk behind the run fingerprint starts from code objects and fails loudly."""
+
+from __future__ import annotations
+
+import pytest
+
+from sft_pipeline.finetune import workflow
+from sft_pipeline.repro.code_graph import CodeGraphError, module_files, package_graph
+
+
+def test_the_walk_refuses_a_module_that_does_not_exist() -> None:
+    with pytest.raises(CodeGraphError, match=r"sft_pipeline\.finetune\.renamed_away"):
+        module_files("sft_pipeline.finetune.renamed_away")
+
+
+def test_the_fingerprinted_training_code_includes_the_workflow_and_the_trainer() -> None:
+    root = package_graph().source_dir
+    files = {p.relative_to(root).as_posix() for p in module_files(workflow.__name__)}
+    assert {
+        "sft_pipeline/finetune/workflow.py",
+        "sft_pipeline/finetune/run_state.py",
+        "sft_pipeline/trainer/sft_trainer.py",
+        "sft_pipeline/trainer/loss.py",
+        "sft_pipeline/model/device.py",
+    } <= files
+    # Merging, export and evaluation never run inside training.
+    assert not any(f.startswith(("sft_pipeline/export/", "sft_pipeline/evaluation/")) for f in files)
