@@ -127,8 +127,8 @@ def merge_weights(
 ):
     """(merged model, the weights it was merged into, for the model card).
 
-    Shard by shard (`sft_pipeline.export.shard_merge`: one shard in memory, the checkpoint's
-    dtype and layout) into the base's own checkpoint, dequantized when it exists only in 4-bit,
+    Tensor by tensor (`sft_pipeline.export.shard_merge`: one tensor in memory, fp32 arithmetic
+    rounded once to the checkpoint's dtype, the checkpoint's shard layout) into the base's own checkpoint, dequantized when it exists only in 4-bit,
     or into `merge_base`. Adapters only PEFT can merge go through `merge_adapter` (whole model,
     fp32).
     """
@@ -167,7 +167,7 @@ def merge_weights(
     if vocab_size > model.vocab_size:
         # The trainer added tokens (e.g. a pad token): the merged embeddings need their rows.
         model.resize_token_embeddings(vocab_size)
-    log.info("merging shard by shard into %s (%s)", weights, merged_into)
+    log.info("merging tensor by tensor into %s (%s)", weights, merged_into)
     return model, merged_into
 
 

@@ -1,4 +1,4 @@
-"""Merge a LoRA adapter into a base checkpoint one safetensors shard at a time, on CPU.
+"""Merge a LoRA adapter into a base checkpoint one tensor at a time, on CPU.
 
     base checkpoint (safetensors)            adapter (adapter_model.safetensors, small)
       model-00001-of-00003.safetensors         q_proj.lora_A (r x in), q_proj.lora_B (out x r)
@@ -6,11 +6,12 @@
       model-00003-of-00003.safetensors         embed_tokens.base_layer.weight (resized vocab)
       model.safetensors.index.json
                 |
-                v   for each shard, in turn:
-      read its tensors -> W += scale * B @ A      (fp32 arithmetic, stored back in W's dtype)
-                       -> replaced tensors taken from the adapter, in W's dtype
-                       -> 4-bit packed W (a pre-quantized base) dequantized first
-      write the shard under the same name -> drop it -> next shard
+                v   for each shard: plan every output tensor's dtype and shape from the
+                    headers, write the output header, then for each tensor, in turn:
+      pread W -> W + scale * B @ A      (fp32 arithmetic in row blocks, rounded once to W's dtype)
+              -> replaced tensors taken from the adapter, in W's dtype
+              -> 4-bit packed W (a pre-quantized base) dequantized first
+              -> bytes appended to the output shard -> W dropped (and its file pages)
                 |
                 v
       merged folder: same shard names and layout, index (new total size), config without
@@ -18,8 +19,9 @@
 
 `scale` is `lora_alpha / r` (`lora_alpha / sqrt(r)` with rsLoRA; per module with PEFT's rank and
 alpha patterns); `B @ A` is transposed for fan-in-fan-out layers (GPT-2's Conv1D stores weights
-as in x out) and for LoRA on embeddings. Peak memory is one shard plus one fp32 weight, instead of
-the whole model in fp32. Adapters this does not express (DoRA, LoRA biases, trainable token
+as in x out) and for LoRA on embeddings. Peak memory is about the largest tensor twice (input
+and output) plus the adapter, whatever the shard size: a 7B with a 10 GB shard merges like one
+with 1 GB shards. Adapters this does not express (DoRA, LoRA biases, trainable token
 indices, replicated layers, keys the checkpoint does not hold) raise `NotShardwise`, and the
 caller merges the whole model with PEFT instead.
 """
@@ -31,6 +33,7 @@ import logging
 import math
 import os
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 _PEFT_PREFIX = "base_model.model."
+# fp32 elements of one row block of a merged weight (64 MiB).
+_BLOCK_ELEMENTS = 16 * 2**20
 # Components bitsandbytes stores next to a packed 4-bit weight `X.weight`.
 _QUANT_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.")
 # adapter_config keys whose non-default value changes the merge in ways handled only by PEFT.
@@ -68,16 +73,29 @@ class Delta:
     transpose: bool
 
     def apply(self, weight):
+        """`weight + scale * B @ A` computed in fp32 and rounded once to `weight`'s dtype.
+
+        Row block by row block, so the fp32 intermediates stay small next to the weight:
+
+            weight (out x in, bf16) ─┬─ rows 0..k    -> fp32 + scale * (B[0..k] @ A)  -> bf16
+                                     ├─ rows k..2k   -> ...
+                                     └─ ...             written into one output tensor
+        """
         import torch
 
-        delta = self.b.to(torch.float32) @ self.a.to(torch.float32)
-        if self.transpose:
-            delta = delta.T
-        if delta.shape != weight.shape:
-            raise NotShardwise(
-                f"LoRA delta {tuple(delta.shape)} does not fit weight {tuple(weight.shape)}"
-            )
-        return (weight.to(torch.float32) + self.scale * delta).to(weight.dtype)
+        a, b = self.a.to(torch.float32), self.b.to(torch.float32)
+        if self.transpose:  # (B @ A).T == A.T @ B.T
+            a, b = b.T, a.T
+        shape = (b.shape[0], a.shape[1])
+        if shape != tuple(weight.shape):
+            raise NotShardwise(f"LoRA delta {shape} does not fit weight {tuple(weight.shape)}")
+        out = torch.empty_like(weight)
+        step = max(1, _BLOCK_ELEMENTS // max(1, shape[1]))
+        for start in range(0, shape[0], step):
+            rows = slice(start, start + step)
+            block = weight[rows].to(torch.float32) + self.scale * (b[rows] @ a)
+            out[rows] = block.to(weight.dtype)
+        return out
 
 
 @dataclass
@@ -146,14 +164,11 @@ def read_adapter(adapter_dir: Path) -> AdapterWeights:
 
 def weight_map(folder: Path) -> dict[str, str]:
     """Tensor name -> shard file, from the index or the single `model.safetensors`."""
-    from safetensors import safe_open
-
     if (folder / INDEX).is_file():
         return json.loads((folder / INDEX).read_text(encoding="utf-8"))["weight_map"]
     if not (folder / SINGLE).is_file():
         raise FileNotFoundError(f"{folder}: neither {INDEX} nor {SINGLE}")
-    with safe_open(str(folder / SINGLE), framework="pt") as f:
-        return dict.fromkeys(f.keys(), SINGLE)
+    return dict.fromkeys(read_header(folder / SINGLE), SINGLE)
 
 
 def _is_quant_component(name: str, names: set[str]) -> bool:
@@ -164,50 +179,138 @@ def _is_quant_component(name: str, names: set[str]) -> bool:
     return False
 
 
+# safetensors dtype names -> torch dtypes (the format's own spelling, header field "dtype").
+_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "U16": "uint16",
+    "U32": "uint32",
+    "U64": "uint64",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    if name not in _DTYPES:
+        raise NotShardwise(f"safetensors dtype {name} is not supported by the merge")
+    return getattr(torch, _DTYPES[name])
+
+
+def _safetensors_name(dtype) -> str:
+    spelled = str(dtype).removeprefix("torch.")
+    return next(k for k, v in _DTYPES.items() if v == spelled)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    dtype: str  # safetensors spelling, "BF16"
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offsets in the file
+    end: int
+
+
+def read_header(path: Path) -> dict[str, _Entry]:
+    """A safetensors file's tensor table: u64 header length | JSON header | data."""
+    with path.open("rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    base = 8 + length
+    return {
+        name: _Entry(
+            meta["dtype"],
+            tuple(meta["shape"]),
+            base + meta["data_offsets"][0],
+            base + meta["data_offsets"][1],
+        )
+        for name, meta in header.items()
+        if name != "__metadata__"
+    }
+
+
 class _Reader:
-    """Tensors by name from whichever shard holds them, opened lazily (memory-mapped)."""
+    """Tensors by name, each read with `pread` into its own buffer: nothing is memory-mapped.
+
+    A memory-mapped shard keeps every page it touched resident (counted in the process's RSS)
+    until it is unmapped, so reading a 10 GB shard through a mapping ends up holding 10 GB. A
+    pread copy is freed with the tensor, and the file's pages are dropped from the page cache
+    once read (POSIX_FADV_DONTNEED), so merging a checkpoint does not push everything else out.
+    """
 
     def __init__(self, folder: Path, mapping: dict[str, str]):
-        self.folder, self.mapping, self._open = folder, mapping, {}
+        self.folder, self.mapping = folder, mapping
+        self._headers: dict[str, dict[str, _Entry]] = {}
+
+    def entry(self, name: str) -> _Entry:
+        shard = self.mapping[name]
+        if shard not in self._headers:
+            self._headers[shard] = read_header(self.folder / shard)
+        return self._headers[shard][name]
 
     def get(self, name: str):
-        from safetensors import safe_open
+        import torch
 
-        shard = self.mapping[name]
-        if shard not in self._open:
-            self._open[shard] = safe_open(str(self.folder / shard), framework="pt")
-        return self._open[shard].get_tensor(name)
+        entry = self.entry(name)
+        size = entry.end - entry.begin
+        buffer = bytearray(size)
+        fd = os.open(self.folder / self.mapping[name], os.O_RDONLY)
+        try:
+            view, done = memoryview(buffer), 0
+            while done < size:
+                n = os.preadv(fd, [view[done:]], entry.begin + done)
+                if n <= 0:
+                    raise OSError(f"{self.mapping[name]}: file ends inside tensor {name}")
+                done += n
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, entry.begin, size, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        dtype = _torch_dtype(entry.dtype)
+        if size == 0:
+            return torch.empty(entry.shape, dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(entry.shape)
 
     def close(self) -> None:
-        """Drop every open shard: a memory-mapped file's touched pages count as resident until
-        it is unmapped, so a reader kept open over all shards would hold the whole checkpoint."""
-        self._open.clear()
+        self._headers.clear()
 
     def meta(self, name: str) -> tuple[str, list[int]]:
         """(safetensors dtype such as "BF16", shape) without reading the tensor."""
-        self.get_slice_owner(name)
-        tensor_slice = self._open[self.mapping[name]].get_slice(name)
-        return tensor_slice.get_dtype(), tensor_slice.get_shape()
+        entry = self.entry(name)
+        return entry.dtype, list(entry.shape)
 
-    def get_slice_owner(self, name: str) -> None:
-        from safetensors import safe_open
-
-        shard = self.mapping[name]
-        if shard not in self._open:
-            self._open[shard] = safe_open(str(self.folder / shard), framework="pt")
-
-    def dequantized(self, name: str):
-        """A plain weight: the packed 4-bit `name` dequantized, or `name` as stored."""
+    def _quant_state(self, name: str):
         prefix = name + "."
         components = {k[len(prefix) :]: self.get(k) for k in self.mapping if k.startswith(prefix)}
-        packed = self.get(name)
         if not components:
-            return packed
+            return None
         if "SCB" in components or any(k.startswith("weight_format") for k in components):
             raise NotShardwise(f"{name}: bitsandbytes 8-bit weights are not supported")
         import bitsandbytes.functional as bnbf
 
-        state = bnbf.QuantState.from_dict(components, device="cpu")
+        return bnbf.QuantState.from_dict(components, device="cpu")
+
+    def dequantized_shape(self, name: str) -> tuple[int, ...]:
+        state = self._quant_state(name)
+        return tuple(state.shape) if state is not None else self.entry(name).shape
+
+    def dequantized(self, name: str):
+        """A plain weight: the packed 4-bit `name` dequantized, or `name` as stored."""
+        state = self._quant_state(name)
+        packed = self.get(name)
+        if state is None:
+            return packed
+        import bitsandbytes.functional as bnbf
+
         return bnbf.dequantize_4bit(packed, quant_state=state)
 
 
@@ -318,14 +421,28 @@ class ShardwiseMerge:
     def eval(self) -> ShardwiseMerge:
         return self
 
+    def planned(self, reader: _Reader, name: str) -> tuple[str, tuple[int, ...]]:
+        """(safetensors dtype, shape) that `merged_tensor(name)` will have, without computing it."""
+        stored = reader.meta(name)[0]
+        if name in self.adapter.replaced:
+            replaced = self.adapter.replaced[name]
+            dtype = stored if stored in ("F32", "BF16", "F16") else _safetensors_name(self.dtype)
+            shape = tuple(replaced.shape)
+        elif name in self.quantized:
+            dtype, shape = _safetensors_name(self.dtype), reader.dequantized_shape(name)
+        else:
+            dtype, shape = stored, tuple(reader.meta(name)[1])
+        if name in self.embedding_keys and shape[0] < self.vocab_size:
+            shape = (self.vocab_size, *shape[1:])
+        return dtype, shape
+
     def merged_tensor(self, reader: _Reader, name: str):
         import torch
 
         if name in self.adapter.replaced:
             # A whole tensor from the adapter (a resized embedding may also carry a LoRA delta).
-            stored = reader.meta(name)[0]
-            dtypes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-            tensor = self.adapter.replaced[name].to(dtypes.get(stored, self.dtype))
+            dtype = _torch_dtype(self.planned(reader, name)[0])
+            tensor = self.adapter.replaced[name].to(dtype)
         elif name in self.quantized:
             tensor = reader.dequantized(name).to(self.dtype)
         else:
@@ -337,13 +454,12 @@ class ShardwiseMerge:
             extra = self.vocab_size - tensor.shape[0]
             # New rows are the mean of the old ones, as transformers' resize_token_embeddings
             # initializes them (for the head's bias too).
-            mean = tensor.to(torch.float32).mean(dim=0, keepdim=True).to(tensor.dtype)
+            mean = tensor.mean(dim=0, keepdim=True, dtype=torch.float32).to(tensor.dtype)
             tensor = torch.cat([tensor, mean.expand(extra, *tensor.shape[1:])])
         return tensor.contiguous()
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        from safetensors.torch import save_file
-
+        """Write the merged shards tensor by tensor (see `write_shard`), then index and config."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         reader = _Reader(self.weights_dir, self.mapping)
@@ -352,18 +468,56 @@ class ShardwiseMerge:
         merged_map: dict[str, str] = {}
         total_size = 0
         for shard in sorted(set(kept.values())):
-            tensors = {n: self.merged_tensor(reader, n) for n in sorted(kept) if kept[n] == shard}
-            save_file(tensors, str(path / shard), metadata={"format": "pt"})
-            total_size += sum(t.numel() * t.element_size() for t in tensors.values())
-            merged_map.update(dict.fromkeys(tensors, shard))
-            log.info("merged %s (%d tensors)", shard, len(tensors))
-            del tensors
-            reader.close()
+            members = sorted(n for n in kept if kept[n] == shard)
+            plan = {n: self.planned(reader, n) for n in members}
+            total_size += write_shard(
+                path / shard, plan, lambda name: self.merged_tensor(reader, name)
+            )
+            merged_map.update(dict.fromkeys(members, shard))
+            log.info("merged %s (%d tensors)", shard, len(members))
+        reader.close()
         if (self.weights_dir / INDEX).is_file():
             index = {"metadata": {"total_size": total_size}, "weight_map": merged_map}
             (path / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         self.config.save_pretrained(path)
         self.generation_config.save_pretrained(path)
+
+
+def write_shard(target: Path, plan: dict[str, tuple[str, tuple[int, ...]]], compute) -> int:
+    """Stream one safetensors file: the header from the plan, then each tensor's bytes in turn.
+
+        plan {name: (dtype, shape)} ──> header: u64 length | {"name": {dtype, shape,
+                                                 data_offsets: [begin, end]}, ...} (8-aligned)
+        for name in plan:  compute(name) -> check dtype/shape -> write bytes -> drop it
+
+    Only one computed tensor is alive at a time. Returns the bytes of tensor data written.
+    """
+    import torch
+
+    offsets, position = {}, 0
+    for name, (dtype, shape) in plan.items():
+        size = math.prod(shape) * _torch_dtype(dtype).itemsize
+        offsets[name] = (position, position + size)
+        position += size
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    for name, (dtype, shape) in plan.items():
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets[name])}
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with target.open("wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for name, (dtype, shape) in plan.items():
+            tensor = compute(name)
+            if _safetensors_name(tensor.dtype) != dtype or tuple(tensor.shape) != shape:
+                raise RuntimeError(
+                    f"{name}: merged tensor is {tensor.dtype} {tuple(tensor.shape)}, "
+                    f"planned {dtype} {shape}"
+                )
+            if tensor.numel():
+                f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            del tensor
+    return position
 
 
 @dataclass(frozen=True)
