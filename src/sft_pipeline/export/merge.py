@@ -128,9 +128,9 @@ def merge_weights(
     """(merged model, the weights it was merged into, for the model card).
 
     Tensor by tensor (`sft_pipeline.export.shard_merge`: one tensor in memory, fp32 arithmetic
-    rounded once to the checkpoint's dtype, the checkpoint's shard layout) into the base's own checkpoint, dequantized when it exists only in 4-bit,
-    or into `merge_base`. Adapters only PEFT can merge go through `merge_adapter` (whole model,
-    fp32).
+    rounded once to the checkpoint's dtype, the checkpoint's shard layout) into the base's own
+    checkpoint, dequantized when it exists only in 4-bit, or into `merge_base`. Adapters only
+    PEFT can merge go through `merge_adapter` (whole model, fp32).
     """
     import torch
 
