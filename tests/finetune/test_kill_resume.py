@@ -68,7 +68,15 @@ def training(output_dir: Path, **overrides) -> dict:
 class TrainRun:
     """Start a training process with `spec`; `kill_when_stopped` / `finish` end it."""
 
-    def __init__(self, tmp: Path, name: str, job_files, training_values: dict, **extra) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        name: str,
+        job_files,
+        training_values: dict,
+        env: dict[str, str] | None = None,
+        **extra,
+    ) -> None:
         base, train, evaluation, code = job_files
         self.out = tmp / f"out-{name}"
         self.marker = tmp / f"{name}.stopped"
@@ -91,6 +99,7 @@ class TrainRun:
             "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
             "PYTHONPATH": str(code),
+            **(env or {}),
         }
         with self.log.open("w") as log:
             self.proc = subprocess.Popen(

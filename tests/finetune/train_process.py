@@ -8,6 +8,8 @@ most one of:
 - `stop_after_save: N`: once checkpoint-N is complete, create `marker` and wait to be killed;
 - `stop_in_save: N`: while saving checkpoint-N, write half of its trainer_state.json (the last
   file the trainer writes), create `marker` and wait to be killed.
+
+With `run_lock: PROJECT` it holds that project's run lock while it trains, as `kedro run` does.
 """
 
 from __future__ import annotations
@@ -70,11 +72,19 @@ def main(spec_path: str) -> None:
         training=TrainingConfig(**spec["training"]),
         max_length=max_row_length(train_tokens, eval_tokens),
     )
+    lock = None
+    if "run_lock" in spec:
+        from sft_pipeline.run.lock import RunLock
+
+        lock = RunLock(spec["run_lock"])
+        lock.acquire()
     artifact, history, summary = workflow.train(job, callbacks=callbacks)
     out = Path(spec["out"])
     artifact.save_pretrained(out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     (out / "history.json").write_text(json.dumps(history, indent=2, default=str))
+    if lock is not None:
+        lock.release()
 
 
 if __name__ == "__main__":

@@ -189,3 +189,87 @@ def test_kedro_runs_one_at_a_time_and_credentials_never_reach_artifacts(tmp_path
     difference = max(float((reference[k] - alone_adapter[k]).abs().max()) for k in reference)
     print(f"max |contended - alone| adapter difference: {difference:.3g}")
     assert difference <= 1e-6
+
+
+# --------------------------------------------------------------------------- the run's processes
+
+HOLD_WITH_CHILD = (
+    "import subprocess, sys, time\n"
+    "from sft_pipeline.run.lock import RunLock\n"
+    "lock = RunLock(sys.argv[1])\n"
+    "lock.acquire()\n"
+    # A process the run started (like a training rank): it carries the run's token.
+    "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+    "open(sys.argv[2], 'w').write(str(child.pid))\n"
+    "time.sleep(600)\n"
+)
+
+
+def test_a_takeover_is_refused_while_a_process_the_dead_run_started_is_alive(tmp_path, caplog):
+    import psutil
+
+    child_file = tmp_path / "child.pid"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_WITH_CHILD, str(tmp_path), str(child_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    wait_for(child_file, holder)
+    child = psutil.Process(int(child_file.read_text()))
+    try:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+        # The flock went with the holder, but its child may still write: refused, naming it.
+        with pytest.raises(RunLockedError) as exc:
+            RunLock(tmp_path).acquire()
+        assert f"process(es) {child.pid} it started are still alive" in str(exc.value)
+        assert f"pid {holder.pid}" in str(exc.value)
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+    lock = RunLock(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="sft_pipeline.run.lock"):
+        lock.acquire()
+    try:
+        assert f"taking over the run lock left by pid {holder.pid}" in caplog.text
+        assert os.environ["SFT_PIPELINE_RUN_TOKEN"] == lock.read_holder()["token"]
+    finally:
+        lock.release()
+    assert "SFT_PIPELINE_RUN_TOKEN" not in os.environ
+
+
+def test_a_lock_folder_on_nfs_is_refused_naming_the_lock_file_and_the_way_out(
+    tmp_path, monkeypatch
+):
+    from sft_pipeline.run import lock as run_lock
+
+    project = tmp_path / "on nfs" / "project"
+    project.mkdir(parents=True)
+    local = tmp_path / "local"
+    mounts = tmp_path / "mounts"
+    # The kernel's table format: blanks in a mount point are written as \040.
+    mounts.write_text(
+        "/dev/sda1 / ext4 rw,relatime 0 0\n"
+        f"server:/export {(tmp_path / 'on nfs').as_posix().replace(' ', chr(92) + '040')} "
+        "nfs4 rw,vers=4.2 0 0\n"
+    )
+    monkeypatch.setattr(run_lock, "MOUNTS_TABLE", mounts)
+    assert run_lock.filesystem_type(project) == "nfs4"
+    assert run_lock.filesystem_type(local) == "ext4"
+
+    with pytest.raises(run_lock.UnreliableLockError) as exc:
+        RunLock(project).acquire()
+    message = str(exc.value)
+    assert str(project / LOCK_DIR / "run.lock") in message
+    assert "nfs4 file system" in message and "SFT_PIPELINE_LOCK_DIR" in message
+    assert not (project / LOCK_DIR).exists()
+
+    # The way out: the lock on a local disk.
+    monkeypatch.setenv("SFT_PIPELINE_LOCK_DIR", str(local))
+    lock = RunLock(project)
+    lock.acquire()
+    try:
+        assert lock.lock_path.parent.parent == local
+    finally:
+        lock.release()

@@ -4,18 +4,28 @@ JSON Lines out, through the exact incremental-prefix rendering of `sft_pipeline.
 Chat templates render in Python, one core each; with several cores and at least
 `PARALLEL_MIN_GROUPS` row groups, forked workers render row groups side by side and the results
 are written in input order, so the file is the same bytes as from one process.
+
+Rendering never hangs a run: a record whose template runs longer than `RECORD_TIMEOUT_S`
+(`SFT_PIPELINE_RENDER_TIMEOUT_S`) fails it naming the record, and a worker that dies (killed,
+out of memory) fails it within a second naming the batch; the workers die with the run.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
 import multiprocessing
 import os
+import signal
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 from jinja2 import TemplateError
 
+from sft_pipeline.common import processes
 from sft_pipeline.common.config import TemplateConfig
 from sft_pipeline.data.templating import ChatTemplateError, Renderer
 
@@ -24,8 +34,46 @@ log = logging.getLogger(__name__)
 PARALLEL_MIN_GROUPS = 2
 MAX_WORKERS = 4
 _COLUMNS = ["record_id", "source_file", "source_row", "messages", "text"]
+# A bound on one record's rendering (a template is code: it may loop); seconds.
+RECORD_TIMEOUT_S = 60.0
 # The renderer forked workers inherit (set in the parent right before the fork).
 _RENDERER: Renderer | None = None
+
+
+class RenderWorkerError(RuntimeError):
+    """A render worker process ended (killed, out of memory) before returning its batch."""
+
+
+class _RecordTimeout(Exception):
+    pass
+
+
+def _record_timeout() -> float:
+    wanted = os.environ.get("SFT_PIPELINE_RENDER_TIMEOUT_S")
+    try:
+        return float(wanted) if wanted else RECORD_TIMEOUT_S
+    except ValueError:
+        return RECORD_TIMEOUT_S
+
+
+@contextlib.contextmanager
+def _alarm_raises():
+    """While active, SIGALRM raises `_RecordTimeout` (main thread only; elsewhere no bound)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(
+        signal, "setitimer"
+    ):
+        yield False
+        return
+
+    def expired(signum, frame):
+        raise _RecordTimeout
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    try:
+        yield True
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _render_group(columns: dict[str, list]) -> tuple[str, int, int]:
@@ -36,19 +84,93 @@ def _render_group(columns: dict[str, list]) -> tuple[str, int, int]:
     renderer = _RENDERER
     assert renderer is not None
     merges_before = renderer.system_merges
+    timeout = _record_timeout()
     rows = []
-    for rid, source, row_number, messages, text in zip(
-        *(columns[c] for c in _COLUMNS), strict=True
-    ):
-        try:
-            row = renderer.row(json.loads(messages), text)
-        except (ChatTemplateError, TemplateError, KeyError, TypeError, ValueError) as exc:
-            raise ChatTemplateError(
-                f"{source}, row {row_number} (record {rid}): cannot render with "
-                f"{renderer.name}: {exc}"
-            ) from exc
-        rows.append(json_line({"record_id": rid, **row}))
+    with _alarm_raises() as bounded:
+        for rid, source, row_number, messages, text in zip(
+            *(columns[c] for c in _COLUMNS), strict=True
+        ):
+            try:
+                if bounded:
+                    signal.setitimer(signal.ITIMER_REAL, timeout)
+                row = renderer.row(json.loads(messages), text)
+                if bounded:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+            except _RecordTimeout:
+                raise ChatTemplateError(
+                    f"{source}, row {row_number} (record {rid}): rendering with {renderer.name} "
+                    f"took more than {timeout:g} s (SFT_PIPELINE_RENDER_TIMEOUT_S); a template "
+                    "that loops on this record?"
+                ) from None
+            except (ChatTemplateError, TemplateError, KeyError, TypeError, ValueError) as exc:
+                raise ChatTemplateError(
+                    f"{source}, row {row_number} (record {rid}): cannot render with "
+                    f"{renderer.name}: {exc}"
+                ) from exc
+            rows.append(json_line({"record_id": rid, **row}))
     return "".join(rows), len(rows), renderer.system_merges - merges_before
+
+
+def _batch(index: int, columns: dict[str, list]) -> str:
+    """Batch `index` as a user finds it: its position and the records it starts and ends with."""
+    sources, rows = columns["source_file"], columns["source_row"]
+    if not rows:
+        return f"batch {index + 1} (empty)"
+    return (
+        f"batch {index + 1} ({len(rows)} records: {sources[0]}, row {rows[0]} to "
+        f"{sources[-1]}, row {rows[-1]})"
+    )
+
+
+def _in_workers(groups, workers: int):
+    """(block, rows, merges) of each row group, in input order, from `workers` forked processes.
+
+    At most two batches per worker are in flight, so memory stays bounded; a worker that dies
+    fails the run with the batch it was waiting for, and the other workers are stopped.
+    """
+    parent = os.getpid()
+    pool = ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("fork"),
+        initializer=processes.die_with_parent,
+        initargs=(parent,),
+    )
+    pending: collections.deque = collections.deque()
+    groups = enumerate(groups)
+    done = False
+    try:
+        while True:
+            while not done and len(pending) < 2 * workers:
+                try:
+                    index, columns = next(groups)
+                except StopIteration:
+                    done = True
+                    break
+                pending.append((index, columns, pool.submit(_render_group, columns)))
+            if not pending:
+                break
+            index, columns, future = pending.popleft()
+            try:
+                yield future.result()
+            except BrokenProcessPool:
+                raise RenderWorkerError(
+                    f"a render worker process ended (killed, or out of memory?) while "
+                    f"{_batch(index, columns)} was being rendered; the run stops rather than "
+                    "wait for it. Rerun; if it recurs, set SFT_PIPELINE_RENDER_WORKERS=0 to "
+                    "render in one process"
+                ) from None
+    except BaseException:
+        # Do not wait for workers that may never finish (a hung or dead one): stop them all.
+        workers_left = list(getattr(pool, "_processes", {}).values())
+        for process in workers_left:
+            with contextlib.suppress(OSError, ValueError):
+                process.kill()
+        for process in workers_left:
+            with contextlib.suppress(OSError, ValueError, AssertionError):
+                process.join(timeout=5)
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 def _workers(groups: int) -> int:
@@ -86,11 +208,10 @@ def render_stream(records, tokenizer, cfg: TemplateConfig, name: str = "texts"):
     _RENDERER = renderer
     try:
         if workers:
-            with multiprocessing.get_context("fork").Pool(workers) as pool:
-                for block, n, merged in pool.imap(_render_group, groups):
-                    out.write_lines(block, n)
-                    merges += merged
-                    progress.update(n)
+            for block, n, merged in _in_workers(groups, workers):
+                out.write_lines(block, n)
+                merges += merged
+                progress.update(n)
         else:
             for columns in groups:
                 block, n, merged = _render_group(columns)

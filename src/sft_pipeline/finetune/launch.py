@@ -18,6 +18,12 @@ picks accelerate's one-process launcher), so the processes are started the same 
 (FSDP2, DeepSpeed, several machines) is passed through; only the process count comes from
 `training.num_processes`. Worker machines of a multi-node run start `main` with `--wait` (see
 docs/distributed.md): they wait for this machine's job folder.
+
+One run, one process tree (`sft_pipeline.common.processes`): `accelerate launch` is SIGKILLed by
+the kernel when the process that started it ends, each rank when `accelerate launch` ends, and
+each rank also watches the starting process itself; so a SIGKILLed `kedro run` leaves no rank
+writing into `output_dir`. `model.trust_remote_code` of the run travels in `prepared.json`: the
+ranks (worker machines included) load the model with the same permission as the pipeline.
 """
 
 from __future__ import annotations
@@ -32,11 +38,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from sft_pipeline.common import processes
 from sft_pipeline.common.atomic import write_text
 from sft_pipeline.finetune import run_state
 from sft_pipeline.finetune.job import TrainJob
 from sft_pipeline.finetune.workflow import FolderArtifact, Result, train_here
-from sft_pipeline.model import device
+from sft_pipeline.model import device, loading
 
 log = logging.getLogger(__name__)
 PREPARED_FILE = "prepared.json"
@@ -79,7 +86,7 @@ def accelerate_command(
 
 def launch_environment() -> dict[str, str]:
     """The launch's environment: on a CPU, accelerate joins the processes with gloo."""
-    env = dict(os.environ)
+    env = {**os.environ, **processes.launcher_environment()}
     if not device.on_cuda():
         env["ACCELERATE_USE_CPU"] = "true"
     return env
@@ -95,12 +102,18 @@ def train_in_processes(job: TrainJob) -> Result:
     prepared = {
         "fingerprint": fingerprint,
         "resume_from": str(resume_from) if resume_from else None,
+        "trust_remote_code": loading.remote_code_allowed(),
     }
     # Written last and atomically: worker machines start training when it appears.
     write_text(work / PREPARED_FILE, json.dumps(prepared, indent=2))
     command = accelerate_command(work, job.training.num_processes, job.training.accelerate_config)
     log.info("launching: %s", " ".join(command))
-    subprocess.run(command, check=True, env=launch_environment())
+    subprocess.run(
+        command,
+        check=True,
+        env=launch_environment(),
+        preexec_fn=processes.child_dies_with_parent(),
+    )
     result = work / "result"
     history = json.loads((result / "history.json").read_text())
     summary = json.loads((result / "summary.json").read_text())
@@ -113,6 +126,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     `--wait WORK` (worker machines of a multi-node run): first wait until the machine running
     the pipeline has written a job there, newer than this process.
     """
+    # First, before anything slow: this rank ends with accelerate launch and with the pipeline.
+    processes.die_with_parent(os.getppid())
+    processes.watch_launcher()
     args = list(argv if argv is not None else sys.argv[1:])
     wait = "--wait" in args
     (work,) = [a for a in args if a != "--wait"]
@@ -122,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     job = TrainJob.load(work)
     prepared = json.loads((work / PREPARED_FILE).read_text())
     resume_from = Path(prepared["resume_from"]) if prepared["resume_from"] else None
+    loading.allow_remote_code(bool(prepared.get("trust_remote_code")))
     artifact, history, summary = train_here(job, prepared=(prepared["fingerprint"], resume_from))
     if int(os.environ.get("RANK", "0")) == 0:
         result = work / "result"

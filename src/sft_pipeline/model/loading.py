@@ -33,6 +33,11 @@ def allow_remote_code(allowed: bool) -> None:
     _remote_code_allowed = bool(allowed)
 
 
+def remote_code_allowed() -> bool:
+    """This run's `model.trust_remote_code`, to hand on to processes the run starts."""
+    return _remote_code_allowed
+
+
 def trust_remote_code(model_dir: str | os.PathLike, allowed: bool | None = None) -> bool:
     """Whether to load `model_dir` with its own code: only when it needs it and it is allowed.
 
