@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,23 @@ def generate_text(project_path: Path, env: str) -> str:
     except dvc_stages.DvcGenerationError as exc:
         raise click.ClickException(str(exc)) from exc
     return dvc_stages.render(content, env)
+
+
+def check_current(project_path: Path, env: str, stage: str) -> None:
+    """Inside a DVC stage: stop before any work when dvc.yaml is not what `kedro dvc generate`
+    writes now (a parameter names other files, a node or catalog entry changed): DVC would run
+    with the old deps and cache a result under the wrong key."""
+    target = project_path / DVC_YAML
+    if not target.is_file():
+        return
+    expected = generate_text(project_path, env)
+    if target.read_text(encoding="utf-8") != expected:
+        args = "" if env == "base" else f" --env {env}"
+        raise dvc_stages.StaleDvcYamlError(
+            f"{DVC_YAML} is stale (DVC stage {stage!r}): the pipeline, the catalog or the files "
+            f"the parameters name changed since it was generated; run `kedro dvc generate{args}`"
+            " and then `dvc repro` again"
+        )
 
 
 def env_of(dvc_yaml_text: str) -> str | None:
@@ -132,7 +150,50 @@ def check(metadata, env: str | None) -> None:
     raise click.ClickException(f"{DVC_YAML} is stale: run `kedro dvc generate{args}`")
 
 
+def _run_with_clean_errors(traceback: bool, **kwargs: Any) -> Any:
+    from kedro.framework.cli.project import run as kedro_run
+
+    from sft_pipeline.run import failure
+
+    try:
+        return kedro_run.callback(**kwargs)
+    except Exception as exc:
+        error = failure.user_error(exc)
+        if error is None:
+            raise  # a bug: its traceback is the report
+        project = Path.cwd()
+        log_file = failure.write_error_log(exc, project)
+        if traceback:
+            import traceback as tb
+
+            click.echo("".join(tb.format_exception(exc)), err=True)
+        click.secho(failure.summary(error, log_file, project), fg="red", err=True)
+        sys.exit(1)
+
+
+def _run_command() -> click.Command:
+    """Kedro's `kedro run`, with one change: a mistake the user can fix ends in one short block
+    and exit code 1 (sft_pipeline.run.failure); `--traceback` prints the full traceback too."""
+    from kedro.framework.cli.project import run as kedro_run
+
+    flag = click.Option(
+        ["--traceback"],
+        is_flag=True,
+        default=False,
+        help="Also print the full traceback of an input or parameter error (it is always "
+        "written to .sft_pipeline/last_error.log).",
+    )
+    return click.Command(
+        name="run",
+        callback=_run_with_clean_errors,
+        params=[*kedro_run.params, flag],
+        help=kedro_run.help,
+        short_help=kedro_run.short_help,
+    )
+
+
 commands.add_command(sft)
+commands.add_command(_run_command())
 
 # Kedro imports `<package>.cli` itself and requires a `cli` group there (its commands may
 # override the built-in ones); ours only adds commands, the same ones the entry point declares.

@@ -8,13 +8,8 @@ import pytest
 import torch
 
 from sft_pipeline.common.config import EvaluationConfig, ModelConfig
-from sft_pipeline.evaluation.evaluate import (
-    GENERATION_METRICS,
-    LOSS_METRICS,
-    evaluate,
-    generation_scores,
-    supervised_loss,
-)
+from sft_pipeline.evaluation.evaluate import evaluate, supervised_loss
+from sft_pipeline.evaluation.metrics import GENERATION_METRICS, LOSS_METRICS, generation_scores
 from sft_pipeline.model.base_model import prepare_base_model
 from sft_pipeline.model.loading import load_model
 
@@ -166,7 +161,7 @@ def test_supervised_loss_equals_model_loss(folders):
 def test_batched_left_padded_generation_matches_one_by_one(folders):
     from transformers import AutoTokenizer
 
-    from sft_pipeline.evaluation.evaluate import generate
+    from sft_pipeline.evaluation.generation import generate
 
     _, merged = folders
     tokenizer = AutoTokenizer.from_pretrained(merged)

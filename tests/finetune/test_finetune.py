@@ -177,7 +177,7 @@ def test_accelerate_command_runs_this_module():
     command = accelerate_command(Path("/x/.launch"), 4)
     assert command[1:3] == ["-m", "accelerate.commands.launch"]
     assert command[command.index("--num_processes") + 1] == "4"
-    assert command[-3:] == ["--module", "sft_pipeline.finetune.launch", "/x/.launch"]
+    assert command[-3:] == ["--module", "sft_pipeline.finetune.worker", "/x/.launch"]
 
 
 # --------------------------------------------------------------------------- training

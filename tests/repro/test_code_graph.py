@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import pytest
 
-from sft_pipeline.finetune import workflow
-from sft_pipeline.repro.code_graph import CodeGraphError, module_files, package_graph
+from sft_pipeline.finetune import run_state
+from sft_pipeline.repro.code_graph import CodeGraphError, module_files, package_files, package_graph
 
 
-def test_the_walk_refuses_a_module_that_does_not_exist() -> None:
+def test_the_walk_refuses_a_module_or_package_that_does_not_exist() -> None:
     with pytest.raises(CodeGraphError, match=r"sft_pipeline\.finetune\.renamed_away"):
         module_files("sft_pipeline.finetune.renamed_away")
+    with pytest.raises(CodeGraphError, match=r"sft_pipeline\.renamed_away"):
+        package_files("sft_pipeline.renamed_away")
 
 
 def test_the_fingerprinted_training_code_includes_the_workflow_and_the_trainer() -> None:
     root = package_graph().source_dir
-    files = {p.relative_to(root).as_posix() for p in module_files(workflow.__name__)}
+    # The fingerprint walks from the package of run_state itself: the training recipe.
+    files = {p.relative_to(root).as_posix() for p in package_files(run_state.__package__)}
     assert {
         "sft_pipeline/finetune/workflow.py",
         "sft_pipeline/finetune/run_state.py",
+        "sft_pipeline/finetune/worker.py",
         "sft_pipeline/trainer/sft_trainer.py",
         "sft_pipeline/trainer/loss.py",
         "sft_pipeline/model/device.py",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -275,8 +276,11 @@ def test_real_stages_match_the_pipeline(real_stages) -> None:
     # A library module is a dep of the nodes whose code imports it, and of no other.
     expected = {
         "data/ingestion.py": {"ingest_records"},
-        "evaluation/evaluate.py": {"evaluate_model", "report_run"},  # the report reads its names
+        "evaluation/evaluate.py": {"evaluate_model"},
+        "evaluation/metrics.py": {"evaluate_model", "report_run"},  # the report lists its names
         "evaluation/report.py": {"report_run"},
+        # The report draws its plots without loading a model: no trainer code in its deps.
+        "trainer/loss.py": {"train_adapter", "evaluate_model"},
     }
     for module, nodes in expected.items():
         owners = {n for n, s in stages.items() if f"src/sft_pipeline/{module}" in s["deps"]}
@@ -360,6 +364,8 @@ def _changed_stages(root: Path) -> set[str]:
     [
         ("tokenization", "batch_size", 7, "tokenize_conversations"),
         ("evaluation", "max_new_tokens", 5, "evaluate_model"),
+        # Read by ingestion only: the merge's model card shows other data keys.
+        ("data", "chunk_rows", 7, "ingest_records"),
     ],
 )
 def test_a_parameter_invalidates_exactly_the_node_that_reads_it(
@@ -372,6 +378,48 @@ def test_a_parameter_invalidates_exactly_the_node_that_reads_it(
         assert _changed_stages(project) == {stage}
     finally:
         pc.params_path(project).write_text(yaml.safe_dump(before, sort_keys=False))
+    assert _changed_stages(project) == set()
+
+
+@pytest.mark.slow
+def test_replacing_a_local_model_folders_weights_invalidates_prepare_base_model(
+    project: Path,
+) -> None:
+    weights = project / pc.TINY_MODEL / "model.safetensors"
+    original = weights.read_bytes()
+    changed = bytearray(original)
+    changed[-1] ^= 0x01  # one bit of the last tensor's data
+    weights.write_bytes(bytes(changed))
+    try:
+        assert "prepare_base_model" in _changed_stages(project)
+    finally:
+        weights.write_bytes(original)
+    assert _changed_stages(project) == set()
+
+
+@pytest.mark.slow
+def test_a_repro_with_a_stale_dvc_yaml_stops_before_running_old_deps(project: Path) -> None:
+    # data.path moves to another file, and nobody regenerates dvc.yaml: the old file would
+    # stay the dep, so a later edit of the new one would never re-run anything.
+    other = project / "data" / "01_raw" / "other.jsonl"
+    shutil.copy(project / pc.RAW_DATA, other)
+    before = yaml.safe_load(pc.params_path(project).read_text())
+    records = _md5s(project, "data/02_intermediate/records.parquet")
+    lock = (project / "dvc.lock").read_text()
+    pc.set_params(project, {"data": {"path": "data/01_raw/other.jsonl"}})
+    try:
+        proc = subprocess.run(
+            ["dvc", "repro"], cwd=project, env=pc.env(), capture_output=True, text=True
+        )
+        output = proc.stdout + proc.stderr
+        assert proc.returncode != 0, output
+        assert "dvc.yaml is stale" in output and "kedro dvc generate --env tiny" in output
+        assert "Traceback" not in output
+        assert _md5s(project, "data/02_intermediate/records.parquet") == records
+        assert (project / "dvc.lock").read_text() == lock
+    finally:
+        pc.params_path(project).write_text(yaml.safe_dump(before, sort_keys=False))
+        other.unlink()
     assert _changed_stages(project) == set()
 
 

@@ -12,11 +12,13 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from sft_pipeline.common.errors import UserError
+
 # Seeds go to numpy, whose seeds are 32-bit unsigned integers.
 SEED_MAX = 2**32 - 1
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A parameter section failed validation; the message names every bad key path."""
 
 

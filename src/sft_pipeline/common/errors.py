@@ -1,5 +1,10 @@
 """Errors that stop a run with a message a user can act on.
 
+Every error the user can fix (an input file, a parameter, a model path, the run lock, a stale
+`dvc.yaml`, a run that diverged) derives from `UserError`: `kedro run` ends it with its message
+in one short block and exit code 1, the traceback going to a log file (`sft_pipeline.run.failure`).
+Anything else is a bug and keeps its traceback.
+
 File-level problems (the input cannot be read as records at all) raise `InputFileError`;
 record-level problems never raise, they are quarantined by validation. `RejectedFractionError`
 stops a run when validation rejected more records than the configured budget allows.
@@ -8,7 +13,12 @@ stops a run when validation rejected more records than the configured budget all
 from __future__ import annotations
 
 
-class InputFileError(ValueError):
+class UserError(Exception):
+    """A problem the user can fix: the message says what, where, what was expected and what to
+    do, so no traceback is needed to act on it."""
+
+
+class InputFileError(UserError, ValueError):
     """An input file (or path) cannot be read as records.
 
     The message always names the file, and where known the line (or row), the column and the field,
@@ -48,5 +58,5 @@ class InputFileError(ValueError):
         super().__init__(message)
 
 
-class RejectedFractionError(RuntimeError):
+class RejectedFractionError(UserError, RuntimeError):
     """Validation rejected more records than `validation.max_rejected_fraction` allows."""

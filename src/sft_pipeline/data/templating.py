@@ -36,6 +36,7 @@ import pandas as pd
 from jinja2 import TemplateError
 
 from sft_pipeline.common.config import TemplateConfig
+from sft_pipeline.common.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ BUILTIN_TEMPLATES = ("chatml", "alpaca", "plain")
 FALLBACK_TEMPLATE = "plain"
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(UserError, ValueError):
     """A chat template is missing, cannot render a conversation, or is not prefix-preserving."""
 
 

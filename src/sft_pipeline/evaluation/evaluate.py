@@ -10,24 +10,16 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from sft_pipeline.common.config import EvaluationConfig, QuantizationConfig
-from sft_pipeline.data.tokenization import encode_texts
+from sft_pipeline.evaluation.generation import batches, generate
+from sft_pipeline.evaluation.metrics import GENERATION_METRICS, LOSS_METRICS, generation_scores
+from sft_pipeline.evaluation.plots import plot_comparison, plot_token_lengths, plot_training_history
 from sft_pipeline.model.loading import load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
-
-LOSS_METRICS = ("eval_loss", "perplexity", "mean_token_accuracy")
-GENERATION_METRICS = (
-    "exact_match",
-    "rouge_l",
-    "chrf",
-    "stopped_by_eos",
-    "mean_generated_tokens",
-)
 
 
 def evaluate(
@@ -121,11 +113,6 @@ def _eos_ids(model_dir: Path) -> list[int]:
 # --- loss on supervised tokens ------------------------------------------------------------------
 
 
-def _batches(rows: Sequence[int], size: int) -> Iterable[list[int]]:
-    for start in range(0, len(rows), size):
-        yield list(rows[start : start + size])
-
-
 def supervised_loss(model, eval_tokens, batch_size: int) -> dict[str, float]:
     """Mean NLL, perplexity and argmax accuracy over every supervised token (token-weighted).
 
@@ -146,7 +133,7 @@ def supervised_loss(model, eval_tokens, batch_size: int) -> dict[str, float]:
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     total_nll, total_correct, total_tokens = 0.0, 0, 0
     with torch.inference_mode():
-        for batch in _batches(order, batch_size):
+        for batch in batches(order, batch_size):
             rows = eval_tokens.select(batch)
             features = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
             padded = {k: v.to(device) for k, v in collate(features).items()}
@@ -164,148 +151,3 @@ def supervised_loss(model, eval_tokens, batch_size: int) -> dict[str, float]:
         "mean_token_accuracy": total_correct / total_tokens,
         "num_tokens": total_tokens,
     }
-
-
-# --- generation ---------------------------------------------------------------------------------
-
-
-def generate(
-    model,
-    tokenizer,
-    prompts: list[str],
-    stop_ids: list[int],
-    cfg: EvaluationConfig,
-    *,
-    desc: str = "",
-) -> list[dict[str, Any]]:
-    """Greedy completions, batched with left padding; each {text, stopped, num_tokens}.
-
-    A progress bar (prompts done, per model: `desc`) shows on stderr: generation is the
-    longest part of an evaluation.
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    if not prompts:
-        return []
-    device = next(model.parameters()).device
-    tokenizer.padding_side = "left"
-    stop_set = set(stop_ids)
-    # Longest prompts first reduces padding; results go back to the input order.
-    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
-    by_index: dict[int, dict[str, Any]] = {}
-    progress = tqdm(total=len(prompts), desc=f"generating {desc}".strip(), unit="prompt")
-    with torch.inference_mode(), progress:
-        for batch in _batches(order, cfg.batch_size):
-            # Tokenized exactly as training tokenized them (a leading BOS split off first, as
-            # `encode_texts` does), then left-padded.
-            ids, _ = encode_texts(tokenizer, [prompts[i] for i in batch])
-            enc = tokenizer.pad(
-                {"input_ids": ids}, padding=True, padding_side="left", return_tensors="pt"
-            ).to(device)
-            out = model.generate(
-                **enc,
-                do_sample=False,
-                max_new_tokens=cfg.max_new_tokens,
-                eos_token_id=stop_ids,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            new_tokens = out[:, enc["input_ids"].shape[1] :].tolist()
-            for i, tokens in zip(batch, new_tokens, strict=True):
-                end = next((k for k, t in enumerate(tokens) if t in stop_set), None)
-                kept = tokens if end is None else tokens[:end]
-                by_index[i] = {
-                    "text": tokenizer.decode(kept, skip_special_tokens=True).strip(),
-                    "stopped": end is not None,
-                    "num_tokens": len(kept) + (end is not None),
-                }
-            progress.update(len(batch))
-    return [by_index[i] for i in range(len(prompts))]
-
-
-def generation_scores(generated: list[dict[str, Any]], references: list[str]) -> dict[str, float]:
-    """Exact match, ROUGE-L F1 (mean over samples), corpus chrF (0-100), EOS share, length."""
-    if not generated:
-        return {}
-    import sacrebleu
-    from rouge_score import rouge_scorer
-
-    texts = [g["text"] for g in generated]
-    refs = [r.strip() for r in references]
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    rouge = [
-        scorer.score(ref, hyp)["rougeL"].fmeasure for ref, hyp in zip(refs, texts, strict=True)
-    ]
-    n = len(texts)
-    return {
-        "exact_match": sum(h == r for h, r in zip(texts, refs, strict=True)) / n,
-        "rouge_l": sum(rouge) / n,
-        "chrf": float(sacrebleu.corpus_chrf(texts, [refs]).score),
-        "stopped_by_eos": sum(g["stopped"] for g in generated) / n,
-        "mean_generated_tokens": sum(g["num_tokens"] for g in generated) / n,
-    }
-
-
-# --- plots --------------------------------------------------------------------------------------
-
-
-def _figure(title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    # A bare Figure (not pyplot) is not registered globally: nothing leaks between calls.
-    figure = Figure(figsize=(7, 4), layout="constrained")
-    axes = figure.add_subplot()
-    axes.set_title(title)
-    return figure, axes
-
-
-def _finish(figure, axes, drawn: bool, empty: str, labels: tuple[str, str]):
-    """A legend for what was drawn, or a note saying there was nothing to draw; axis labels."""
-    if drawn:
-        axes.legend()
-    else:
-        axes.text(0.5, 0.5, empty, ha="center", va="center")
-    axes.set_xlabel(labels[0])
-    axes.set_ylabel(labels[1])
-    return figure
-
-
-def plot_training_history(history: list[dict[str, Any]]):
-    figure, axes = _figure("Training loss")
-    for key, style in (("loss", "-"), ("eval_loss", "o-")):
-        points = [(h["step"], h[key]) for h in history or [] if h.get(key) is not None]
-        if points:
-            axes.plot(*zip(*points, strict=True), style, label=key)
-    return _finish(figure, axes, bool(axes.lines), "no loss logged", ("step", "loss"))
-
-
-def plot_token_lengths(token_stats: dict[str, Any]):
-    """Per-split histograms from token_stats["splits"][name]["length_histogram"]."""
-    figure, axes = _figure("Tokens per row")
-    for split, stats in sorted(((token_stats or {}).get("splits") or {}).items()):
-        histogram = stats.get("length_histogram") or {}
-        edges, counts = histogram.get("bin_edges"), histogram.get("counts")
-        if edges and counts:
-            label = f"{split} ({stats.get('rows_kept', sum(counts))} rows)"
-            axes.stairs(counts, edges, fill=True, alpha=0.5, label=label)
-    empty = "no length histogram in token_stats"
-    return _finish(figure, axes, bool(axes.patches), empty, ("tokens", "rows"))
-
-
-def plot_comparison(metrics: dict[str, Any]):
-    figure, axes = _figure("Base vs tuned (eval split)")
-    names = [k for k in (*LOSS_METRICS, *GENERATION_METRICS) if f"base/{k}" in metrics]
-    # Put every metric on a comparable axis: chrF is 0-100, lengths are token counts.
-    scale = {"chrf": 0.01}
-    labels = [f"{k} (/100)" if k in scale else k for k in names]
-    width = 0.4
-    for offset, model in ((-width / 2, "base"), (width / 2, "tuned")):
-        values = [metrics[f"{model}/{k}"] * scale.get(k, 1.0) for k in names]
-        axes.bar([i + offset for i in range(len(names))], values, width, label=model)
-    axes.set_xticks(range(len(names)), labels, rotation=30, ha="right")
-    axes.set_yscale("symlog")
-    axes.legend()
-    return figure

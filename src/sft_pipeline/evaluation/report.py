@@ -47,7 +47,7 @@ def render_report(
     eval_generations: list[dict[str, Any]],
 ) -> str:
     """The report page as an HTML string."""
-    from sft_pipeline.evaluation.evaluate import plot_token_lengths, plot_training_history
+    from sft_pipeline.evaluation.plots import plot_token_lengths, plot_training_history
 
     charts = {
         "Training loss": png_data_uri(plot_training_history(training_history)),
@@ -157,9 +157,9 @@ def _fmt(value: Any, *, signed: bool = False) -> str:
 
 
 def plot_learning_rate(history: list[dict[str, Any]]):
-    from sft_pipeline.evaluation.evaluate import _figure
+    from sft_pipeline.evaluation.plots import new_figure
 
-    figure, axes = _figure("Learning rate")
+    figure, axes = new_figure("Learning rate")
     points = [
         (h["step"], h["learning_rate"]) for h in history or [] if h.get("learning_rate") is not None
     ]

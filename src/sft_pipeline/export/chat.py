@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from sft_pipeline.common.errors import UserError
+
 DEFAULT_MODEL_DIR = Path("data/06_models/merged")
 
 
-class PromptFileError(ValueError):
+class PromptFileError(UserError, ValueError):
     """A prompts file line is neither a prompt string nor a conversation."""
 
 
@@ -161,7 +163,7 @@ def answer_prompts(
 ) -> list[dict[str, Any]]:
     """One row per conversation: the prompt as given, the answer, whether it stopped by itself."""
     from sft_pipeline.common.config import EvaluationConfig
-    from sft_pipeline.evaluation.evaluate import generate
+    from sft_pipeline.evaluation.generation import generate
 
     prompts = [chat.prompt_text(c) for c in conversations]
     cfg = EvaluationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)

@@ -11,8 +11,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from sft_pipeline.common.errors import UserError
 
-class ExportError(ValueError):
+
+class ExportError(UserError, ValueError):
     """The model cannot be written as GGUF (architecture, tokenizer or config not supported)."""
 
 

@@ -23,6 +23,9 @@ from sft_pipeline.common.config import (
 )
 from sft_pipeline.model import device
 
+# What training returns: (artifact with save_pretrained, per-step history, summary).
+Result = tuple[Any, list[dict[str, Any]], dict[str, Any]]
+
 log = logging.getLogger(__name__)
 SPEC_FILE = "job.json"
 # MLflow's local file store (report_to: mlflow), unless MLFLOW_TRACKING_URI names another.

@@ -1,7 +1,7 @@
 """Training in N processes through `accelerate launch`; there is no distribution layer of our own.
 
     train_adapter (one process)                 accelerate launch --num_processes N
-      prepare_run: fingerprint, resume point      rank 0..N-1: main(work)
+      prepare_run: fingerprint, resume point      rank 0..N-1: worker.main(work)
       job.save(work): job.json + Arrow data  -->     TrainJob.load(work)
       run the command, wait                          train_here(job, prepared=...)
       read work/result  <--------------------------  rank 0 writes adapter, history, summary
@@ -16,7 +16,7 @@ torchrun-style processes, NCCL on GPUs). On a CPU, `--cpu` would start a single 
 picks accelerate's one-process launcher), so the processes are started the same way and told
 `ACCELERATE_USE_CPU=true`, which makes accelerate join them with gloo. A user's config file
 (FSDP2, DeepSpeed, several machines) is passed through; only the process count comes from
-`training.num_processes`. Worker machines of a multi-node run start `main` with `--wait` (see
+`training.num_processes`. Worker machines of a multi-node run start `worker` with `--wait` (see
 docs/distributed.md): they wait for this machine's job folder.
 
 One run, one process tree (`sft_pipeline.common.processes`): `accelerate launch` is SIGKILLed by
@@ -34,15 +34,13 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from sft_pipeline.common import processes
 from sft_pipeline.common.atomic import write_text
 from sft_pipeline.finetune import run_state
-from sft_pipeline.finetune.job import TrainJob
-from sft_pipeline.finetune.workflow import FolderArtifact, Result, train_here
+from sft_pipeline.finetune.job import Result, TrainJob
 from sft_pipeline.model import device, loading
 
 log = logging.getLogger(__name__)
@@ -50,7 +48,6 @@ PREPARED_FILE = "prepared.json"
 # accelerate config `distributed_type`s that name a launcher of their own; any other one (NO,
 # MULTI_CPU, MULTI_GPU) still needs `--multi_gpu` to start more than one process.
 _OWN_LAUNCHER = ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA")
-WAIT_TIMEOUT_S = float(os.environ.get("SFT_PIPELINE_LAUNCH_WAIT_S", "3600"))
 
 
 def accelerate_command(
@@ -81,7 +78,7 @@ def accelerate_command(
         command += ["--mixed_precision", "no", "--dynamo_backend", "no"]
     if distributed_type not in _OWN_LAUNCHER:
         command.append("--multi_gpu")
-    return [*command, "--module", "sft_pipeline.finetune.launch", str(work)]
+    return [*command, "--module", "sft_pipeline.finetune.worker", str(work)]
 
 
 def launch_environment() -> dict[str, str]:
@@ -90,6 +87,16 @@ def launch_environment() -> dict[str, str]:
     if not device.on_cuda():
         env["ACCELERATE_USE_CPU"] = "true"
     return env
+
+
+@dataclass
+class FolderArtifact:
+    """A training result already on disk (written by the `accelerate launch` processes)."""
+
+    folder: Path
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        shutil.copytree(self.folder, path, dirs_exist_ok=True)
 
 
 def train_in_processes(job: TrainJob) -> Result:
@@ -118,49 +125,3 @@ def train_in_processes(job: TrainJob) -> Result:
     history = json.loads((result / "history.json").read_text())
     summary = json.loads((result / "summary.json").read_text())
     return FolderArtifact(result / "adapter"), history, summary
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of each `accelerate launch` process: train the job saved in `work`.
-
-    `--wait WORK` (worker machines of a multi-node run): first wait until the machine running
-    the pipeline has written a job there, newer than this process.
-    """
-    # First, before anything slow: this rank ends with accelerate launch and with the pipeline.
-    processes.die_with_parent(os.getppid())
-    processes.watch_launcher()
-    args = list(argv if argv is not None else sys.argv[1:])
-    wait = "--wait" in args
-    (work,) = [a for a in args if a != "--wait"]
-    work = Path(work)
-    if wait:
-        wait_for_job(work, since=time.time())
-    job = TrainJob.load(work)
-    prepared = json.loads((work / PREPARED_FILE).read_text())
-    resume_from = Path(prepared["resume_from"]) if prepared["resume_from"] else None
-    loading.allow_remote_code(bool(prepared.get("trust_remote_code")))
-    artifact, history, summary = train_here(job, prepared=(prepared["fingerprint"], resume_from))
-    if int(os.environ.get("RANK", "0")) == 0:
-        result = work / "result"
-        artifact.save_pretrained(result / "adapter")
-        (result / "history.json").write_text(json.dumps(history, indent=2))
-        (result / "summary.json").write_text(json.dumps(summary, indent=2))
-
-
-def wait_for_job(work: Path, since: float, timeout_s: float = WAIT_TIMEOUT_S) -> None:
-    """Block until `work/prepared.json` exists and was written after `since` (not a stale run)."""
-    marker = work / PREPARED_FILE
-    deadline = time.time() + timeout_s
-    while not (marker.is_file() and marker.stat().st_mtime >= since - 1):
-        if time.time() > deadline:
-            raise TimeoutError(
-                f"{marker}: no job written there within {timeout_s:.0f} s; start the pipeline on "
-                "the main machine (machine_rank 0) with the same training.output_dir on a "
-                "shared filesystem"
-            )
-        time.sleep(2)
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    main()

@@ -89,13 +89,13 @@ def code_fingerprint() -> dict[str, str]:
     """
     from importlib.metadata import version
 
-    # The walk starts from the workflow's module object, not its name: a rename fails here.
-    from sft_pipeline.finetune import workflow
-    from sft_pipeline.repro.code_graph import module_files, package_graph
+    # The walk starts from every module of this module's own package (the training recipe), so
+    # no module name is spelled out that a rename could leave pointing at nothing.
+    from sft_pipeline.repro.code_graph import package_files, package_graph
 
     root = package_graph().source_dir
     digest = hashlib.sha256()
-    for source in module_files(workflow.__name__):
+    for source in package_files(__package__):
         digest.update(source.relative_to(root).as_posix().encode() + b"\0" + source.read_bytes())
     return {"sources": digest.hexdigest(), **{name: version(name) for name in LIBRARIES}}
 

@@ -17,18 +17,16 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sft_pipeline.finetune import model_setup, run_state
-from sft_pipeline.finetune.job import TrainJob, build_sft_config
+from sft_pipeline.finetune.job import Result, TrainJob, build_sft_config
 from sft_pipeline.model import device
 
 PARAMS_FILE = "training_params.json"
-Result = tuple[Any, list[dict[str, Any]], dict[str, Any]]
 
 
 @dataclass
@@ -45,16 +43,6 @@ class TrainedArtifact:
         self.model.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
         (path / PARAMS_FILE).write_text(json.dumps(self.params, indent=2, sort_keys=True))
-
-
-@dataclass
-class FolderArtifact:
-    """A training result already on disk (written by the `accelerate launch` processes)."""
-
-    folder: Path
-
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        shutil.copytree(self.folder, path, dirs_exist_ok=True)
 
 
 def train(job: TrainJob, *, callbacks: Sequence[Any] = ()) -> Result:
@@ -118,7 +106,7 @@ def train_here(
         # Training turns the KV cache off; the saved model should generate normally.
         trained.config.use_cache = True
     history = per_step_history(trainer.state.log_history)
-    summary = summarise(job, trainer, result, history, resumed_from=resume_from)
+    summary = summarise(job, trainer, result, history, precision, resumed_from=resume_from)
     params = {
         "method": job.method,
         "precision": summary["precision"],
@@ -155,7 +143,13 @@ def per_step_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def summarise(
-    job: TrainJob, trainer, result, history: list[dict[str, Any]], *, resumed_from: Path | None
+    job: TrainJob,
+    trainer,
+    result,
+    history: list[dict[str, Any]],
+    precision: device.Precision,
+    *,
+    resumed_from: Path | None,
 ) -> dict[str, Any]:
     """The training summary (`training_summary.json`): what ran, where it ended, how long."""
     train_losses = [h["loss"] for h in history if h.get("loss") is not None]
@@ -164,8 +158,8 @@ def summarise(
     trainable, total = model_setup.count_parameters(trainer.model)
     return {
         "method": job.method,
-        # What the trainer really ran: SFTConfig replaces requests the device cannot honour.
-        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        # Decided once, by device.resolve_precision, and handed to SFTConfig as it is.
+        "precision": precision,
         "optimizer": args.optim if isinstance(args.optim, str) else args.optim.value,
         "seed": args.seed,
         "train_loss_first": train_losses[0] if train_losses else None,

@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from sft_pipeline.common.config import QuantizationConfig
+from sft_pipeline.common.errors import UserError
 
 MANIFEST = "manifest.json"
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
-class ModelResolutionError(ValueError):
+class ModelResolutionError(UserError, ValueError):
     """`model.name_or_path` could not be resolved to loadable safetensors weights."""
 
 

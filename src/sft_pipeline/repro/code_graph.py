@@ -190,6 +190,16 @@ def package_graph() -> CodeGraph:
     return CodeGraph(package_dir.parent, package_dir.name)
 
 
+def package_files(package: str) -> list[Path]:
+    """Source files the modules of `package` (a folder of this project) can run, sorted."""
+    graph = package_graph()
+    init = graph.module_file(package)
+    if init is None or init.name != "__init__.py":
+        raise CodeGraphError(f"no package {package} under {graph.source_dir}")
+    members = {f"{package}.{p.stem}": True for p in init.parent.glob("*.py") if p != init}
+    return sorted(graph.files(graph.closure({package: True, **members})))
+
+
 def module_files(module: str) -> list[Path]:
     """Source files `module` (any of its functions) can run, sorted."""
     graph = package_graph()

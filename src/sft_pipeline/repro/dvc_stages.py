@@ -34,6 +34,7 @@ from sft_pipeline.common.config import (
     TemplateConfig,
     parse_section,
 )
+from sft_pipeline.common.errors import UserError
 from sft_pipeline.data import ingestion, templating
 from sft_pipeline.model import base_model
 from sft_pipeline.repro.code_graph import CodeGraph, node_modules
@@ -70,8 +71,13 @@ HEADER = (
 ROLES = ("out", "metrics", "plot", "images")
 
 
-class DvcGenerationError(ValueError):
+class DvcGenerationError(UserError, ValueError):
     """The pipeline or catalog cannot be expressed as DVC stages (the message says why)."""
+
+
+class StaleDvcYamlError(UserError, RuntimeError):
+    """A DVC stage started from a dvc.yaml that no longer matches the pipeline, the catalog or
+    the files its parameters name: its deps would be the old ones."""
 
 
 @dataclass(frozen=True)

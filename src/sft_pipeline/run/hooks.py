@@ -3,6 +3,7 @@
 Before any node of a `kedro run` (hence of any DVC stage) touches an artifact, `RunGuard`:
 
     check the whole parameter tree        config.validate_parameters (typos, ranges)
+    in a DVC stage: dvc.yaml still current cli.check_current (else "dvc.yaml is stale")
     take the project's run lock           run_lock.RunLock (a second run stops here)
     allow remote code or not              model_loading.allow_remote_code (parameters only)
     remove leftovers of killed writes     atomic.remove_leftovers, in every artifact folder
@@ -89,10 +90,18 @@ class RunGuard:
         from sft_pipeline.run.lock import RunLock
 
         params = validate_parameters(catalog.load("parameters"))
+        project = Path(run_params.get("project_path") or Path.cwd())
+        if os.environ.get("DVC_STAGE"):
+            # A stage of `dvc repro`: its dvc.yaml must still describe this pipeline. Imported
+            # by name on purpose: the check reads the whole pipeline's code but changes no byte
+            # of any artifact, so it must not make every stage depend on every module.
+            import importlib
+
+            cli = importlib.import_module("sft_pipeline.cli")
+            cli.check_current(project, run_params.get("env") or "base", os.environ["DVC_STAGE"])
         if self._lock is not None:
             # An earlier run in this process ended without its after/error hook.
             self._lock.release()
-        project = Path(run_params.get("project_path") or Path.cwd())
         self._lock = RunLock(project)
         self._lock.acquire()
         try:

@@ -42,6 +42,7 @@ from typing import Any
 
 from sft_pipeline.common import processes
 from sft_pipeline.common.atomic import write_text
+from sft_pipeline.common.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +59,11 @@ UNRELIABLE_FILESYSTEMS = frozenset(
 )
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(UserError, RuntimeError):
     """Another run of this project holds the run lock, or processes of it are still alive."""
 
 
-class UnreliableLockError(RuntimeError):
+class UnreliableLockError(UserError, RuntimeError):
     """The lock folder is on a file system where `flock` cannot keep two runs apart."""
 
 

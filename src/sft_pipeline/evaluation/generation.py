@@ -1,0 +1,69 @@
+"""Greedy generation, batched with left padding, tokenized exactly as training tokenized prompts.
+Evaluation and `kedro sft chat|generate` share it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sft_pipeline.common.config import EvaluationConfig
+from sft_pipeline.data.tokenization import encode_texts
+
+
+def batches(rows: Sequence[int], size: int) -> Iterable[list[int]]:
+    for start in range(0, len(rows), size):
+        yield list(rows[start : start + size])
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    stop_ids: list[int],
+    cfg: EvaluationConfig,
+    *,
+    desc: str = "",
+) -> list[dict[str, Any]]:
+    """Greedy completions, batched with left padding; each {text, stopped, num_tokens}.
+
+    A progress bar (prompts done, per model: `desc`) shows on stderr: generation is the
+    longest part of an evaluation.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    if not prompts:
+        return []
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "left"
+    stop_set = set(stop_ids)
+    # Longest prompts first reduces padding; results go back to the input order.
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+    by_index: dict[int, dict[str, Any]] = {}
+    progress = tqdm(total=len(prompts), desc=f"generating {desc}".strip(), unit="prompt")
+    with torch.inference_mode(), progress:
+        for batch in batches(order, cfg.batch_size):
+            # Tokenized exactly as training tokenized them (a leading BOS split off first, as
+            # `encode_texts` does), then left-padded.
+            ids, _ = encode_texts(tokenizer, [prompts[i] for i in batch])
+            enc = tokenizer.pad(
+                {"input_ids": ids}, padding=True, padding_side="left", return_tensors="pt"
+            ).to(device)
+            out = model.generate(
+                **enc,
+                do_sample=False,
+                max_new_tokens=cfg.max_new_tokens,
+                eos_token_id=stop_ids,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new_tokens = out[:, enc["input_ids"].shape[1] :].tolist()
+            for i, tokens in zip(batch, new_tokens, strict=True):
+                end = next((k for k, t in enumerate(tokens) if t in stop_set), None)
+                kept = tokens if end is None else tokens[:end]
+                by_index[i] = {
+                    "text": tokenizer.decode(kept, skip_special_tokens=True).strip(),
+                    "stopped": end is not None,
+                    "num_tokens": len(kept) + (end is not None),
+                }
+            progress.update(len(batch))
+    return [by_index[i] for i in range(len(prompts))]
