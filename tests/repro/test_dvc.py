@@ -371,13 +371,15 @@ def _changed_stages(root: Path) -> set[str]:
 def test_a_parameter_invalidates_exactly_the_node_that_reads_it(
     project: Path, section: str, key: str, value: int, stage: str
 ) -> None:
-    before = yaml.safe_load(pc.params_path(project).read_text())
+    # conf/base lists every key a node reads (an override file lists only the keys it sets).
+    base = pc.params_path(project, "base")
+    before = base.read_text()
     assert _changed_stages(project) == set()
-    pc.set_params(project, {section: {key: value}})
+    pc.set_params(project, {section: {key: value}}, env="base")
     try:
         assert _changed_stages(project) == {stage}
     finally:
-        pc.params_path(project).write_text(yaml.safe_dump(before, sort_keys=False))
+        base.write_text(before)
     assert _changed_stages(project) == set()
 
 
@@ -403,10 +405,11 @@ def test_a_repro_with_a_stale_dvc_yaml_stops_before_running_old_deps(project: Pa
     # stay the dep, so a later edit of the new one would never re-run anything.
     other = project / "data" / "01_raw" / "other.jsonl"
     shutil.copy(project / pc.RAW_DATA, other)
-    before = yaml.safe_load(pc.params_path(project).read_text())
+    base = pc.params_path(project, "base")
+    before = base.read_text()
     records = _md5s(project, "data/02_intermediate/records.parquet")
     lock = (project / "dvc.lock").read_text()
-    pc.set_params(project, {"data": {"path": "data/01_raw/other.jsonl"}})
+    pc.set_params(project, {"data": {"path": "data/01_raw/other.jsonl"}}, env="base")
     try:
         proc = subprocess.run(
             ["dvc", "repro"], cwd=project, env=pc.env(), capture_output=True, text=True
@@ -418,7 +421,7 @@ def test_a_repro_with_a_stale_dvc_yaml_stops_before_running_old_deps(project: Pa
         assert _md5s(project, "data/02_intermediate/records.parquet") == records
         assert (project / "dvc.lock").read_text() == lock
     finally:
-        pc.params_path(project).write_text(yaml.safe_dump(before, sort_keys=False))
+        base.write_text(before)
         other.unlink()
     assert _changed_stages(project) == set()
 
