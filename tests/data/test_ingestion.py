@@ -98,7 +98,7 @@ def test_sharegpt_roles_are_mapped_and_unknown_roles_kept(tmp_path: Path) -> Non
         "conversations": [
             {"from": "system", "value": "sys"},
             {"from": "human", "value": "u"},
-            {"from": "function_call", "value": "{}"},
+            {"from": "critic", "value": "{}"},
             {"from": "gpt", "value": "a"},
         ]
     }
@@ -107,7 +107,7 @@ def test_sharegpt_roles_are_mapped_and_unknown_roles_kept(tmp_path: Path) -> Non
     assert [m["role"] for m in messages(records)[0]] == [
         "system",
         "user",
-        "function_call",
+        "critic",
         "assistant",
     ]
 

@@ -88,8 +88,8 @@ def test_valid_records_pass_unchanged(tmp_path: Path) -> None:
             "content_not_string: message 1 (user): content is not a string (got object)",
         ),
         (
-            {"messages": [u("q"), {"role": "tool", "content": "x"}, a("r")]},
-            "unknown_role: message 2 has unknown role 'tool'",
+            {"messages": [u("q"), {"role": "critic", "content": "x"}, a("r")]},
+            "unknown_role: message 2 has unknown role 'critic'",
         ),
         (
             {"messages": [u("q"), u("again"), a("r")]},
@@ -126,7 +126,7 @@ def test_every_reason_is_reported(tmp_path: Path) -> None:
     row = {
         "conversations": [
             {"from": "human", "value": ""},
-            {"from": "observation", "value": 3},
+            {"from": "critic", "value": 3},
             {"from": "human", "value": "again"},
         ]
     }
@@ -193,6 +193,7 @@ def test_validation_uses_pandera_and_rejects_malformed_artifacts() -> None:
     frame["record_id"] = 1  # an int where a string belongs: a broken artifact, not a bad record
     frame["source_row"] = 1
     frame["messages"] = "[]"
+    frame["tools"] = ""
     frame["format"] = "text"
     with pytest.raises(ValueError, match="canonical schema"):
         validate(frame, ValidationConfig())
@@ -267,17 +268,19 @@ def test_fixture_datasets_ingest_and_validate(
     assert all(r["reasons"] for r in rejected)
 
 
-def test_glaive_toolcall_roles_are_rejected_with_reasons(fixtures_dir: Path) -> None:
+def test_glaive_tool_turns_are_valid_and_only_exact_copies_are_rejected(fixtures_dir: Path) -> None:
     path = fixtures_dir / "datasets" / "llamafactory" / "glaive_toolcall_en_demo.json"
     records = ingest(DataConfig(path=str(path)))
     valid, rejected, rep = validate(records, ValidationConfig())
     assert rep["ingested"] == 300 == len(valid) + len(rejected)
-    assert rep["reasons"]["unknown_role"] > 100
-    assert len(valid) > 50  # conversations without tool calls are fine
-    tool_reasons = [r for row in rejected for r in row["reasons"] if "'function_call'" in r]
-    assert tool_reasons
+    # The file holds 35 byte-identical copies of earlier records (tools included); nothing else
+    # is rejected, and no tool turn is the reason.
+    assert rep["reasons"] == {"duplicate": 35}
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    assert len(raw) - len({json.dumps(r, sort_keys=True) for r in raw}) == 35
+    assert sum('"tool_calls"' in m for m in valid["messages"]) == 138
     # The original record (with its `tools` field) is kept for the report.
-    assert all("conversations" in row["record"] for row in rejected)
+    assert all("tools" in row["record"] for row in rejected)
 
 
 def test_validate_after_parquet_round_trip(tmp_path: Path) -> None:

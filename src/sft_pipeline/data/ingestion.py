@@ -37,6 +37,7 @@ from sft_pipeline.data.records import (
     expected_columns,
     make_frame,
     resolve_columns,
+    row_tools,
     schema_keys,
     to_canonical,
 )
@@ -60,6 +61,7 @@ _COLUMN_KEYS = (
     "messages",
     "conversations",
     "text",
+    "tools",
 )
 
 Row = readers.Row
@@ -287,13 +289,15 @@ def _canonical(shown: str, rows: Iterable[Row], schema: str, resolved) -> list[d
     out = []
     for number, row in rows:
         fmt, messages, text = to_canonical(row, schema, resolved)
+        tools = row_tools(row, schema, resolved)
         out.append(
             {
-                "record_id": content_id(messages, text),
+                "record_id": content_id(messages, text, tools),
                 "source_file": shown,
                 "source_row": number,
                 "format": fmt,
                 "messages": dumps_messages(messages),
+                "tools": tools,
                 "text": text,
                 "raw": dumps_raw(row),
             }

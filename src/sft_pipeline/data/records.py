@@ -1,8 +1,26 @@
 """Canonical records: every input format maps to a list of `{role, content}` messages or plain text.
 
-The mapping keeps content and roles exactly as found (a number where a string belongs, a ShareGPT
-`function_call` turn): deciding what is acceptable is validation's job, so a bad record is reported
-with its reasons instead of being dropped or crashing ingestion.
+The mapping keeps content and roles exactly as found (a number where a string belongs, an unknown
+role): deciding what is acceptable is validation's job, so a bad record is reported with its
+reasons instead of being dropped or crashing ingestion.
+
+Agent data (tool definitions, tool calls, tool results) maps to the OpenAI shape that chat
+templates take (`apply_chat_template(messages, tools=...)`), whatever the input format:
+
+    {"role": "assistant", "content": "",                   OpenAI `tool_calls`, ShareGPT
+     "tool_calls": [{"type": "function",                   `function_call` turns (value:
+                     "function": {"name": "get_weather",     {"name", "arguments"} or a list)
+                                  "arguments": {"city": "Paris"}},
+                     "id": "call_1"}]}                     (`id` only where the data has one)
+    {"role": "tool", "content": "{\"temp\": 21}",          OpenAI `tool` (legacy `function`)
+     "tool_call_id": "call_1", "name": "get_weather"}      messages, ShareGPT `observation`
+
+Arguments given as a JSON string are parsed into the object templates expect; a string that does
+not parse is kept as found, for validation to name. Tool definitions are stored in their own
+`tools` column as a JSON string of `[{"type": "function", "function": {name, description,
+parameters}}]` (bare `{name, description, parameters}` entries, as glaive/LLaMA-Factory write
+them, are wrapped), or "" for a record without tools. A message without tool fields is exactly
+`{role, content}`, and a record without tools has the same content id as before tools existed.
 """
 
 from __future__ import annotations
@@ -14,8 +32,19 @@ from typing import Any
 
 import pandas as pd
 
-RECORD_COLUMNS = ["record_id", "source_file", "source_row", "format", "messages", "text", "raw"]
+RECORD_COLUMNS = [
+    "record_id",
+    "source_file",
+    "source_row",
+    "format",
+    "messages",
+    "tools",
+    "text",
+    "raw",
+]
 _INT_COLUMNS = {"source_row"}
+# Columns a row may leave out (records made before the column existed).
+_DEFAULTS = {"tools": ""}
 
 SCHEMAS = ("prompt_response", "alpaca", "messages", "sharegpt", "text")
 # Auto-detection tries schemas in this order; the first is also the tie-breaker.
@@ -37,8 +66,11 @@ _REQUIRED: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     "sharegpt": {"conversations": (("conversations",), ("conversations",))},
     "text": {"text": (("text",), ("text",))},
 }
+_TOOLS_FIELD = (("tools",), ("tools",))
 _OPTIONAL: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     "alpaca": {"input": (("input",), ("input",))},
+    "messages": {"tools": _TOOLS_FIELD},
+    "sharegpt": {"tools": _TOOLS_FIELD},
 }
 _SYSTEM_FIELD = (("system",), ("system",))
 
@@ -48,14 +80,22 @@ SHAREGPT_ROLES = {
     "gpt": "assistant",
     "assistant": "assistant",
     "system": "system",
+    # LLaMA-Factory's agent turns (glaive): the assistant's call and the tool's answer.
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
 }
 
 
-def content_id(messages: Any, text: str) -> str:
-    """First 16 hex chars of sha256 over the canonical content (same content -> same id)."""
-    payload = json.dumps(
-        {"messages": messages, "text": text}, sort_keys=True, ensure_ascii=False, default=str
-    )
+def content_id(messages: Any, text: str, tools: str = "") -> str:
+    """First 16 hex chars of sha256 over the canonical content (same content -> same id).
+
+    `tools` (the `tools` column) takes part only when the record has tools, so records without
+    them keep the ids they had before tools were part of a record."""
+    content: dict[str, Any] = {"messages": messages, "text": text}
+    if tools:
+        content["tools"] = json.loads(tools)
+    payload = json.dumps(content, sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
@@ -180,7 +220,8 @@ def _maybe_json_list(value: Any) -> Any:
 
 
 def _normalize_turns(turns: Any) -> Any:
-    """Map each turn to {role, content}; `from`/`value` turns use ShareGPT role names.
+    """Map each turn to {role, content} (+ tool fields, module doc); `from`/`value` turns use
+    ShareGPT role names.
 
     Anything that is not a list of objects is returned as found, for validation to reject.
     """
@@ -192,13 +233,113 @@ def _normalize_turns(turns: Any) -> Any:
         if not isinstance(turn, dict):
             normalized.append(turn)
         elif "role" in turn or "content" in turn:
-            normalized.append({"role": turn.get("role"), "content": turn.get("content")})
+            normalized.append(_openai_turn(turn))
         else:
-            role = turn.get("from")
-            # Unknown ShareGPT roles (function_call, observation) are kept so validation names them.
-            role = SHAREGPT_ROLES.get(role, role) if isinstance(role, str) else role
-            normalized.append({"role": role, "content": turn.get("value")})
+            normalized.append(_sharegpt_turn(turn))
     return normalized
+
+
+def _openai_turn(turn: dict[str, Any]) -> dict[str, Any]:
+    role, content = turn.get("role"), turn.get("content")
+    if role == "function":  # OpenAI's legacy name for a tool result
+        role = "tool"
+    message: dict[str, Any] = {"role": role, "content": content}
+    calls = turn.get("tool_calls")
+    if calls is None and turn.get("function_call") is not None:  # legacy single call
+        calls = [turn["function_call"]]
+    if role == "assistant" and calls is not None and calls != []:
+        # A call without text has content null in OpenAI's format; templates want a string.
+        message["content"] = "" if content is None else content
+        message["tool_calls"] = tool_calls(calls)
+    elif role == "tool":
+        for key in ("tool_call_id", "name"):
+            if turn.get(key) is not None:
+                message[key] = turn[key]
+    return message
+
+
+def _sharegpt_turn(turn: dict[str, Any]) -> dict[str, Any]:
+    source, value = turn.get("from"), turn.get("value")
+    if source == "function_call":
+        # The value is the call as JSON ({"name", "arguments"}, or a list of them); one that does
+        # not parse is kept as a string for validation to name.
+        return {"role": "assistant", "content": "", "tool_calls": tool_calls(_maybe_json(value))}
+    # Unknown ShareGPT roles are kept so validation names them.
+    role = SHAREGPT_ROLES.get(source, source) if isinstance(source, str) else source
+    return {"role": role, "content": value}
+
+
+def _maybe_json(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def tool_calls(calls: Any) -> Any:
+    """Calls in the OpenAI shape `[{"type": "function", "function": {name, arguments}}]`.
+
+    Takes OpenAI calls, bare `{"name", "arguments"|"parameters"}` objects (ShareGPT, Llama 3) or
+    one such object; arguments given as a JSON string are parsed. Anything else is returned as
+    found, for validation to reject with its reason."""
+    if isinstance(calls, dict):
+        calls = [calls]
+    if not isinstance(calls, list):
+        return calls
+    return [_tool_call(call) for call in calls]
+
+
+def _tool_call(call: Any) -> Any:
+    if not isinstance(call, dict):
+        return call
+    function = call.get("function") if isinstance(call.get("function"), dict) else call
+    if "arguments" in function:
+        arguments = function["arguments"]
+    else:
+        arguments = function.get("parameters")
+    out: dict[str, Any] = {
+        "type": "function",
+        "function": {"name": function.get("name"), "arguments": _maybe_json(arguments)},
+    }
+    if call.get("id") is not None:
+        out["id"] = call["id"]
+    return out
+
+
+def canonical_tools(value: Any) -> str:
+    """The `tools` column: JSON of the tool definitions in the OpenAI shape, "" for none.
+
+    A JSON string that does not parse is stored as a JSON string literal (validation names it);
+    entries that are not function definitions are kept as found."""
+    if hasattr(value, "tolist"):  # a list column read from Parquet or Arrow
+        value = value.tolist()
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return ""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list) and not value:
+        return ""
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, list):
+        value = [_tool_definition(tool) for tool in value]
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _tool_definition(tool: Any) -> Any:
+    if isinstance(tool, dict) and "function" not in tool and "name" in tool:
+        return {"type": "function", "function": tool}
+    return tool
+
+
+def loads_tools(value: str) -> Any:
+    """The tool definitions of a `tools` column value, or None for a record without tools."""
+    return json.loads(value) if value else None
 
 
 def _is_blank(value: Any) -> bool:
@@ -250,12 +391,23 @@ def to_canonical(
     return schema, turns, ""
 
 
+def row_tools(
+    row: Mapping[str, Any], schema: str, columns: Mapping[str, str] | None = None
+) -> str:
+    """The `tools` column value of one input row ("" when its format or the row has none)."""
+    if "tools" not in _OPTIONAL.get(schema, {}):
+        return ""
+    resolved, _missing = resolve_columns(schema, row.keys(), columns)
+    return canonical_tools(row.get(resolved["tools"])) if "tools" in resolved else ""
+
+
 def make_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """Canonical records DataFrame with fixed column order and plain str/int64 dtypes."""
     return pd.DataFrame(
         {
             name: pd.Series(
-                [row[name] for row in rows], dtype="int64" if name in _INT_COLUMNS else "str"
+                [row[name] if name in row else _DEFAULTS[name] for row in rows],
+                dtype="int64" if name in _INT_COLUMNS else "str",
             )
             for name in RECORD_COLUMNS
         }

@@ -41,6 +41,7 @@ RECORD_SCHEMA = pa.schema(
         ("source_row", pa.int64()),
         ("format", pa.string()),
         ("messages", pa.string()),
+        ("tools", pa.string()),
         ("text", pa.string()),
         ("raw", pa.string()),
     ]

@@ -20,14 +20,15 @@ import pandera.pandas as pa
 
 from sft_pipeline.common.config import ValidationConfig
 from sft_pipeline.common.errors import RejectedFractionError
-from sft_pipeline.data.records import RECORD_COLUMNS, SCHEMAS
+from sft_pipeline.data.records import RECORD_COLUMNS, SCHEMAS, loads_tools
 from sft_pipeline.data.seen_ids import SeenIds
 
 log = logging.getLogger(__name__)
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
-# A record as the rules see it: {"format": str, "turns": parsed messages, "text": str}.
+# A record as the rules see it: {"format": str, "turns": parsed messages, "text": str,
+# "tools": parsed tool definitions or None}.
 View = dict[str, Any]
 
 
@@ -76,10 +77,11 @@ def _content_not_string(view: View, _cfg: ValidationConfig) -> list[str]:
 
 
 def _empty_content(view: View, _cfg: ValidationConfig) -> list[str]:
+    # A turn that calls tools may say nothing besides the calls.
     return [
         f"{_label(i, t)} is empty after stripping"
         for i, t in _dict_turns(view)
-        if isinstance(t.get("content"), str) and not t["content"].strip()
+        if isinstance(t.get("content"), str) and not t["content"].strip() and "tool_calls" not in t
     ]
 
 
@@ -91,23 +93,44 @@ def _unknown_role(view: View, _cfg: ValidationConfig) -> list[str]:
     ]
 
 
+def _calls(turn: dict[str, Any]) -> bool:
+    return turn.get("role") == "assistant" and "tool_calls" in turn
+
+
 def _not_alternating(view: View, _cfg: ValidationConfig) -> list[str]:
-    # Unknown roles are reported by their own rule; the order is judged on the known ones.
-    known = [(i, t["role"]) for i, t in _dict_turns(view) if t.get("role") in ROLES]
+    """User and assistant alternate after one optional system message; an assistant turn that
+    calls tools is followed by their results (`tool` turns), and those by the assistant."""
+    # Unknown roles are reported by their own rule, and so are tool results that answer no call
+    # (`orphan_tool_result`); the order is judged on the rest.
+    known = [(i, t) for i, t in _dict_turns(view) if t.get("role") in ROLES]
     problems = []
-    if known and known[0][1] == "system":
+    if known and known[0][1]["role"] == "system":
         known = known[1:]
-    expected = "user"
-    for i, role in known:
+    expected = ("user",)
+    for i, turn in known:
+        role = turn["role"]
         if role == "system":
             problems.append(f"message {i} is a system message; only one, first, is allowed")
             continue
-        if role != expected:
-            problems.append(
-                f"message {i} ({role}) where {expected} was expected "
-                "(turns alternate user/assistant after one optional system message)"
-            )
-        expected = "assistant" if role == "user" else "user"
+        if role == "tool" and "tool" not in expected:
+            continue
+        if role not in expected:
+            if expected[0] == "tool":
+                problems.append(
+                    f"message {i} ({role}) where the result of the tool call before it was "
+                    "expected (a `tool` message answers each call)"
+                )
+            else:
+                problems.append(
+                    f"message {i} ({role}) where {' or '.join(expected)} was expected "
+                    "(turns alternate user/assistant after one optional system message)"
+                )
+        if role == "user":
+            expected = ("assistant",)
+        elif role == "assistant":
+            expected = ("tool",) if _calls(turn) else ("user",)
+        else:
+            expected = ("tool", "assistant")
     return problems
 
 
@@ -146,9 +169,152 @@ def _too_long(view: View, cfg: ValidationConfig) -> list[str]:
         for t in turns
         if isinstance(t, dict) and isinstance(t.get("content"), str)
     )
+    # Tool calls and tool definitions are rendered into the text as well.
+    chars += sum(len(json.dumps(t["tool_calls"])) for t in turns if isinstance(t, dict) and _calls(t))
+    if view["tools"] is not None:
+        chars += len(json.dumps(view["tools"]))
     if chars <= cfg.max_chars:
         return []
     return [f"{chars} characters, over validation.max_chars={cfg.max_chars}"]
+
+
+# --- tools ---------------------------------------------------------------------------------------
+
+
+def _declared(tools: Any) -> list[str] | None:
+    """Names of the functions `tools` declares; None when the record has no usable tools."""
+    if not isinstance(tools, list):
+        return None
+    names = [_function_name(tool) for tool in tools]
+    return [n for n in names if n is not None] or None
+
+
+def _function_name(entry: Any) -> str | None:
+    function = entry.get("function") if isinstance(entry, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    return name if isinstance(name, str) and name.strip() else None
+
+
+def _bad_tools(view: View, _cfg: ValidationConfig) -> list[str]:
+    tools = view["tools"]
+    if tools is None:
+        return []
+    if isinstance(tools, str):  # stored as found because it did not parse
+        return [f"tools is not valid JSON ({_json_error(tools)}); expected a list of functions"]
+    if not isinstance(tools, list):
+        return [f"tools is not a list of function definitions (got {_type_name(tools)})"]
+    return [
+        f"tool {k} is not a function definition with a name "
+        f'({{"type": "function", "function": {{"name", "parameters"}}}} or '
+        f'{{"name", "parameters"}}; got {json.dumps(tool, default=str)[:80]})'
+        for k, tool in enumerate(tools, 1)
+        if _function_name(tool) is None
+    ]
+
+
+def _json_error(text: str) -> str:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as exc:
+        return str(exc)
+    return "a JSON string holding JSON: encoded twice"
+
+
+def _call_problems(call: Any) -> list[str]:
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        return [f"is not an object with a function name and arguments (got {_type_name(call)})"]
+    function = call["function"]
+    problems = []
+    if _function_name(call) is None:
+        problems.append(f"has no function name (got {_type_name(function.get('name'))})")
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        problems.append(f"arguments do not parse as JSON ({_json_error(arguments)})")
+    elif not isinstance(arguments, dict):
+        problems.append(f"arguments are not a JSON object (got {_type_name(arguments)})")
+    return problems
+
+
+def _malformed_tool_call(view: View, _cfg: ValidationConfig) -> list[str]:
+    problems = []
+    for i, turn in _dict_turns(view):
+        if not _calls(turn):
+            continue
+        calls = turn["tool_calls"]
+        if isinstance(calls, str):
+            problems.append(f"{_label(i, turn)}: the tool call is not JSON ({_json_error(calls)})")
+        elif not isinstance(calls, list) or not calls:
+            problems.append(
+                f"{_label(i, turn)}: tool_calls is not a non-empty list (got {_type_name(calls)})"
+            )
+        else:
+            problems.extend(
+                f"{_label(i, turn)}: tool call {k} {problem}"
+                for k, call in enumerate(calls, 1)
+                for problem in _call_problems(call)
+            )
+    return problems
+
+
+def _undeclared_function(view: View, _cfg: ValidationConfig) -> list[str]:
+    declared = _declared(view["tools"])
+    if declared is None:  # no tools given: nothing to check calls against
+        return []
+    return [
+        f"{_label(i, turn)}: tool call {k} calls {name!r}, which tools does not declare "
+        f"(declared: {', '.join(declared)})"
+        for i, turn in _dict_turns(view)
+        if _calls(turn) and isinstance(turn["tool_calls"], list)
+        for k, call in enumerate(turn["tool_calls"], 1)
+        if (name := _function_name(call)) is not None and name not in declared
+    ]
+
+
+def _orphan_tool_result(view: View, _cfg: ValidationConfig) -> list[str]:
+    """Every tool result answers a call of the assistant turn right before its block of
+    results: one result per call, with a matching `tool_call_id` / `name` where given."""
+    problems = []
+    calls: list[Any] | None = None  # the calls the current block of results answers
+    caller, answered = 0, 0
+    for i, turn in _dict_turns(view):
+        role = turn.get("role")
+        if role != "tool":
+            calls, caller, answered = (turn["tool_calls"], i, 0) if _calls(turn) else (None, 0, 0)
+            continue
+        answered += 1
+        if calls is not None and not isinstance(calls, list):
+            continue  # the calls themselves are malformed: `malformed_tool_call` says so
+        if calls is None:
+            problems.append(
+                f"message {i} (tool) answers no tool call: no assistant turn calling a tool "
+                "comes right before it"
+            )
+        elif answered > len(calls):
+            problems.append(
+                f"message {i} (tool) is result {answered} of message {caller}'s "
+                f"{len(calls)} tool call(s)"
+            )
+        else:
+            problems.extend(_mismatch(i, turn, calls, caller))
+    return problems
+
+
+def _mismatch(i: int, turn: dict[str, Any], calls: list[Any], caller: int) -> list[str]:
+    ids = [c.get("id") for c in calls if isinstance(c, dict) and c.get("id") is not None]
+    names = [n for c in calls if (n := _function_name(c)) is not None]
+    problems = []
+    call_id, name = turn.get("tool_call_id"), turn.get("name")
+    if call_id is not None and ids and call_id not in ids:
+        problems.append(
+            f"message {i} (tool) answers tool_call_id {call_id!r}, which no call of message "
+            f"{caller} has (ids: {', '.join(map(str, ids))})"
+        )
+    if name is not None and names and name not in names:
+        problems.append(
+            f"message {i} (tool) is the result of {name!r}, which message {caller} does not "
+            f"call (calls: {', '.join(names)})"
+        )
+    return problems
 
 
 @dataclass(frozen=True)
@@ -164,6 +330,10 @@ RULES = (
     Rule("empty_content", _empty_content),
     Rule("unknown_role", _unknown_role),
     Rule("not_alternating", _not_alternating),
+    Rule("bad_tools", _bad_tools),
+    Rule("malformed_tool_call", _malformed_tool_call),
+    Rule("undeclared_function", _undeclared_function),
+    Rule("orphan_tool_result", _orphan_tool_result),
     Rule("no_user_turn", _missing_turn("user")),
     Rule("no_assistant_turn", _missing_turn("assistant")),
     Rule("last_not_assistant", _last_not_assistant),
@@ -200,9 +370,9 @@ def build_schema(cfg: ValidationConfig) -> pa.DataFrameSchema:
 def _view_frame(records: pd.DataFrame) -> pd.DataFrame:
     """The canonical columns as stored, plus `record`: the parsed view the rules check."""
     views = [
-        {"format": fmt, "turns": json.loads(messages), "text": text}
-        for fmt, messages, text in zip(
-            records["format"], records["messages"], records["text"], strict=True
+        {"format": fmt, "turns": json.loads(messages), "text": text, "tools": loads_tools(tools)}
+        for fmt, messages, text, tools in zip(
+            records["format"], records["messages"], records["text"], records["tools"], strict=True
         )
     ]
     frame = records[["record_id", "source_file", "source_row", "format", "text"]].copy()
@@ -234,6 +404,8 @@ def _validate_chunk(
     records: pd.DataFrame, cfg: ValidationConfig, schema, seen: SeenIds
 ) -> tuple[pd.DataFrame, list[dict[str, Any]], Counter[str]]:
     """One chunk: (valid records, rejected rows with every reason, reason counts)."""
+    if "tools" not in records.columns:  # records made before tools were part of a record
+        records = records.assign(tools="")
     missing = [c for c in RECORD_COLUMNS if c not in records.columns]
     if missing:
         raise ValueError(f"records lack canonical columns {missing}; got {list(records.columns)}")
