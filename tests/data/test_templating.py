@@ -88,7 +88,7 @@ def test_template_without_end_of_turn_token_gets_eos(tmp_path, tiny_tokenizer):
 def test_requiring_the_tokenizer_template_without_one_suggests_builtins(tiny_tokenizer):
     tok = build_tiny_tokenizer()
     tok.chat_template = None
-    with pytest.raises(ChatTemplateError, match=r"no chat template.*'auto'.*'chatml' or 'alpaca'"):
+    with pytest.raises(ChatTemplateError, match=r"no chat template.*'auto'.*'chatml', 'hermes'"):
         render_messages(CONVERSATION, tok, TemplateConfig(chat_template="tokenizer"))
 
 

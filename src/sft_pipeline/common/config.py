@@ -65,7 +65,7 @@ class ModelConfig(_Section):
 class TemplateConfig(_Section):
     # "auto": the tokenizer's own chat template, or the built-in "plain" layout when it has none
     # (base models: prompt, then reply + EOS); "tokenizer" requires the tokenizer's own; else
-    # chatml, alpaca, plain or a .jinja path.
+    # chatml, hermes (tools), alpaca, plain or a .jinja path.
     chat_template: str = "auto"
     system_prompt: str | None = None
 

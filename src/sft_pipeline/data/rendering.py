@@ -27,13 +27,14 @@ from jinja2 import TemplateError
 
 from sft_pipeline.common import processes
 from sft_pipeline.common.config import TemplateConfig
+from sft_pipeline.data.records import loads_tools
 from sft_pipeline.data.templating import ChatTemplateError, Renderer
 
 log = logging.getLogger(__name__)
 
 PARALLEL_MIN_GROUPS = 2
 MAX_WORKERS = 4
-_COLUMNS = ["record_id", "source_file", "source_row", "messages", "text"]
+_COLUMNS = ["record_id", "source_file", "source_row", "messages", "tools", "text"]
 # A bound on one record's rendering (a template is code: it may loop); seconds.
 RECORD_TIMEOUT_S = 60.0
 # The renderer forked workers inherit (set in the parent right before the fork).
@@ -87,13 +88,13 @@ def _render_group(columns: dict[str, list]) -> tuple[str, int, int]:
     timeout = _record_timeout()
     rows = []
     with _alarm_raises() as bounded:
-        for rid, source, row_number, messages, text in zip(
+        for rid, source, row_number, messages, tools, text in zip(
             *(columns[c] for c in _COLUMNS), strict=True
         ):
             try:
                 if bounded:
                     signal.setitimer(signal.ITIMER_REAL, timeout)
-                row = renderer.row(json.loads(messages), text)
+                row = renderer.row(json.loads(messages), text, tools=loads_tools(tools))
                 if bounded:
                     signal.setitimer(signal.ITIMER_REAL, 0)
             except _RecordTimeout:
@@ -202,7 +203,11 @@ def render_stream(records, tokenizer, cfg: TemplateConfig, name: str = "texts"):
         _ = renderer.template
     out = JSONLinesSpool(name)
     progress = Progress(f"render_conversations ({name})", len(records))
-    groups = ({c: frame[c].tolist() for c in _COLUMNS} for frame in iter_record_frames(records))
+    groups = (
+        # Records made before tools were part of a record have no `tools` column.
+        {c: frame[c].tolist() if c in frame else [""] * len(frame) for c in _COLUMNS}
+        for frame in iter_record_frames(records)
+    )
     workers = _workers(-(-len(records) // ROW_GROUP_ROWS))
     merges = 0
     _RENDERER = renderer

@@ -16,6 +16,17 @@ follows that token (a newline, the next role header) is not supervised. A templa
 end without a special token gets the tokenizer's EOS text appended to each assistant turn, so the
 model learns to stop.
 
+Agent data: a record's tool definitions go to the template as `tools=` and assistant tool calls
+as structured `tool_calls` (how `apply_chat_template` takes them). A turn that calls tools is
+supervised like any assistant turn: everything after its generation prompt (the calls as the
+template writes them, `<tool_call>{...}</tool_call>`, `{"name": ..., "parameters": ...}`, ...)
+through its end-of-turn token. Tool results, tool definitions, system and user turns never are.
+The end of such a turn is where the template's ordinary assistant turns end: the text a template
+writes after an assistant reply (`<|im_end|>\n`, `<|eot_id|>`) is learnt once per template from a
+probe conversation. A template that drops the tool definitions, the calls or the results (one
+without tool support, such as plain ChatML) is refused, naming it; the built-in `hermes` template
+renders tools the Hermes/Qwen2.5 way for models without a template of their own.
+
 Which template: `template.chat_template: auto` (the default) takes the tokenizer's own chat
 template, and for a base model whose tokenizer has none the built-in `plain` layout: each prompt
 followed directly by its reply and EOS, a system message as a preamble. A single prompt/reply pair
@@ -41,7 +52,9 @@ from sft_pipeline.common.errors import UserError
 log = logging.getLogger(__name__)
 
 SHIPPED_FOLDER = "templates"  # next to this module: the built-in `.jinja` templates
-BUILTIN_TEMPLATES = ("chatml", "alpaca", "plain")
+BUILTIN_TEMPLATES = ("chatml", "hermes", "alpaca", "plain")
+# The probe conversation whose rendering shows what a template writes after an assistant reply.
+_PROBE_REPLY = "Probe reply 7f3a."
 # The layout `auto` falls back to when the tokenizer has no chat template (a base model).
 FALLBACK_TEMPLATE = "plain"
 
@@ -85,7 +98,7 @@ def resolve_template(tokenizer, cfg: TemplateConfig) -> tuple[str, str]:
             raise ChatTemplateError(
                 f"tokenizer {tokenizer.name_or_path!r} has no chat template; set "
                 "template.chat_template to 'auto' (the plain layout for base models), "
-                "'chatml' or 'alpaca', or to the path of a .jinja file"
+                "'chatml', 'hermes' (with tools) or 'alpaca', or to the path of a .jinja file"
             )
         return builtin_template(FALLBACK_TEMPLATE), (
             f"built-in template {FALLBACK_TEMPLATE!r} (tokenizer {tokenizer.name_or_path!r} has "
@@ -136,6 +149,7 @@ class Renderer:
         self.eos_text = tokenizer.eos_token
         self.specials = special_token_texts(tokenizer)
         self.system_merges = 0
+        self._turn_suffix: str | None = None
 
     @property
     def template(self) -> str:
@@ -150,26 +164,43 @@ class Renderer:
     def name(self) -> str:
         return self._template[1] if self._template else f"template {self.cfg.chat_template!r}"
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
+        # `tools` only when there are some: templates test `tools is defined` / `if tools`.
+        extra = {"tools": tools} if tools else {}
         return self.tokenizer.apply_chat_template(
             messages,
             chat_template=self.template,
             add_generation_prompt=add_generation_prompt,
             tokenize=False,
+            **extra,
         )
 
     def row(
-        self, messages: list[dict[str, Any]], text: str = "", supervise_from: int = 0
+        self,
+        messages: list[dict[str, Any]],
+        text: str = "",
+        supervise_from: int = 0,
+        tools: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """Segments of one record; assistant turns before message `supervise_from` (those of a
-        prompt given as messages) are rendered but not supervised."""
+        prompt given as messages) are rendered but not supervised. `tools`: the record's tool
+        definitions (OpenAI shape), handed to the template.
+
+        A record whose supervised turns call tools also gets `tool_call`: the prompt before the
+        first such turn and the calls it makes (`{"name", "arguments"}`), for evaluation."""
         if not messages:
             return self._text_row(text)
+        tools = tools or None
         added = _with_system_prompt(messages, self.cfg.system_prompt)
         supervise_from += len(added) - len(messages)
         messages = added
         try:
-            full = self.render(messages, False)
+            full = self.render(messages, False, tools)
         except TemplateError as exc:
             if messages[0]["role"] != "system":
                 raise ChatTemplateError(
@@ -180,7 +211,7 @@ class Renderer:
             messages = merge_system_into_first_user(messages)
             supervise_from = max(supervise_from - 1, 0)
             try:
-                full = self.render(messages, False)
+                full = self.render(messages, False, tools)
             except TemplateError as retry_exc:
                 raise ChatTemplateError(
                     f"{self.name} cannot render the conversation, even with the system prompt "
@@ -192,8 +223,37 @@ class Renderer:
                 self.name,
                 exc,
             )
-        segments = self._conversation_segments(messages, full, supervise_from)
-        return _finish_row(segments, self.bos_text, _last_assistant_content(messages))
+        if tools or any(_is_tool_turn(m) for m in messages):
+            self._check_tool_support(messages, tools, full)
+        segments, call_prompt = self._conversation_segments(messages, full, supervise_from, tools)
+        row = _finish_row(segments, self.bos_text, _last_assistant_content(messages))
+        if call_prompt is not None:
+            prompt, calls = call_prompt
+            if self.bos_text and not prompt.startswith(self.bos_text):
+                prompt = self.bos_text + prompt
+            row["tool_call"] = {"prompt": prompt, "reference": calls}
+        return row
+
+    def _check_tool_support(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, full: str
+    ) -> None:
+        """Refuse a template that silently drops tool definitions, calls or results."""
+        problem = None
+        names = [_tool_name(tool) for tool in tools or []]
+        if absent := [n for n in names if n and n not in full]:
+            problem = f"the tool definitions (`tools`) are not rendered ({absent[0]!r} is missing)"
+        for i, message in enumerate(messages, 1):
+            if not problem and message["role"] == "tool":
+                if not _rendered(message["content"], full):
+                    problem = f"the tool results are not rendered (message {i})"
+        if problem:
+            raise self._no_tool_support(problem)
+
+    def _no_tool_support(self, problem: str) -> ChatTemplateError:
+        return ChatTemplateError(
+            f"{self.name} cannot render tools: {problem}; use a chat template with tool "
+            "support (the model's own where it has one, or template.chat_template: hermes)"
+        )
 
     def _require_eos(self, what: str) -> str:
         if self.eos_text is None:
@@ -220,28 +280,80 @@ class Renderer:
         return _finish_row(segments, self.bos_text, completion[: -len(eos)])
 
     def _conversation_segments(
-        self, messages: list[dict[str, Any]], full: str, supervise_from: int = 0
-    ) -> list[Segment]:
+        self,
+        messages: list[dict[str, Any]],
+        full: str,
+        supervise_from: int = 0,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> tuple[list[Segment], tuple[str, list[dict[str, Any]]] | None]:
+        """(segments, (prompt, calls) of the first supervised turn that calls tools or None)."""
         assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if not any(i >= supervise_from for i in assistant_turns):
             raise ChatTemplateError("the conversation has no assistant turn to supervise")
         if assistant_turns[0] == 0:
             raise ChatTemplateError("the conversation starts with an assistant turn; no prompt")
         segments: list[Segment] = []
+        call_prompt = None
         consumed = ""  # the template's rendering that the segments so far cover
         for i in assistant_turns:
-            prompt = self.render(messages[:i], True)
+            prompt = self.render(messages[:i], True, tools)
             self._check_prefix(consumed, prompt, i, "with the generation prompt")
             segments.append({"text": prompt[len(consumed) :], "supervised": False})
             # The last message's turn is the whole conversation, already rendered.
-            turn = full if i + 1 == len(messages) else self.render(messages[: i + 1], False)
+            turn = full if i + 1 == len(messages) else self.render(messages[: i + 1], False, tools)
             self._check_prefix(prompt, turn, i + 1, "without the generation prompt")
-            rendered, supervised = self._split_turn(turn[len(prompt) :], messages[i]["content"])
+            calls = messages[i].get("tool_calls")
+            if calls:
+                rendered, supervised = self._split_tool_turn(turn[len(prompt) :], i + 1)
+                # Checked in the turn itself: a template that drops the calls may still show
+                # the function names elsewhere (in the tool definitions).
+                names = [c["function"]["name"] for c in calls]
+                if absent := [n for n in names if n not in supervised]:
+                    raise self._no_tool_support(
+                        f"the tool calls are not rendered (message {i + 1} calls {absent[0]!r})"
+                    )
+                if call_prompt is None and i >= supervise_from:
+                    call_prompt = (prompt, [dict(c["function"]) for c in calls])
+            else:
+                rendered, supervised = self._split_turn(turn[len(prompt) :], messages[i]["content"])
             segments.append({"text": supervised, "supervised": i >= supervise_from})
             consumed = prompt + rendered
         self._check_prefix(consumed, full, len(messages), "without the generation prompt")
         segments.append({"text": full[len(consumed) :], "supervised": False})
-        return segments
+        return segments, call_prompt
+
+    @property
+    def turn_suffix(self) -> str:
+        """What the template writes after an assistant reply (`<|im_end|>\\n`, `<|eot_id|>`,
+        "" for the plain layout), from rendering a probe conversation once."""
+        if self._turn_suffix is None:
+            probe = [
+                {"role": "user", "content": "Probe question?"},
+                {"role": "assistant", "content": _PROBE_REPLY},
+            ]
+            rendered = self.render(probe, False)
+            if _PROBE_REPLY not in rendered:
+                raise ChatTemplateError(
+                    f"{self.name} does not render assistant content verbatim, so the end of a "
+                    "turn that calls tools cannot be found"
+                )
+            self._turn_suffix = rendered[rendered.rindex(_PROBE_REPLY) + len(_PROBE_REPLY) :]
+        return self._turn_suffix
+
+    def _split_tool_turn(self, tail: str, n_messages: int) -> tuple[str, str]:
+        """`_split_turn` for a turn that calls tools: the calls are not verbatim content, so its
+        supervised part runs to where the template's ordinary assistant turns end."""
+        body = tail.rstrip()
+        suffix = self.turn_suffix.strip()
+        if suffix:
+            if not body.endswith(suffix):
+                raise ChatTemplateError(
+                    f"{self.name} ends the tool-calling turn of message {n_messages} "
+                    f"({tail[-60:]!r}) unlike its other assistant turns ({suffix!r}), so its end "
+                    "cannot be located"
+                )
+            body = body[: len(body) - len(suffix)]
+        return self._close_turn(tail, len(body))
 
     def _split_turn(self, tail: str, content: str) -> tuple[str, str]:
         """Split a rendered assistant turn (after its generation prompt).
@@ -256,11 +368,22 @@ class Renderer:
                 end = lead + len(candidate)
                 break
         else:
+            # Text the template writes before the content and after the generation prompt
+            # (Qwen3's empty `<think>\n\n</think>\n\n`) is generated by the model at inference,
+            # so it is supervised with the content.
+            at = tail.find(content.strip()) if content.strip() else -1
+            end = at + len(content.strip()) if at >= 0 else -1
+        if end < 0:
             raise ChatTemplateError(
                 f"{self.name} does not render the assistant content verbatim after the "
                 f"generation prompt (expected it to start {content[:40]!r}, rendered "
                 f"{tail[:60]!r}); use a template that keeps assistant content as is"
             )
+        return self._close_turn(tail, end)
+
+    def _close_turn(self, tail: str, end: int) -> tuple[str, str]:
+        """The turn's supervised part: `tail[:end]` and the special token that closes it (after
+        whitespace), or EOS text appended when none does."""
         rest = tail[end:]
         gap = len(rest) - len(rest.lstrip())
         for token in self.specials:
@@ -304,6 +427,24 @@ def merge_system_into_first_user(messages: list[dict[str, Any]]) -> list[dict[st
             rest[k] = {**message, "content": f"{system['content']}\n\n{message['content']}"}
             return rest
     raise ChatTemplateError("a system message needs a user turn to merge into")
+
+
+def _is_tool_turn(message: dict[str, Any]) -> bool:
+    return message["role"] == "tool" or bool(message.get("tool_calls"))
+
+
+def _tool_name(tool: Any) -> str | None:
+    function = tool.get("function") if isinstance(tool, dict) else None
+    return function.get("name") if isinstance(function, dict) else None
+
+
+def _rendered(content: Any, text: str) -> bool:
+    """Whether a tool result is in the rendering: as is, or JSON-quoted (Llama 3.1 writes a
+    string result through `tojson`)."""
+    if not isinstance(content, str) or not content.strip():
+        return True
+    quoted = (json.dumps(content, ensure_ascii=False), json.dumps(content))
+    return content.strip() in text or any(q in text for q in quoted)
 
 
 def _last_assistant_content(messages: list[dict[str, Any]]) -> str:
@@ -364,7 +505,8 @@ def render_records(records: pd.DataFrame, tokenizer, cfg: TemplateConfig) -> lis
     for rec in records.itertuples(index=False):
         try:
             messages = json.loads(rec.messages)
-            row = renderer.row(messages, rec.text)
+            tools = getattr(rec, "tools", "")
+            row = renderer.row(messages, rec.text, tools=json.loads(tools) if tools else None)
         except (ChatTemplateError, TemplateError, KeyError, TypeError, ValueError) as exc:
             raise ChatTemplateError(
                 f"{rec.source_file}, row {rec.source_row} (record {rec.record_id}): "
