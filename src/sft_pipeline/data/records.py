@@ -295,10 +295,8 @@ def _tool_call(call: Any) -> Any:
     if not isinstance(call, dict):
         return call
     function = call.get("function") if isinstance(call.get("function"), dict) else call
-    if "arguments" in function:
-        arguments = function["arguments"]
-    else:
-        arguments = function.get("parameters")
+    # Llama 3 writes `parameters` where OpenAI writes `arguments`.
+    arguments = function["arguments"] if "arguments" in function else function.get("parameters")
     out: dict[str, Any] = {
         "type": "function",
         "function": {"name": function.get("name"), "arguments": _maybe_json(arguments)},
@@ -391,9 +389,7 @@ def to_canonical(
     return schema, turns, ""
 
 
-def row_tools(
-    row: Mapping[str, Any], schema: str, columns: Mapping[str, str] | None = None
-) -> str:
+def row_tools(row: Mapping[str, Any], schema: str, columns: Mapping[str, str] | None = None) -> str:
     """The `tools` column value of one input row ("" when its format or the row has none)."""
     if "tools" not in _OPTIONAL.get(schema, {}):
         return ""

@@ -242,10 +242,11 @@ class Renderer:
         names = [_tool_name(tool) for tool in tools or []]
         if absent := [n for n in names if n and n not in full]:
             problem = f"the tool definitions (`tools`) are not rendered ({absent[0]!r} is missing)"
-        for i, message in enumerate(messages, 1):
-            if not problem and message["role"] == "tool":
-                if not _rendered(message["content"], full):
-                    problem = f"the tool results are not rendered (message {i})"
+        results = [i for i, m in enumerate(messages, 1) if m["role"] == "tool"]
+        if not problem and (
+            absent := [i for i in results if not _rendered(messages[i - 1]["content"], full)]
+        ):
+            problem = f"the tool results are not rendered (message {absent[0]})"
         if problem:
             raise self._no_tool_support(problem)
 

@@ -170,7 +170,9 @@ def _too_long(view: View, cfg: ValidationConfig) -> list[str]:
         if isinstance(t, dict) and isinstance(t.get("content"), str)
     )
     # Tool calls and tool definitions are rendered into the text as well.
-    chars += sum(len(json.dumps(t["tool_calls"])) for t in turns if isinstance(t, dict) and _calls(t))
+    chars += sum(
+        len(json.dumps(t["tool_calls"])) for t in turns if isinstance(t, dict) and _calls(t)
+    )
     if view["tools"] is not None:
         chars += len(json.dumps(view["tools"]))
     if chars <= cfg.max_chars:
