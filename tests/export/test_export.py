@@ -35,7 +35,7 @@ def merged_folder(path: Path, family: str = "llama", **overrides) -> Path:
     """A tiny model folder as merge_adapter leaves it (stop and pad tokens configured)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sft_pipeline.export.merge import configure_special_tokens
+    from sft_pipeline.model.stop_tokens import configure_special_tokens
 
     save_tiny_model(path, family, **overrides)
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -310,7 +310,7 @@ def merged_folder_from(source: Path, target: Path) -> Path:
     """A copy of a model folder with stop and pad tokens set as merge_adapter sets them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sft_pipeline.export.merge import configure_special_tokens
+    from sft_pipeline.model.stop_tokens import configure_special_tokens
 
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(source)

@@ -246,7 +246,7 @@ def test_real_phi3_tokenizer_end_of_turn_and_pad(fixtures_dir):
     """Phi-3 ends turns with <|end|>, not its EOS <|endoftext|>, which is also its pad token."""
     from transformers import AutoTokenizer
 
-    from sft_pipeline.export.merge import choose_pad_token_id, end_of_turn_ids
+    from sft_pipeline.model.stop_tokens import choose_pad_token_id, end_of_turn_ids
 
     tokenizer = AutoTokenizer.from_pretrained(fixtures_dir / "tokenizers" / "phi-3-mini")
     eos = end_of_turn_ids(tokenizer)

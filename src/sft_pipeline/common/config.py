@@ -18,6 +18,12 @@ from sft_pipeline.common.errors import UserError
 SEED_MAX = 2**32 - 1
 
 
+def as_list(value: str | list[str] | tuple[str, ...]) -> list[str]:
+    """A parameter that takes one string or a list of them (`data.path`, `training.report_to`),
+    as a list."""
+    return [value] if isinstance(value, str) else list(value)
+
+
 class ConfigError(UserError, ValueError):
     """A parameter section failed validation; the message names every bad key path."""
 

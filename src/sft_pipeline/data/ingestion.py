@@ -26,7 +26,7 @@ from typing import Any
 
 import pandas as pd
 
-from sft_pipeline.common.config import ConfigError, DataConfig
+from sft_pipeline.common.config import ConfigError, DataConfig, as_list
 from sft_pipeline.common.errors import InputFileError
 from sft_pipeline.data import hub, readers
 from sft_pipeline.data.records import (
@@ -145,7 +145,7 @@ def _expand(entry: str) -> list[Path]:
 def resolve_sources(cfg: DataConfig) -> list[Source]:
     """Expand `data.path` (files, folders, globs, Hub datasets) in a deterministic order; a file
     reached twice (a symlink, an overlapping glob) is read once, where it is first found."""
-    entries = [cfg.path] if isinstance(cfg.path, str) else list(cfg.path)
+    entries = as_list(cfg.path)
     if not entries:
         raise InputFileError("data.path", "is an empty list", expected=f"files: {_SUPPORTED}")
     found: list[Source] = []
@@ -191,7 +191,7 @@ def local_data_files(cfg: DataConfig, root: Path) -> list[str]:
     A Hub dataset names no local file (its `@<commit>` in the parameter pins it); an entry that
     matches nothing is returned as written, so DVC reports the missing dep.
     """
-    entries = [cfg.path] if isinstance(cfg.path, str) else list(cfg.path)
+    entries = as_list(cfg.path)
     found: list[str] = []
     with contextlib.chdir(root):
         for entry in entries:

@@ -50,7 +50,7 @@ def evaluate(
         len(eval_texts),
     )
     merged_tokenizer = load_tokenizer(merged_dir)
-    stop_ids = _eos_ids(Path(merged_dir))
+    stop_ids = _stop_ids(Path(merged_dir))
     metrics: dict[str, Any] = {
         "num_eval_rows": len(eval_tokens),
         "num_generation_samples": len(samples),
@@ -94,20 +94,19 @@ def evaluate(
     return dict(sorted(metrics.items())), generations, plots
 
 
+def _stop_ids(model_dir: Path) -> list[int]:
+    """The merged model's stop tokens (EOS plus end-of-turn), used for both models alike."""
+    from transformers import GenerationConfig
+
+    from sft_pipeline.model.stop_tokens import stop_token_ids
+
+    return stop_token_ids(load_tokenizer(model_dir), GenerationConfig.from_pretrained(model_dir))
+
+
 def _on_cuda() -> bool:
     from sft_pipeline.model.device import on_cuda
 
     return on_cuda()
-
-
-def _eos_ids(model_dir: Path) -> list[int]:
-    """The merged model's stop tokens (EOS plus end-of-turn), used for both models alike."""
-    from transformers import GenerationConfig
-
-    eos = GenerationConfig.from_pretrained(str(model_dir)).eos_token_id
-    if eos is None:
-        raise ValueError(f"{model_dir}/generation_config.json defines no eos_token_id")
-    return [eos] if isinstance(eos, int) else list(eos)
 
 
 # --- loss on supervised tokens ------------------------------------------------------------------

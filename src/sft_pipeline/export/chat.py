@@ -79,8 +79,8 @@ class ChatModel:
 
 def load_chat_model(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR) -> ChatModel:
 
-    from sft_pipeline.export.gguf_vocab import stop_token_ids
     from sft_pipeline.model.loading import load_generation_config, load_model, load_tokenizer
+    from sft_pipeline.model.stop_tokens import stop_token_ids
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sft_pipeline.common.errors import UserError
+from sft_pipeline.model.stop_tokens import stop_token_ids
 
 
 class ExportError(UserError, ValueError):
@@ -153,14 +154,3 @@ def add_tokenizer_metadata(writer, tokenizer, generation_config, vocab_size: int
     template = _chat_template(tokenizer)
     if template:
         writer.add_chat_template(template)
-
-
-def stop_token_ids(tokenizer, generation_config) -> list[int]:
-    """The tokenizer's EOS first, then every other id generation stops at."""
-    configured = getattr(generation_config, "eos_token_id", None)
-    configured = [configured] if isinstance(configured, int) else list(configured or [])
-    first = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids = list(dict.fromkeys([*first, *configured]))
-    if not ids:
-        raise ExportError("the model defines no EOS token: generation would never stop")
-    return ids

@@ -25,19 +25,11 @@ from sft_pipeline.model.loading import (
     read_manifest,
     trust_remote_code,
 )
+from sft_pipeline.model.stop_tokens import configure_special_tokens
 
 log = logging.getLogger(__name__)
 
 # Common names of padding-capable tokens, tried after the tokenizer's own pad and unk tokens.
-_PAD_CANDIDATES = (
-    "<|endoftext|>",
-    "<pad>",
-    "<|pad|>",
-    "[PAD]",
-    "<|finetune_right_pad_id|>",
-    "<unk>",
-)
-_ADDED_PAD = "<|pad|>"
 
 
 @dataclass
@@ -192,77 +184,6 @@ def merge_adapter(base_model_dir: Path, adapter_dir: Path, vocab_size: int):
     if leftovers:
         raise RuntimeError(f"merge left non-plain layers in the model: {leftovers}")
     return model
-
-
-def end_of_turn_ids(tokenizer) -> list[int]:
-    """EOS plus the special token(s) the chat template puts after an assistant reply.
-
-    Instruct models often end a turn with a token other than the tokenizer's EOS (`<|im_end|>`,
-    `<|eot_id|>`, `<end_of_turn>`); generation must stop there too, or it runs on into a
-    hallucinated next turn.
-    """
-    ids: list[int] = []
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    if not getattr(tokenizer, "chat_template", None):
-        return ids
-    marker = "sft-pipeline-reply-marker"
-    conversation = [
-        {"role": "user", "content": "hello"},
-        {"role": "assistant", "content": marker},
-    ]
-    try:
-        text = tokenizer.apply_chat_template(conversation, tokenize=False)
-    except Exception as exc:  # a template may reject this minimal conversation; EOS still stops
-        log.warning("chat template could not render a probe conversation (%s)", exc)
-        return ids
-    if marker not in text:
-        return ids
-    tail = text[text.rindex(marker) + len(marker) :]
-    special = set(tokenizer.all_special_ids) | {
-        i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special
-    }
-    for token_id in tokenizer(tail, add_special_tokens=False)["input_ids"]:
-        if token_id in special and token_id not in ids:
-            ids.append(token_id)
-    return ids
-
-
-def choose_pad_token_id(tokenizer, eos_ids: list[int]) -> int | None:
-    """An existing token that is not an EOS id, or None when a pad token must be added."""
-    vocab = tokenizer.get_vocab()
-    candidates = [tokenizer.pad_token_id, tokenizer.unk_token_id]
-    candidates += [vocab.get(name) for name in _PAD_CANDIDATES]
-    # Other special tokens except BOS (padding with BOS would confuse models that look for it).
-    candidates += sorted(set(tokenizer.all_special_ids) - {tokenizer.bos_token_id})
-    for token_id in candidates:
-        if token_id is not None and token_id not in eos_ids:
-            return token_id
-    return None
-
-
-def configure_special_tokens(model, tokenizer) -> tuple[list[int], int]:
-    """Set generation_config eos (end-of-turn included) and a non-EOS pad on model and tokenizer."""
-    gen = model.generation_config
-    existing = gen.eos_token_id if gen.eos_token_id is not None else []
-    existing = [existing] if isinstance(existing, int) else list(existing)
-    eos_ids = list(dict.fromkeys([*existing, *end_of_turn_ids(tokenizer)]))
-    if not eos_ids:
-        raise ValueError("neither the model nor the tokenizer defines an EOS token")
-    pad_id = choose_pad_token_id(tokenizer, eos_ids)
-    if pad_id is None:
-        # Last resort: a new token changes the vocabulary, so the embeddings grow by one row.
-        log.warning("no non-EOS token to pad with: adding %s and resizing embeddings", _ADDED_PAD)
-        tokenizer.add_special_tokens({"pad_token": _ADDED_PAD})
-        model.resize_token_embeddings(len(tokenizer))
-        pad_id = tokenizer.pad_token_id
-    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
-    gen.eos_token_id = eos_ids if len(eos_ids) > 1 else eos_ids[0]
-    gen.pad_token_id = pad_id
-    if tokenizer.bos_token_id is not None:
-        gen.bos_token_id = tokenizer.bos_token_id
-    model.config.pad_token_id = pad_id
-    return eos_ids, pad_id
 
 
 # --- model card ---------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sft_pipeline.common.config import DataConfig
+from sft_pipeline.common.config import DataConfig, as_list
 
 
 def _template_section(trained_template: tuple[str, str] | None) -> list[str]:
@@ -94,7 +94,7 @@ def model_card(
     lines.append(f"| dtype | {_format(manifest.get('dtype'))} |")
     if manifest.get("quantization"):
         lines.append(f"| pre-quantized | {_format(json.dumps(manifest['quantization']))} |")
-    paths = data_cfg.path if isinstance(data_cfg.path, list) else [data_cfg.path]
+    paths = as_list(data_cfg.path)
     lines += [
         "",
         "## Data",

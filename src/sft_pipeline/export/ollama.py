@@ -143,8 +143,8 @@ def modelfile(
 ) -> tuple[str, str | None]:
     """(Modelfile text, name of the translated chat layout or None) for one exported GGUF."""
 
-    from sft_pipeline.export.gguf_vocab import stop_token_ids
     from sft_pipeline.model.loading import load_generation_config, load_tokenizer
+    from sft_pipeline.model.stop_tokens import stop_token_ids
 
     model_dir = Path(model_dir)
     tokenizer = load_tokenizer(model_dir)

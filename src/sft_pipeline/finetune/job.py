@@ -19,9 +19,11 @@ from sft_pipeline.common.config import (
     Method,
     QuantizationConfig,
     TrainingConfig,
+    as_list,
     training_method,
 )
 from sft_pipeline.model import device
+from sft_pipeline.model.loading import MANIFEST, read_manifest
 
 # What training returns: (artifact with save_pretrained, per-step history, summary).
 Result = tuple[Any, list[dict[str, Any]], dict[str, Any]]
@@ -119,10 +121,9 @@ class TrainJob:
 
 
 def _base_is_prequantized(base_model_dir: Path) -> bool:
-    manifest = Path(base_model_dir) / "manifest.json"
-    if not manifest.is_file():
+    if not (Path(base_model_dir) / MANIFEST).is_file():
         return False
-    return bool(json.loads(manifest.read_text(encoding="utf-8")).get("quantization"))
+    return bool(read_manifest(base_model_dir).get("quantization"))
 
 
 def max_row_length(*datasets) -> int:
@@ -153,7 +154,7 @@ def report_integrations(report_to: str | list[str]) -> list[str]:
         is_wandb_available,
     )
 
-    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    names = as_list(report_to)
     available = {
         "tensorboard": is_tensorboard_available,
         "wandb": is_wandb_available,

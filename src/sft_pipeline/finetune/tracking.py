@@ -25,7 +25,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from sft_pipeline.common.config import TrainingConfig
+from sft_pipeline.common.config import TrainingConfig, as_list
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ DVCLIVE = "dvclive"
 
 
 def requested(report_to: str | list[str]) -> list[str]:
-    return [report_to] if isinstance(report_to, str) else list(report_to)
+    return as_list(report_to)
 
 
 def live_callbacks(training: TrainingConfig, *, resuming: bool) -> list[Any]:

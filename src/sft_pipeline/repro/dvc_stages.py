@@ -32,6 +32,7 @@ from sft_pipeline.common.config import (
     ModelConfig,
     SFTParameters,
     TemplateConfig,
+    as_list,
     parse_section,
 )
 from sft_pipeline.common.errors import UserError
@@ -330,7 +331,7 @@ def _reports_to_dvclive(params: Mapping[str, Any]) -> bool:
     # DVCLive writes its folder only when it is a tracker of the run; an out that is never
     # written would fail the stage.
     report_to = param_value(params, "training.report_to")
-    return "dvclive" in ([report_to] if isinstance(report_to, str) else report_to)
+    return "dvclive" in as_list(report_to)
 
 
 def _check_names(nodes: Sequence[Any]) -> None:
