@@ -226,15 +226,6 @@ def iter_rows(source: Source, batch_rows: int = 10_000) -> Iterator[Row]:
     )
 
 
-def read_rows(path: Path) -> tuple[str, list[Row]]:
-    """(shown path, [(1-based line/row, original object)]) for one file or dataset folder."""
-    source = Source(path, _shown(path))
-    rows = list(iter_rows(source))
-    if not rows:
-        raise InputFileError(source.shown, "contains no records", expected=f"records: {_SUPPORTED}")
-    return source.shown, rows
-
-
 def _union_columns(rows: Iterable[Row]) -> list[str]:
     seen: dict[str, None] = {}
     for _number, row in rows:

@@ -104,11 +104,6 @@ def dumps_messages(messages: Any) -> str:
     return json.dumps(messages, ensure_ascii=False, default=str)
 
 
-def loads_messages(value: str) -> Any:
-    """Inverse of `dumps_messages`; a list of dicts for every record that passed validation."""
-    return json.loads(value)
-
-
 def dumps_raw(row: Mapping[str, Any]) -> str:
     """The original record as JSON, for the rejects report (non-JSON values become strings)."""
     return json.dumps(dict(row), ensure_ascii=False, default=str)

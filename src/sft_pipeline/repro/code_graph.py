@@ -198,11 +198,3 @@ def package_files(package: str) -> list[Path]:
         raise CodeGraphError(f"no package {package} under {graph.source_dir}")
     members = {f"{package}.{p.stem}": True for p in init.parent.glob("*.py") if p != init}
     return sorted(graph.files(graph.closure({package: True, **members})))
-
-
-def module_files(module: str) -> list[Path]:
-    """Source files `module` (any of its functions) can run, sorted."""
-    graph = package_graph()
-    if graph.module_file(module) is None:
-        raise CodeGraphError(f"no source of {module} under {graph.source_dir}")
-    return sorted(graph.files(graph.closure({module: True})))
