@@ -58,6 +58,9 @@ class ValidationConfig(_Section):
     max_chars: int = Field(32_000, gt=0)
     require_assistant_last: bool = True
     reject_duplicates: bool = True
+    # Images: larger ones are rejected (decoding them costs memory long before training does).
+    max_image_pixels: int = Field(40_000_000, gt=0)
+    max_image_bytes: int = Field(50 * 2**20, gt=0)
 
 
 class ModelConfig(_Section):

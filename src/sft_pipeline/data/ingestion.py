@@ -28,7 +28,7 @@ import pandas as pd
 
 from sft_pipeline.common.config import ConfigError, DataConfig, as_list
 from sft_pipeline.common.errors import InputFileError
-from sft_pipeline.data import hub, readers
+from sft_pipeline.data import hub, images, readers
 from sft_pipeline.data.records import (
     content_id,
     detect_schema,
@@ -62,6 +62,7 @@ _COLUMN_KEYS = (
     "conversations",
     "text",
     "tools",
+    "images",
 )
 
 Row = readers.Row
@@ -276,21 +277,25 @@ def _check_columns_map(cfg: DataConfig) -> None:
         )
 
 
-def _canonical(shown: str, rows: Iterable[Row], schema: str, resolved) -> list[dict[str, Any]]:
+def _canonical(
+    shown: str, rows: Iterable[Row], schema: str, resolved, image_root: Path | None = None
+) -> list[dict[str, Any]]:
     out = []
     for number, row in rows:
-        fmt, messages, text = to_canonical(row, schema, resolved)
+        fmt, messages, text = to_canonical(row, schema, resolved, image_root)
         tools = row_tools(row, schema, resolved)
+        with_images = bool(images.image_parts(messages))
         out.append(
             {
-                "record_id": content_id(messages, text, tools),
+                # Images count by their bytes, never by where they were found.
+                "record_id": content_id(images.identity_view(messages), text, tools),
                 "source_file": shown,
                 "source_row": number,
                 "format": fmt,
                 "messages": dumps_messages(messages),
                 "tools": tools,
                 "text": text,
-                "raw": dumps_raw(row),
+                "raw": dumps_raw(images.raw_safe(row) if with_images else row),
             }
         )
     return out
@@ -315,7 +320,9 @@ def iter_record_chunks(cfg: DataConfig) -> Iterator[list[dict[str, Any]]]:
         count = 0
         pending: Iterator[Row] = iter(head)
         for chunk in _chunked(_chain(pending, rows), cfg.chunk_rows):
-            records = _canonical(source.shown, chunk, schema, resolved)
+            # Image paths in a file are relative to its folder (a dataset folder: to itself).
+            root = source.path if source.path.is_dir() else source.path.parent
+            records = _canonical(source.shown, chunk, schema, resolved, root)
             count += len(records)
             progress.update(len(records))
             yield records

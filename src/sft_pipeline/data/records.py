@@ -28,9 +28,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from sft_pipeline.data.images import attach_images, has_images
 
 RECORD_COLUMNS = [
     "record_id",
@@ -73,6 +76,8 @@ _OPTIONAL: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     "sharegpt": {"tools": _TOOLS_FIELD},
 }
 _SYSTEM_FIELD = (("system",), ("system",))
+# Images of a conversation (any schema but text): paths, `{"bytes", "path"}` structs or PIL images.
+_IMAGES_FIELD = (("images",), ("images", "image"))
 
 SHAREGPT_ROLES = {
     "human": "user",
@@ -141,6 +146,10 @@ def resolve_columns(
         column = _lookup(field, available, columns_map)
         if column is not None:
             resolved[name] = column
+    if schema != "text":
+        column = _lookup(_IMAGES_FIELD, available, columns_map)
+        if column is not None:
+            resolved["images"] = column
     return resolved, missing
 
 
@@ -155,6 +164,8 @@ def expected_columns(schema: str) -> str:
 def schema_keys(schema: str) -> set[str]:
     """The `data.columns` keys that mean something for this schema."""
     fields = {**_REQUIRED[schema], **_OPTIONAL.get(schema, {}), "system": _SYSTEM_FIELD}
+    if schema != "text":
+        fields["images"] = _IMAGES_FIELD
     return {key for keys, _defaults in fields.values() for key in keys}
 
 
@@ -171,7 +182,7 @@ def detect_schema(columns: Iterable[str], columns_map: Mapping[str, str] | None 
         _resolved, missing = resolve_columns(schema, available, columns_map)
         if missing:
             continue
-        score = sum(1 for key in columns_map if key in schema_keys(schema) - {"system"})
+        score = sum(1 for key in columns_map if key in schema_keys(schema) - {"system", "images"})
         if best is None or (-score, order) < (best[0], best[1]):
             best = (-score, order, schema)
     if best is None:
@@ -349,9 +360,26 @@ def _alpaca_prompt(instruction: Any, extra: Any) -> Any:
 
 
 def to_canonical(
+    row: Mapping[str, Any],
+    schema: str,
+    columns: Mapping[str, str] | None = None,
+    image_root: Path | None = None,
+) -> tuple[str, Any, str]:
+    """Map one input row to (format, messages, text); `columns` maps our fields to row keys.
+
+    Images (an `images` column, `<image>` placeholders, image parts) become canonical image
+    parts (`sft_pipeline.data.images`); relative image paths are relative to `image_root`."""
+    fmt, turns, text = _to_canonical(row, schema, columns)
+    images_column = resolve_columns(schema, row.keys(), columns)[0].get("images")
+    images = row.get(images_column) if images_column else None
+    if schema != "text" and has_images(images, turns, placeholders=bool(images_column)):
+        turns = attach_images(turns, images, image_root)
+    return fmt, turns, text
+
+
+def _to_canonical(
     row: Mapping[str, Any], schema: str, columns: Mapping[str, str] | None = None
 ) -> tuple[str, Any, str]:
-    """Map one input row to (format, messages, text); `columns` maps our fields to row keys."""
     if schema not in SCHEMAS:
         raise ValueError(f"unknown schema {schema!r}; expected one of {', '.join(SCHEMAS)}")
     # A row lacking a field (that other rows have) reads as None, for validation to report.

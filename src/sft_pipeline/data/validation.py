@@ -7,11 +7,14 @@ exactly what is wrong ("empty_content: message 2 (assistant) is empty after stri
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +23,7 @@ import pandera.pandas as pa
 
 from sft_pipeline.common.config import ValidationConfig
 from sft_pipeline.common.errors import RejectedFractionError
+from sft_pipeline.data import images
 from sft_pipeline.data.records import RECORD_COLUMNS, SCHEMAS, loads_tools
 from sft_pipeline.data.seen_ids import SeenIds
 
@@ -69,11 +73,48 @@ def _bad_turn(view: View, _cfg: ValidationConfig) -> list[str]:
 
 
 def _content_not_string(view: View, _cfg: ValidationConfig) -> list[str]:
-    return [
-        f"{_label(i, t)}: content is not a string (got {_type_name(t.get('content'))})"
-        for i, t in _dict_turns(view)
-        if not isinstance(t.get("content"), str)
-    ]
+    problems = []
+    for i, t in _dict_turns(view):
+        content = t.get("content")
+        if isinstance(content, str):
+            continue
+        if _has_images(view) and isinstance(content, list):
+            # A conversation with images has parts: text parts hold strings, image parts images.
+            problems.extend(
+                f"{_label(i, t)}: part {k} is not a text or image part (got {_part_name(p)})"
+                for k, p in enumerate(content, 1)
+                if not _is_text_part(p) and not _is_image_part(p)
+            )
+            continue
+        problems.append(f"{_label(i, t)}: content is not a string (got {_type_name(content)})")
+    return problems
+
+
+def _has_images(view: View) -> bool:
+    return bool(images.image_parts(view["turns"]))
+
+
+def _is_image_part(part: Any) -> bool:
+    return isinstance(part, dict) and part.get("type") == "image"
+
+
+def _is_text_part(part: Any) -> bool:
+    return (
+        isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+    )
+
+
+def _part_name(part: Any) -> str:
+    return f"type {part.get('type')!r}" if isinstance(part, dict) else _type_name(part)
+
+
+def _text_of(content: Any) -> str | None:
+    """The text of string or parts content (None when neither)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p["text"] for p in content if _is_text_part(p))
+    return None
 
 
 def _empty_content(view: View, _cfg: ValidationConfig) -> list[str]:
@@ -81,7 +122,84 @@ def _empty_content(view: View, _cfg: ValidationConfig) -> list[str]:
     return [
         f"{_label(i, t)} is empty after stripping"
         for i, t in _dict_turns(view)
-        if isinstance(t.get("content"), str) and not t["content"].strip() and "tool_calls" not in t
+        if (text := _text_of(t.get("content"))) is not None
+        and not text.strip()
+        and "tool_calls" not in t
+        and not (isinstance(t["content"], list) and any(map(_is_image_part, t["content"])))
+    ]
+
+
+def _image_count(view: View, _cfg: ValidationConfig) -> list[str]:
+    parts = images.image_parts(view["turns"])
+    placeholders = sum(1 for p in parts if p.get("placeholder", True))
+    found = sum(1 for p in parts if any(p.get(k) for k in images.SOURCE_KEYS) or "given" in p)
+    if placeholders == found:
+        return []
+    return [f"the conversation has {placeholders} image placeholder(s) but {found} image(s)"]
+
+
+def _image_problems(view: View, cfg: ValidationConfig) -> list[str]:
+    problems = []
+    parts = [p for p in images.image_parts(view["turns"]) if p.get("placeholder", True)]
+    for k, part in enumerate(parts, 1):
+        if "given" in part:
+            problems.append(f"image {k}: not a path or image ({part['given']})")
+        elif any(part.get(key) for key in images.SOURCE_KEYS):
+            problem = _check_image(part, cfg)
+            if problem:
+                problems.append(f"image {k} ({images.describe(part)}): {problem}")
+    return problems
+
+
+def _image_missing(view: View, cfg: ValidationConfig) -> list[str]:
+    return [p for p in _image_problems(view, cfg) if p.endswith(_NOT_FOUND)]
+
+
+def _image_unreadable(view: View, cfg: ValidationConfig) -> list[str]:
+    return [p for p in _image_problems(view, cfg) if not p.endswith(_NOT_FOUND)]
+
+
+_NOT_FOUND = "no such file"
+
+
+@functools.lru_cache(maxsize=4096)
+def _decode_problem(path: str | None, data: bytes | None):
+    """(problem or None, (bytes, width, height)); cached: a dataset reuses its images."""
+    from PIL import Image, UnidentifiedImageError
+
+    if path is not None and not Path(path).is_file():
+        return _NOT_FOUND, None
+    try:
+        raw = data if data is not None else Path(path).read_bytes()
+        with Image.open(io.BytesIO(raw)) as image:
+            image.load()  # a truncated or damaged file fails here, not at training time
+            return None, (len(raw), image.width, image.height)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        return f"does not decode as an image ({exc})", None
+    except Image.DecompressionBombError as exc:
+        return f"refused by the image decoder ({exc})", None
+
+
+def _check_image(part: dict[str, Any], cfg: ValidationConfig) -> str | None:
+    path = part.get("path")
+    problem, size = _decode_problem(path, None if path else images.read_bytes(part))
+    if problem:
+        return problem
+    nbytes, width, height = size
+    if nbytes > cfg.max_image_bytes:
+        return f"{nbytes} bytes, over validation.max_image_bytes={cfg.max_image_bytes}"
+    if width * height > cfg.max_image_pixels:
+        return f"{width}x{height} pixels, over validation.max_image_pixels={cfg.max_image_pixels}"
+    return None
+
+
+def _image_not_in_user_turn(view: View, _cfg: ValidationConfig) -> list[str]:
+    return [
+        f"{_label(i, t)} holds an image; images belong to user (or system) turns"
+        for i, t in _dict_turns(view)
+        if t.get("role") == "assistant"
+        and isinstance(t.get("content"), list)
+        and any(_is_image_part(p) for p in t["content"])
     ]
 
 
@@ -165,9 +283,7 @@ def _empty_text(view: View, _cfg: ValidationConfig) -> list[str]:
 def _too_long(view: View, cfg: ValidationConfig) -> list[str]:
     turns = view["turns"] if isinstance(view["turns"], list) else []
     chars = len(view["text"]) + sum(
-        len(t["content"])
-        for t in turns
-        if isinstance(t, dict) and isinstance(t.get("content"), str)
+        len(_text_of(t.get("content")) or "") for t in turns if isinstance(t, dict)
     )
     # Tool calls and tool definitions are rendered into the text as well.
     chars += sum(
@@ -341,6 +457,10 @@ RULES = (
     Rule("last_not_assistant", _last_not_assistant),
     Rule("empty_text", _empty_text),
     Rule("too_long", _too_long),
+    Rule("image_count", _image_count),
+    Rule("image_missing", _image_missing),
+    Rule("image_unreadable", _image_unreadable),
+    Rule("image_in_assistant_turn", _image_not_in_user_turn),
 )
 DUPLICATE = "duplicate"
 
