@@ -48,6 +48,7 @@ from jinja2 import TemplateError
 
 from sft_pipeline.common.config import TemplateConfig
 from sft_pipeline.common.errors import UserError
+from sft_pipeline.data import images
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +233,10 @@ class Renderer:
             if self.bos_text and not prompt.startswith(self.bos_text):
                 prompt = self.bos_text + prompt
             row["tool_call"] = {"prompt": prompt, "reference": calls}
+        pictures = images.image_parts(messages)
+        if pictures:
+            # In the order the template renders their placeholders; tokenization expands each.
+            row["images"] = [images.source(p) for p in pictures]
         return row
 
     def _check_tool_support(
@@ -316,7 +321,9 @@ class Renderer:
                 if call_prompt is None and i >= supervise_from:
                     call_prompt = (prompt, [dict(c["function"]) for c in calls])
             else:
-                rendered, supervised = self._split_turn(turn[len(prompt) :], messages[i]["content"])
+                rendered, supervised = self._split_turn(
+                    turn[len(prompt) :], content_text(messages[i]["content"])
+                )
             segments.append({"text": supervised, "supervised": i >= supervise_from})
             consumed = prompt + rendered
         self._check_prefix(consumed, full, len(messages), "without the generation prompt")
@@ -416,17 +423,31 @@ class Renderer:
 
 def _with_system_prompt(messages: list[dict[str, Any]], system_prompt: str | None):
     if system_prompt and messages[0]["role"] != "system":
-        return [{"role": "system", "content": system_prompt}, *messages]
+        parts = isinstance(messages[0]["content"], list)  # a conversation with images
+        content = [{"type": "text", "text": system_prompt}] if parts else system_prompt
+        return [{"role": "system", "content": content}, *messages]
     return messages
+
+
+def content_text(content: Any) -> str:
+    """The text of a message: string content as is, the text parts of parts content joined."""
+    if isinstance(content, list):
+        return "".join(p.get("text") or "" for p in content if p.get("type") == "text")
+    return content
 
 
 def merge_system_into_first_user(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Fold a leading system message into the first user turn (for templates without one)."""
     system, rest = messages[0], list(messages[1:])
     for k, message in enumerate(rest):
-        if message["role"] == "user":
+        if message["role"] != "user":
+            continue
+        if isinstance(message["content"], list):  # parts: the instruction as a first text part
+            prefix = {"type": "text", "text": content_text(system["content"]) + "\n\n"}
+            rest[k] = {**message, "content": [prefix, *message["content"]]}
+        else:
             rest[k] = {**message, "content": f"{system['content']}\n\n{message['content']}"}
-            return rest
+        return rest
     raise ChatTemplateError("a system message needs a user turn to merge into")
 
 
@@ -449,7 +470,7 @@ def _rendered(content: Any, text: str) -> bool:
 
 
 def _last_assistant_content(messages: list[dict[str, Any]]) -> str:
-    return next(m["content"] for m in reversed(messages) if m["role"] == "assistant")
+    return next(content_text(m["content"]) for m in reversed(messages) if m["role"] == "assistant")
 
 
 def _finish_row(segments: list[Segment], bos_text: str, reference: str) -> dict[str, Any]:

@@ -35,13 +35,16 @@ def _content_parts(table: pa.Table):
     yield "record_ids", "".join(f"{r}\0" for r in table["record_id"].to_pylist()).encode()
 
 
-def tokenize_stream(texts, tokenizer, cfg: TokenizationConfig, name: str = "tokens"):
+def tokenize_stream(
+    texts, tokenizer, cfg: TokenizationConfig, name: str = "tokens", processor=None
+):
     """`tokenize_texts` over a `JSONLines` handle (or list) batch by batch, written straight into
     a spooled `save_to_disk` folder; returns (Dataset memory-mapped on it, rejected rows).
 
     `ArrowDataset.save` moves that folder into place instead of copying the table through
     memory. The dataset's fingerprint is a sha256 of its token content, so the same tokens give
-    the same bytes, whatever the batch size."""
+    the same bytes, whatever the batch size. With a vision-language model's `processor`, rows
+    with images are expanded and their pixels stored (`sft_pipeline.data.vision_tokens`)."""
     import hashlib
 
     from datasets.arrow_writer import ArrowWriter
@@ -62,16 +65,29 @@ def tokenize_stream(texts, tokenizer, cfg: TokenizationConfig, name: str = "toke
         if hasattr(texts, "iter_batches")
         else (texts[i : i + cfg.batch_size] for i in range(0, len(texts), cfg.batch_size))
     )
-    writer = ArrowWriter(features=FEATURES, path=str(shard))
+    features = FEATURES
+    if processor is not None:
+        from sft_pipeline.data import vision_tokens
+
+        features = vision_tokens.vision_features(vision_tokens.probe_outputs(processor))
+        digests["vision"] = hashlib.sha256()
+    writer = ArrowWriter(features=features, path=str(shard))
     pending: list[pa.Table] = []
     for batch in batches:
-        table = _tokenize_batch(batch, tokenizer, limit, rejected, truncated)
+        if processor is None:
+            table = _tokenize_batch(batch, tokenizer, limit, rejected, truncated)
+        else:
+            table = vision_tokens.tokenize_vision_batch(
+                batch, processor, features, limit, rejected, truncated
+            )
+            for column in table.column_names[len(FEATURES) :]:
+                digests["vision"].update(pc.list_flatten(table[column]).to_numpy().tobytes())
         for part, data in _content_parts(table):
             digests[part].update(data)
-        pending.append(table.cast(FEATURES.arrow_schema))
+        pending.append(table.cast(features.arrow_schema))
         pending = _write_full_batches(writer, pending)
         progress.update(len(batch))
-    rest = pa.concat_tables(pending) if pending else FEATURES.arrow_schema.empty_table()
+    rest = pa.concat_tables(pending) if pending else features.arrow_schema.empty_table()
     if rest.num_rows or not writer._num_examples:
         writer.write_table(rest)
     writer.finalize()
@@ -80,7 +96,9 @@ def tokenize_stream(texts, tokenizer, cfg: TokenizationConfig, name: str = "toke
     digest = hashlib.sha256(json.dumps(truncated).encode())
     for part in digests.values():
         digest.update(part.digest())
-    dataset = Dataset.from_file(str(shard), info=_info(limit, truncated))
+    info = _info(limit, truncated)
+    info.features = features
+    dataset = Dataset.from_file(str(shard), info=info)
     dataset._fingerprint = digest.hexdigest()[:16]
     _write_dataset_state(dataset, folder)
     dataset.spooled_folder = folder  # read by ArrowDataset.save

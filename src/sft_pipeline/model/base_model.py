@@ -89,6 +89,9 @@ def prepare_base_model(cfg: ModelConfig) -> BaseModelFolder:
         # dequantizes it.
         "quantization": prequantized(config),
     }
+    if "vision_config" in config:
+        # An image-text-to-text model: later steps load its processor and vision classes.
+        manifest["vision"] = True
     log.info(
         "base model %s: %s from %s (%s parameters, %s)",
         cfg.name_or_path,
@@ -347,6 +350,9 @@ def _tokenizer_files(folder: Path) -> list[str]:
         "chat_template.json",
         "chat_template.jinja",
         "*.tiktoken",
+        # A vision-language model's processor (image processor settings, image token).
+        "processor_config.json",
+        "preprocessor_config.json",
     )
     return sorted({p.name for pattern in patterns for p in folder.glob(pattern) if p.is_file()})
 

@@ -103,6 +103,48 @@ def load_tokenizer(model_dir: str | os.PathLike, *, allow_remote_code: bool | No
     return tokenizer
 
 
+def is_vision_model(model_dir: str | os.PathLike) -> bool:
+    """Whether a base (manifest `vision`) or merged folder (config `vision_config`) holds an
+    image-text-to-text model."""
+    model_dir = Path(model_dir)
+    if (model_dir / MANIFEST).is_file():
+        return bool(read_manifest(model_dir).get("vision"))
+    config = model_dir / "config.json"
+    return config.is_file() and "vision_config" in json.loads(config.read_text(encoding="utf-8"))
+
+
+def load_processor(model_dir: str | os.PathLike, *, allow_remote_code: bool | None = None):
+    """The processor of a vision-language model folder (PIL image processors: they need no
+    torchvision), its tokenizer with a pad token and the processor's chat template."""
+    from transformers import AutoProcessor
+
+    model_dir = Path(model_dir)
+    processor = AutoProcessor.from_pretrained(
+        str(model_dir),
+        backend="pil",
+        trust_remote_code=trust_remote_code(model_dir, allow_remote_code),
+    )
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None or not getattr(tokenizer, "is_fast", False):
+        raise ModelResolutionError(
+            f"{model_dir}: the processor has no fast tokenizer; image-token labels need offsets"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not getattr(tokenizer, "chat_template", None) and getattr(processor, "chat_template", None):
+        tokenizer.chat_template = processor.chat_template
+    return processor
+
+
+def load_tokenizer_or_processor(model_dir: str | os.PathLike):
+    """(tokenizer, processor): the processor's tokenizer for a vision-language model, else the
+    folder's tokenizer and None."""
+    if is_vision_model(model_dir):
+        processor = load_processor(model_dir)
+        return processor.tokenizer, processor
+    return load_tokenizer(model_dir), None
+
+
 def model_source(model_dir: str | os.PathLike) -> tuple[str, str | None]:
     """(path or hub id that from_pretrained loads the weights from, revision)."""
     model_dir = Path(model_dir)
@@ -125,7 +167,7 @@ def load_model(
     With `quantization` (whose `load_in_4bit` the caller has decided), a bitsandbytes NF4/FP4
     model; otherwise the weights load in `dtype` (default: the manifest's dtype).
     """
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, BitsAndBytesConfig
 
     from sft_pipeline.model import device
 
@@ -159,7 +201,25 @@ def load_model(
     else:
         stored = manifest.get("dtype")
         kwargs["dtype"] = dtype or (device.torch_dtype(stored) if stored in _DTYPES else "auto")
+    if is_vision_model(model_dir):
+        # The language model alone is quantized; the vision tower and projector stay in
+        # their dtype (a 4-bit vision tower loses more than it saves).
+        if "quantization_config" in kwargs:
+            kwargs["quantization_config"].llm_int8_skip_modules = list(VISION_MODULES)
+        return AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+# Submodule names of the vision tower and projector across families (LLaVA, Qwen2-VL,
+# Idefics3/SmolVLM, Gemma-3, ...), plus the output head, which bitsandbytes never quantizes.
+VISION_MODULES = (
+    "vision_tower",
+    "visual",
+    "vision_model",
+    "multi_modal_projector",
+    "connector",
+    "lm_head",
+)
 
 
 def load_generation_config(model_dir: str | os.PathLike):

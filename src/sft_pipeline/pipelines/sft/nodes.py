@@ -79,10 +79,10 @@ def render_conversations(
     template: dict[str, Any],
 ):
     from sft_pipeline.data.rendering import render_stream
-    from sft_pipeline.model.loading import load_tokenizer
+    from sft_pipeline.model.loading import load_tokenizer_or_processor
 
     cfg = C.parse_section(C.TemplateConfig, template, "template")
-    tokenizer = load_tokenizer(base_model)
+    tokenizer, _processor = load_tokenizer_or_processor(base_model)
     return (
         render_stream(train_records, tokenizer, cfg, "train_texts"),
         render_stream(eval_records, tokenizer, cfg, "eval_texts"),
@@ -97,12 +97,16 @@ def tokenize_conversations(
 ):
     from sft_pipeline.data.token_files import tokenize_stream
     from sft_pipeline.data.tokenization import summarize_token_stats
-    from sft_pipeline.model.loading import load_tokenizer
+    from sft_pipeline.model.loading import load_tokenizer_or_processor
 
     cfg = C.parse_section(C.TokenizationConfig, tokenization, "tokenization")
-    tokenizer = load_tokenizer(base_model)
-    train_tokens, train_rejected = tokenize_stream(train_texts, tokenizer, cfg, "train_tokens")
-    eval_tokens, eval_rejected = tokenize_stream(eval_texts, tokenizer, cfg, "eval_tokens")
+    tokenizer, processor = load_tokenizer_or_processor(base_model)
+    train_tokens, train_rejected = tokenize_stream(
+        train_texts, tokenizer, cfg, "train_tokens", processor
+    )
+    eval_tokens, eval_rejected = tokenize_stream(
+        eval_texts, tokenizer, cfg, "eval_tokens", processor
+    )
     stats = summarize_token_stats(
         {
             "train": (train_texts, train_tokens, train_rejected),
