@@ -140,6 +140,10 @@ class TrainingConfig(_Section):
     # null: plain DDP on this machine.
     accelerate_config: str | None = None
     dataloader_num_workers: int = Field(0, ge=0)
+    # Vision-language models: the language model trains; these add the vision tower and the
+    # projector (LoRA adapters on their linear layers, or their weights in a full fine-tune).
+    train_vision_tower: bool = False
+    train_projector: bool = False
 
     @field_validator("max_steps")
     @classmethod

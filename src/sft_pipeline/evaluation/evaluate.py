@@ -14,10 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from sft_pipeline.common.config import EvaluationConfig, QuantizationConfig
-from sft_pipeline.evaluation.generation import batches, generate
+from sft_pipeline.evaluation.generation import (
+    batches,
+    generate,
+    generate_with_images,
+    image_fields,
+)
 from sft_pipeline.evaluation.metrics import GENERATION_METRICS, LOSS_METRICS, generation_scores
 from sft_pipeline.evaluation.plots import plot_comparison, plot_token_lengths, plot_training_history
-from sft_pipeline.model.loading import load_model, load_tokenizer
+from sft_pipeline.model.loading import load_model, load_tokenizer, load_tokenizer_or_processor
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +54,7 @@ def evaluate(
         len(samples),
         len(eval_texts),
     )
-    merged_tokenizer = load_tokenizer(merged_dir)
+    merged_tokenizer, merged_processor = load_tokenizer_or_processor(merged_dir)
     stop_ids = _stop_ids(Path(merged_dir))
     metrics: dict[str, Any] = {
         "num_eval_rows": len(eval_tokens),
@@ -58,13 +63,20 @@ def evaluate(
     outputs: dict[str, list[dict[str, Any]]] = {}
     for name, model_dir in (("base", Path(base_model_dir)), ("tuned", Path(merged_dir))):
         torch.manual_seed(0)
-        tokenizer = merged_tokenizer if name == "tuned" else load_tokenizer(model_dir)
+        tokenizer, processor = (
+            (merged_tokenizer, merged_processor)
+            if name == "tuned"
+            else load_tokenizer_or_processor(model_dir)
+        )
         quantization = base_quantization if name == "base" and _on_cuda() else None
         model = load_model(model_dir, quantization=quantization).eval()
         loss = supervised_loss(model, eval_tokens, cfg.batch_size)
-        generated = generate(
-            model, tokenizer, [s["prompt"] for s in samples], stop_ids, cfg, desc=name
-        )
+        if processor is not None:
+            generated = generate_with_images(model, processor, samples, stop_ids, cfg)
+        else:
+            generated = generate(
+                model, tokenizer, [s["prompt"] for s in samples], stop_ids, cfg, desc=name
+            )
         scores = generation_scores(generated, [s["reference"] for s in samples])
         metrics.update({f"{name}/{k}": v for k, v in {**loss, **scores}.items()})
         outputs[name] = generated
@@ -83,6 +95,7 @@ def evaluate(
             "tuned_output": tuned["text"],
             "base_stopped": base["stopped"],
             "tuned_stopped": tuned["stopped"],
+            **image_fields(sample),
         }
         for sample, base, tuned in zip(samples, outputs["base"], outputs["tuned"], strict=True)
     ]
@@ -134,9 +147,12 @@ def supervised_loss(model, eval_tokens, batch_size: int) -> dict[str, float]:
     with torch.inference_mode():
         for batch in batches(order, batch_size):
             rows = eval_tokens.select(batch)
-            features = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
+            # Text rows: ids and labels; rows with images also their stored processor arrays.
+            features = [{k: v for k, v in r.items() if k != "record_id"} for r in rows]
             padded = {k: v.to(device) for k, v in collate(features).items()}
-            inputs = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
+            inputs = {k: v for k, v in padded.items() if k not in ("labels", "shift_labels")}
+            if "pixel_values" in inputs:
+                inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
             nll, correct, count = causal_lm_loss(model, inputs, padded["shift_labels"])
             total_nll += nll.item()
             total_correct += int(correct)

@@ -67,3 +67,72 @@ def generate(
                 }
             progress.update(len(batch))
     return [by_index[i] for i in range(len(prompts))]
+
+
+def generate_with_images(
+    model, processor, samples: list[dict[str, Any]], stop_ids: list[int], cfg: EvaluationConfig
+) -> list[dict[str, Any]]:
+    """Greedy completions of prompts with their images, one prompt at a time (each image
+    expanded by the processor as at tokenization); each {text, stopped, num_tokens}."""
+    import torch
+
+    from sft_pipeline.data import images
+
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    tokenizer = processor.tokenizer
+    stop_set = set(stop_ids)
+    results = []
+    with torch.inference_mode():
+        for sample in samples:
+            pictures = [images.open_image(p) for p in sample.get("images") or []]
+            enc = processor(
+                text=[sample["prompt"]],
+                images=[pictures] if pictures else None,
+                add_special_tokens=False,
+                return_tensors="pt",
+            ).to(device)
+            if "pixel_values" in enc:
+                enc["pixel_values"] = enc["pixel_values"].to(dtype)
+            out = model.generate(
+                **enc,
+                do_sample=False,
+                max_new_tokens=cfg.max_new_tokens,
+                eos_token_id=stop_ids,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            tokens = out[0, enc["input_ids"].shape[1] :].tolist()
+            end = next((k for k, t in enumerate(tokens) if t in stop_set), None)
+            kept = tokens if end is None else tokens[:end]
+            results.append(
+                {
+                    "text": tokenizer.decode(kept, skip_special_tokens=True).strip(),
+                    "stopped": end is not None,
+                    "num_tokens": len(kept) + (end is not None),
+                }
+            )
+    return results
+
+
+THUMBNAIL_PIXELS = 96
+
+
+def image_fields(sample: dict[str, Any]) -> dict[str, Any]:
+    """The sample's images for the report: where each came from and a small PNG thumbnail."""
+    if not sample.get("images"):
+        return {}
+    import base64
+    import io
+
+    from sft_pipeline.data import images
+
+    thumbnails = []
+    for part in sample["images"]:
+        picture = images.open_image(part)
+        picture.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        thumbnails.append(
+            "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+        )
+    return {"images": [images.describe(p) for p in sample["images"]], "thumbnails": thumbnails}

@@ -118,6 +118,8 @@ def generation_rows(generations: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "tuned": g.get("tuned_output", ""),
                 "base_match": (g.get("base_output") or "").strip() == reference,
                 "tuned_match": (g.get("tuned_output") or "").strip() == reference,
+                # Vision-language samples: each image's thumbnail (a data: URI) and source.
+                "images": list(zip(g.get("thumbnails") or [], g.get("images") or [], strict=False)),
             }
         )
     return rows
@@ -198,6 +200,7 @@ PAGE = """<!DOCTYPE html>
                  padding: 14px 16px; }
   table { border-collapse: collapse; width: 100%; }
   #generations { table-layout: fixed; }
+  img.thumb { max-width: 96px; max-height: 96px; margin: 0 4px 4px 0; }
   th, td { text-align: left; padding: 6px 10px; border-bottom: 1px solid #e8eaee;
            vertical-align: top; }
   th { background: #f0f2f5; font-weight: 600; }
@@ -270,7 +273,9 @@ PAGE = """<!DOCTYPE html>
   <thead><tr><th>prompt</th><th>reference</th><th>base</th><th>tuned</th></tr></thead>
   <tbody>
   {% for g in generations %}
-    <tr><td><pre>{{ g.prompt }}</pre></td><td><pre>{{ g.reference }}</pre></td>
+    <tr><td>{% for src, name in g.images %}<img class="thumb" src="{{ src }}" alt="{{ name }}"
+      title="{{ name }}">{% endfor %}<pre>{{ g.prompt }}</pre></td>
+      <td><pre>{{ g.reference }}</pre></td>
       <td><pre class="{{ 'match' if g.base_match else 'miss' }}">{{ g.base }}</pre></td>
       <td><pre class="{{ 'match' if g.tuned_match else 'miss' }}">{{ g.tuned }}</pre></td></tr>
   {% endfor %}

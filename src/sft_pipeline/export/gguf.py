@@ -95,8 +95,14 @@ def export(merged_dir: str | os.PathLike, cfg: ExportConfig) -> ExportedModel:
     if cfg.gguf:
         from transformers import AutoConfig
 
-        from sft_pipeline.model.loading import load_tokenizer
+        from sft_pipeline.model.loading import is_vision_model, load_tokenizer
 
+        if is_vision_model(merged_dir):
+            raise ExportError(
+                f"{merged_dir} is a vision-language model: GGUF export of vision models is not "
+                "supported yet (llama.cpp needs the vision tower as a separate mmproj file); "
+                "set export.gguf: [] and use the merged safetensors folder"
+            )
         gguf_arch(AutoConfig.from_pretrained(str(merged_dir)))
         tokenizer_pre_type(tokenizer_json(load_tokenizer(merged_dir)))
     else:

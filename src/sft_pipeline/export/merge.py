@@ -20,7 +20,9 @@ from typing import Any
 from sft_pipeline.common.config import DataConfig, TemplateConfig
 from sft_pipeline.export.model_card import model_card
 from sft_pipeline.model.loading import (
+    is_vision_model,
     load_model,
+    load_processor,
     load_tokenizer,
     read_manifest,
     trust_remote_code,
@@ -74,24 +76,46 @@ def merge(
     manifest = read_manifest(base_model_dir)
     kind = adapter_kind(adapter_dir)
     has_tokenizer = any(adapter_dir.glob("tokenizer*"))
-    tokenizer = load_tokenizer(adapter_dir if has_tokenizer else base_model_dir)
+    vision = is_vision_model(base_model_dir)
+    processor = None
+    if vision:
+        # The processor travels with the model (image processor settings, image tokens).
+        has_processor = (adapter_dir / "processor_config.json").is_file()
+        processor = load_processor(adapter_dir if has_processor else base_model_dir)
+        tokenizer = processor.tokenizer
+    else:
+        tokenizer = load_tokenizer(adapter_dir if has_tokenizer else base_model_dir)
     template = trained_template(tokenizer, template_cfg) if template_cfg is not None else None
     if template is not None:
         # The merged model answers in the format it was trained on, so its tokenizer carries
         # the template the data was rendered with (a base model's plain layout included), not
         # the base's own (or none).
         tokenizer.chat_template = template[0]
+        if processor is not None:
+            processor.chat_template = template[0]
         log.info("merged tokenizer gets %s as its chat template", template[1])
     adapter_config: dict[str, Any] = {}
-    if kind == "peft":
+    if kind == "peft" and vision:
+        import torch
+
+        adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text("utf-8"))
+        # The whole model through PEFT (fp32): transformers maps each family's checkpoint
+        # prefixes (`language_model.model.*` and the like) both ways, and the untrained vision
+        # tower and projector pass through unchanged.
+        model = merge_adapter(base_model_dir, adapter_dir, len(tokenizer))
+        stored = manifest.get("stored_dtype") or manifest.get("dtype") or "float32"
+        model = model.to(getattr(torch, stored))
+        merged_into = "the base weights (whole model; vision tower and projector passed through)"
+    elif kind == "peft":
         adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text("utf-8"))
         model, merged_into = merge_weights(base_model_dir, adapter_dir, len(tokenizer), merge_base)
     else:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
         log.info("%s holds a full model (full fine-tuning): passing it through", adapter_dir)
         merged_into = None
-        model = AutoModelForCausalLM.from_pretrained(
+        auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+        model = auto.from_pretrained(
             str(adapter_dir),
             use_safetensors=True,
             dtype="auto",
@@ -111,7 +135,7 @@ def merge(
         trained_template=template,
         merged_into=merged_into,
     )
-    return MergedModel(model=model.eval(), tokenizer=tokenizer, model_card=card)
+    return MergedModel(model=model.eval(), tokenizer=processor or tokenizer, model_card=card)
 
 
 def merge_weights(

@@ -16,11 +16,16 @@ def build_model(job: TrainJob, precision: device.Precision):
     from peft import LoraConfig as PeftLoraConfig
 
     from sft_pipeline.model.loading import load_model
+    from sft_pipeline.trainer import vision
 
+    regions = vision.trained_regions(job.training.train_vision_tower, job.training.train_projector)
     if job.method == "full":
         # Master weights in fp32: AdamW updates in bf16 lose most small steps; the trainer's
         # autocast gives the bf16/fp16 speed.
-        return load_model(job.base_model_dir, dtype=torch.float32), None
+        model = load_model(job.base_model_dir, dtype=torch.float32)
+        if vision.is_vision_model(model):
+            vision.freeze_untrained(model, regions)
+        return model, None
     # The frozen base can live in the compute dtype; peft keeps the adapter weights in fp32.
     dtype = device.torch_dtype(precision)
     quant = None
@@ -29,11 +34,14 @@ def build_model(job: TrainJob, precision: device.Precision):
         quant = job.quantization.model_copy(update={"bnb_4bit_compute_dtype": compute})
     model = load_model(job.base_model_dir, quantization=quant, dtype=dtype)
     lora = job.lora
+    targets = lora.target_modules
+    if vision.is_vision_model(model):
+        targets = vision.lora_target_modules(model, targets, regions)
     peft_config = PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
+        target_modules=targets,
         use_rslora=lora.use_rslora,
         use_dora=lora.use_dora,
         task_type="CAUSAL_LM",

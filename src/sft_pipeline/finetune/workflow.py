@@ -73,7 +73,7 @@ def train_here(
     from transformers import set_seed
 
     from sft_pipeline.finetune import tracking
-    from sft_pipeline.model.loading import load_tokenizer
+    from sft_pipeline.model.loading import load_tokenizer_or_processor
     from sft_pipeline.trainer import SFTTrainer
 
     precision = device.resolve_precision(
@@ -82,7 +82,9 @@ def train_here(
     fingerprint, resume_from = prepared or run_state.prepare_run(job)
     # Seed before the model is built: LoRA's initial A matrices are random.
     set_seed(job.training.seed, deterministic=device.deterministic_kernels())
-    tokenizer = load_tokenizer(job.base_model_dir)
+    # A vision-language model trains with its processor (saved with the adapter).
+    text_tokenizer, processor = load_tokenizer_or_processor(job.base_model_dir)
+    tokenizer = processor if processor is not None else text_tokenizer
     model, peft_config = model_setup.build_model(job, precision)
     trainer = SFTTrainer(
         model=model,

@@ -23,6 +23,7 @@ import torch
 
 from sft_pipeline.common.labels import IGNORE_INDEX
 from sft_pipeline.trainer.packing import pack_rows
+from sft_pipeline.trainer.vision import collate_vision
 
 
 @dataclass
@@ -73,6 +74,8 @@ class DataCollatorForSFT:
             batch["document_ids"] = document_ids
         else:
             batch["attention_mask"] = attention_mask
+        if "pixel_values" in features[0]:
+            batch.update(collate_vision(features, longest))
         return batch
 
     def _repack(self, features: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

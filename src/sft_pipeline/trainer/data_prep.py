@@ -72,6 +72,10 @@ def prepare_dataset(
     packing: bool,
 ) -> Dataset | IterableDataset:
     """Tokenized (and optionally packed) rows with columns `input_ids`, `labels` (+ lengths)."""
+    from sft_pipeline.trainer import vision
+
+    if not isinstance(dataset, IterableDataset) and vision.is_vision_dataset(dataset.column_names):
+        return vision.prepare_vision_dataset(dataset, tokenizer, args, name, packing)
     if isinstance(dataset, IterableDataset):
         return _prepare_stream(dataset, tokenizer, args, formatting_func, name, packing)
     if len(dataset) == 0:

@@ -40,6 +40,10 @@ def chunkable_head(model: nn.Module) -> tuple[nn.Module, torch.Tensor, torch.Ten
     base = unwrap(model)
     head = base.get_output_embeddings()
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if getattr(base.config, "vision_config", None) is not None:
+        # A vision-language model: the inner model merges image features into the text
+        # embeddings before its language model runs (the language model alone takes no pixels).
+        decoder = getattr(base, "model", None)
     if type(head) is not nn.Linear or decoder is None or decoder is base:
         return None
     if any(getattr(base.config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS):

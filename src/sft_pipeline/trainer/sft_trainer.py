@@ -86,13 +86,15 @@ class SFTTrainer(Trainer):
 
         if isinstance(model, (str, os.PathLike)):
             init_kwargs = {"dtype": torch.float32, **(args.model_init_kwargs or {})}
-            model = AutoModelForCausalLM.from_pretrained(str(model), **init_kwargs)
+            model = _auto_model(str(model)).from_pretrained(str(model), **init_kwargs)
         processing_class = processing_class if processing_class is not None else tokenizer
         if processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
-        if processing_class.pad_token_id is None:
+            processing_class = _auto_processing(model).from_pretrained(model.config._name_or_path)
+        # A vision-language model's processor holds the tokenizer.
+        text_tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        if text_tokenizer.pad_token_id is None:
             # Only pads input_ids: labels are padded with -100, so EOS labels are never erased.
-            processing_class.pad_token = processing_class.eos_token
+            text_tokenizer.pad_token = text_tokenizer.eos_token
         if peft_config is not None:
             model = _apply_peft(model, peft_config, args)
         if args.gradient_checkpointing and hasattr(model, "peft_config"):
@@ -112,7 +114,7 @@ class SFTTrainer(Trainer):
             eval_dataset = _map_eval(eval_dataset, processing_class, args, formatting_func)
         if data_collator is None:
             data_collator = DataCollatorForSFT(
-                pad_token_id=processing_class.pad_token_id,
+                pad_token_id=text_tokenizer.pad_token_id,
                 pad_to_multiple_of=args.pad_to_multiple_of,
                 padding_free_capacity=args.max_length if args.padding_free else None,
             )
@@ -169,7 +171,8 @@ class SFTTrainer(Trainer):
         rows, length = inputs["input_ids"].shape
         budget = self.args.max_tokens_per_forward
         per_slice = max(1, budget // length) if budget else rows
-        if per_slice >= rows or num_items_in_batch is None:
+        # Image arrays do not split by row (a row holds any number of images).
+        if per_slice >= rows or num_items_in_batch is None or "pixel_values" in inputs:
             return super().training_step(model, inputs, num_items_in_batch)
         # Slices of the batch, each backpropagated at once: the gradient sum is the batch's
         # (every slice's loss is divided by the same num_items_in_batch), activations are not.
@@ -304,6 +307,21 @@ def _sft_args(args: TrainingArguments | None, model) -> SFTConfig:
     return SFTConfig.from_training_args(args)
 
 
+def _auto_model(name: str):
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    vision = getattr(AutoConfig.from_pretrained(name), "vision_config", None) is not None
+    return AutoModelForImageTextToText if vision else AutoModelForCausalLM
+
+
+def _auto_processing(model):
+    from transformers import AutoProcessor
+
+    from sft_pipeline.trainer.vision import is_vision_model
+
+    return AutoProcessor if is_vision_model(model) else AutoTokenizer
+
+
 def _apply_peft(model: nn.Module, peft_config, args: SFTConfig) -> nn.Module:
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
@@ -317,6 +335,13 @@ def _apply_peft(model: nn.Module, peft_config, args: SFTConfig) -> nn.Module:
             model,
             use_gradient_checkpointing=bool(args.gradient_checkpointing),
             gradient_checkpointing_kwargs=args.activation_checkpointing_kwargs,
+        )
+    from sft_pipeline.trainer import vision
+
+    if vision.is_vision_model(model) and peft_config.target_modules in ("all-linear", None):
+        # The language model only: the vision tower and projector stay as pretrained.
+        peft_config.target_modules = vision.lora_target_modules(
+            model, "all-linear", {"language_model"}
         )
     return get_peft_model(model, peft_config)
 
