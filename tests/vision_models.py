@@ -100,9 +100,7 @@ def build_vision_model(family: str, fixtures: Path, seed: int = 0):
         config = AutoConfig.for_model(
             "idefics3",
             vision_config=dict(image_size=32, patch_size=8, **vision),
-            text_config=dict(
-                model_type="llama", vocab_size=len(tokenizer), pad_token_id=0, **text
-            ),
+            text_config=dict(model_type="llama", vocab_size=len(tokenizer), pad_token_id=0, **text),
             scale_factor=2,
             image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         )

@@ -1,0 +1,206 @@
+"""Vision-language SFT through the real `sft` pipeline (`kedro run`), with parameters only.
+
+One tiny project per family (module-scoped, shared by the tests below): a random model with a
+real tokenizer from the shared fixtures, trained on LLaMA-Factory's real `mllm_demo.json` (with
+its three JPEGs), a TRL-format JSON Lines file and a Hub-style Parquet file whose images are
+stored as bytes, plus one record whose image is missing and one whose image is corrupt.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import project_copy as pc
+from tests.vision_models import VISION_FAMILIES, save_vision_model
+
+pytestmark = pytest.mark.slow
+
+RAW = "data/01_raw/vision"
+QUESTIONS = [
+    ("What is in the picture?", "Football players celebrating."),
+    ("Describe the scene briefly.", "A man speaking at a ceremony."),
+    ("Where is this?", "On a football pitch."),
+    ("What colour dominates?", "Red and white."),
+]
+RUN_PARAMS = {
+    "data": {
+        "path": [f"{RAW}/mllm_demo.json", f"{RAW}/trl.jsonl", f"{RAW}/hub.parquet"],
+        "eval_fraction": 0.25,
+    },
+    # The two broken records of trl.jsonl are rejected on purpose.
+    "validation": {"max_rejected_fraction": 0.5},
+    "tokenization": {"max_seq_length": 512},
+    "training": {
+        "max_steps": 8,
+        "learning_rate": 5e-3,
+        "packing": False,
+        "per_device_train_batch_size": 2,
+    },
+    "evaluation": {"max_samples": 2, "max_new_tokens": 4, "batch_size": 2},
+}
+
+
+def write_vision_data(project: Path, fixtures: Path) -> None:
+    """The three files of the module doc under `RAW`; image paths relative to each file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    raw = project / RAW
+    demo = fixtures / "datasets" / "llamafactory"
+    shutil.copytree(demo / "mllm_demo_data", raw / "mllm_demo_data")
+    shutil.copy(demo / "mllm_demo.json", raw / "mllm_demo.json")
+    (raw / "mllm_demo_data" / "corrupt.jpg").write_bytes(
+        (demo / "mllm_demo_data" / "3.jpg").read_bytes()[:400]
+    )
+    rows = []
+    for k, (question, answer) in enumerate(QUESTIONS * 2):
+        image = f"mllm_demo_data/{k % 3 + 1}.jpg"
+        rows.append(
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image"},
+                            {"type": "text", "text": f"{question} ({k})"},
+                        ],
+                    },
+                    {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+                ],
+                "images": [image],
+            }
+        )
+    broken = rows[0]["messages"]
+    rows.append({"messages": broken, "images": ["mllm_demo_data/missing.jpg"]})
+    rows.append({"messages": broken, "images": ["mllm_demo_data/corrupt.jpg"]})
+    (raw / "trl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    hub = []
+    for k in range(3):
+        buffer = io.BytesIO()
+        Image.open(demo / "mllm_demo_data" / f"{k + 1}.jpg").convert("RGB").resize((40, 30)).save(
+            buffer, format="PNG"
+        )
+        hub.append(
+            {
+                "messages": json.dumps(
+                    [
+                        {"role": "user", "content": f"<image>Picture {k}: who is shown?"},
+                        {"role": "assistant", "content": "Players of a football club."},
+                    ]
+                ),
+                "images": [{"bytes": buffer.getvalue(), "path": f"{k}.png"}],
+            }
+        )
+    pq.write_table(pa.Table.from_pylist(hub), raw / "hub.parquet")
+
+
+@pytest.fixture(scope="module", params=VISION_FAMILIES)
+def vision_run(request, tmp_path_factory, fixtures_dir):
+    """(family, project) after one `kedro run --pipeline=sft` of that family."""
+    family = request.param
+    root = tmp_path_factory.mktemp(f"vision-{family}")
+    model_dir = save_vision_model(root / "model", family, fixtures_dir)
+    project = pc.make_project(root / "project", records=4, model_dir=model_dir)
+    write_vision_data(project, fixtures_dir)
+    pc.set_params(project, RUN_PARAMS)
+    pc.run([sys.executable, "-m", "kedro", "run", "--pipeline=sft", "--env", pc.TINY_ENV], project)
+    return family, project
+
+
+def test_missing_and_corrupt_images_are_rejected_with_their_path(vision_run):
+    _family, project = vision_run
+    rejected = [
+        json.loads(line)
+        for line in (project / "data/08_reporting/rejected_records.jsonl").read_text().splitlines()
+    ]
+    reasons = {
+        r["source_row"]: r["reasons"] for r in rejected if r["source_file"].endswith("trl.jsonl")
+    }
+    assert len(rejected) == 2 and sorted(reasons) == [9, 10]
+    assert "image_missing" in reasons[9][0] and "mllm_demo_data/missing.jpg" in reasons[9][0]
+    assert "image_unreadable" in reasons[10][0] and "mllm_demo_data/corrupt.jpg" in reasons[10][0]
+    report = pc.read_json(project, "data/08_reporting/validation_report.json")
+    assert report["ingested"] == 6 + 10 + 3 == report["valid"] + report["rejected"]
+
+
+def test_labels_cover_exactly_the_assistant_replies_never_images_or_prompts(vision_run):
+    import pandas as pd
+    from datasets import load_from_disk
+    from transformers import AutoProcessor
+
+    from sft_pipeline.data.vision_tokens import image_token_ids
+
+    family, project = vision_run
+    processor = AutoProcessor.from_pretrained(project / "data/06_models/base", backend="pil")
+    tokenizer = processor.tokenizer
+    image_ids = image_token_ids(processor)
+    records = pd.read_parquet(project / "data/03_primary/train_records.parquet")
+    by_id = dict(zip(records["record_id"], records["messages"], strict=True))
+    tokens = load_from_disk(str(project / "data/05_model_input/train_tokens"))
+    assert len(tokens) == len(records) and "pixel_values" in tokens.column_names
+    for row in tokens:
+        ids, labels = row["input_ids"], row["labels"]
+        assert any(t in image_ids for t in ids)  # every training row here has an image
+        runs, current = [], []
+        for position, (token, label) in enumerate(zip(ids, labels, strict=True)):
+            if label == -100:
+                if current:
+                    runs.append(current)
+                current = []
+                continue
+            assert label == token and token not in image_ids, (family, position)
+            current.append(token)
+        if current:
+            runs.append(current)
+        replies = [
+            "".join(p["text"] for p in m["content"] if p["type"] == "text")
+            for m in json.loads(by_id[row["record_id"]])
+            if m["role"] == "assistant"
+        ]
+        # Each supervised run is one reply and the end-of-turn token that closes it.
+        decoded = [tokenizer.decode(run[:-1]).strip() for run in runs]
+        assert decoded == [r.strip() for r in replies], family
+        assert all(
+            tokenizer.convert_ids_to_tokens(run[-1]) in tokenizer.all_special_tokens for run in runs
+        )
+
+
+def test_tuned_held_out_loss_is_below_the_base(vision_run):
+    _family, project = vision_run
+    metrics = pc.read_json(project, "data/08_reporting/metrics.json")
+    assert metrics["tuned/eval_loss"] < metrics["base/eval_loss"]
+    generations = [
+        json.loads(line)
+        for line in (project / "data/07_model_output/eval_generations.jsonl")
+        .read_text()
+        .splitlines()
+    ]
+    assert generations and all(g["thumbnails"][0].startswith("data:image/png") for g in generations)
+    assert 'class="thumb"' in (project / "data/08_reporting/report.html").read_text()
+
+
+def test_merged_folder_loads_with_auto_classes_and_answers_an_image(vision_run, fixtures_dir):
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    _family, project = vision_run
+    merged = project / "data/06_models/merged"
+    processor = AutoProcessor.from_pretrained(merged, backend="pil")
+    model = AutoModelForImageTextToText.from_pretrained(merged).eval()
+    image = Image.open(fixtures_dir / "datasets/llamafactory/mllm_demo_data/1.jpg")
+    message = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Who?"}]}]
+    prompt = processor.apply_chat_template(message, add_generation_prompt=True)
+    inputs = processor(
+        text=[prompt], images=[[image]], add_special_tokens=False, return_tensors="pt"
+    )
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
