@@ -225,7 +225,7 @@ def _maybe_json_list(value: Any) -> Any:
     return value
 
 
-def _normalize_turns(turns: Any) -> Any:
+def normalize_turns(turns: Any) -> Any:
     """Map each turn to {role, content} (+ tool fields, module doc); `from`/`value` turns use
     ShareGPT role names.
 
@@ -406,7 +406,7 @@ def _to_canonical(
         ]
         return schema, prefix + turns, ""
     field = "messages" if schema == "messages" else "conversations"
-    turns = _normalize_turns(value(field))
+    turns = normalize_turns(value(field))
     if prefix and isinstance(turns, list):
         turns = prefix + turns
     return schema, turns, ""

@@ -8,7 +8,8 @@ The dataset's type is read from its columns (and its first row), with the semant
 - prompt-completion: `prompt` and `completion` strings; the completion + EOS, no chat template;
 - conversational prompt-completion: `prompt` and `completion` message lists; the completion's
   assistant turns;
-- conversational: `messages` (or ShareGPT `conversations`); every assistant turn;
+- conversational: `messages` (or ShareGPT `conversations`); every assistant turn, with a `tools`
+  column (function schemas, or their JSON string) handed to the chat template as `tools=`;
 - the pipeline's records: `prompt`/`response`, Alpaca `instruction`/`input`/`output`; the response;
 - pre-tokenized: `input_ids` (+ `labels`, `completion_mask` or `assistant_masks`); as given.
 
@@ -29,6 +30,13 @@ Where this differs from TRL 1.16, on purpose:
 - a `completion_mask` column is used unless `completion_only_loss=False` (TRL 1.16 uses it only
   with `completion_only_loss=True`);
 - a conversation for a tokenizer without a chat template gets the plain layout (TRL fails);
+- agent data (`tools` + `tool_calls` + `tool` messages) renders to TRL's `input_ids`, but only
+  the assistant's calls and replies (with their end-of-turn tokens) are supervised; TRL trains
+  on every token by default, tool results and tool schemas included, and with
+  `assistant_only_loss=True` needs a template with generation markers;
+- tool-call arguments given as JSON strings are parsed into objects before templating, as
+  chat templates expect (TRL passes the string through, and templates such as Qwen2.5's then
+  write it quoted);
 - `formatting_func` may also take a batch and return a list of strings (older TRL).
 
 An `IterableDataset` (streaming) is prepared lazily, chunk by chunk (packing within a chunk); the
@@ -158,9 +166,8 @@ def dataset_type(columns: Iterable[str], first: dict[str, Any], formatting_func)
 
 
 def _is_messages(value: Any) -> bool:
-    return isinstance(value, list) and all(
-        isinstance(m, dict) and "role" in m and "content" in m for m in value
-    )
+    # An assistant message that only calls tools may come without `content` (TRL's examples).
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value)
 
 
 class RowEncoder:
@@ -279,23 +286,29 @@ class RowEncoder:
         return ids, [list(r) for r in tokens["labels"]]
 
     def _render(self, row: dict[str, Any], text: str | None) -> dict[str, Any]:
-        from sft_pipeline.data.records import to_canonical
+        from sft_pipeline.data.records import (
+            canonical_tools,
+            loads_tools,
+            normalize_turns,
+            row_tools,
+            to_canonical,
+        )
 
         renderer = self.renderer
         if text is not None:
             return renderer.row([], text)
         if self.kind == PROMPT_COMPLETION:
             return renderer.prompt_completion_row(row["prompt"], row["completion"])
+        # TRL's `tools` column (a list of function schemas, or its JSON string) and messages
+        # with `tool_calls` / role `tool` take the pipeline's canonical form (records.py).
         if self.kind == CONVERSATIONAL_PROMPT_COMPLETION:
-            prompt = [_message(m) for m in row["prompt"]]
-            completion = [_message(m) for m in row["completion"]]
-            return renderer.row(prompt + completion, supervise_from=len(prompt))
+            prompt = normalize_turns(list(row["prompt"]))
+            completion = normalize_turns(list(row["completion"]))
+            tools = loads_tools(canonical_tools(row.get("tools")))
+            return renderer.row(prompt + completion, supervise_from=len(prompt), tools=tools)
         _fmt, messages, text = to_canonical(row, self.schema, self.columns)
-        return renderer.row(messages, text)
-
-
-def _message(message: dict[str, Any]) -> dict[str, Any]:
-    return {"role": message["role"], "content": message["content"]}
+        tools = loads_tools(row_tools(row, self.schema, self.columns))
+        return renderer.row(messages, text, tools=tools)
 
 
 def _schema_for(column_names: list[str], text_field: str, name: str) -> tuple[str, dict[str, str]]:
