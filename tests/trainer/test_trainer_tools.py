@@ -91,6 +91,8 @@ def test_tool_rows_give_trl_input_ids_and_supervise_only_calls_and_replies(
             f"<tool_call>\n{json.dumps(call)}\n</tool_call><|im_end|>",
             f"It is {temp} degrees in {city}.<|im_end|>",
         ]
-        unsupervised = tokenizer.decode([t for t, label in zip(o_ids, o_labels) if label == -100])
+        unsupervised = tokenizer.decode(
+            [t for t, label in zip(o_ids, o_labels, strict=True) if label == -100]
+        )
         assert '"description": "Current weather in a city"' in unsupervised
         assert f"<tool_response>\n{json.dumps({'temp': temp})}\n</tool_response>" in unsupervised
