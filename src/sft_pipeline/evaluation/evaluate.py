@@ -2,11 +2,15 @@
 
 Two kinds of metrics: teacher-forced loss, perplexity and token accuracy on the supervised tokens
 of `eval_tokens` (the exact labels training used), and free generation on the prompts of
-`eval_texts` (greedy, batched with left padding) scored against the reference answers.
+`eval_texts` (greedy, batched with left padding) scored against the reference answers. When the
+data has tools, the held-out rows whose assistant calls a tool are also generated from the prompt
+before that call, and scored by `TOOL_CALL_METRICS` (the call parses, names the right function,
+has the reference arguments).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -20,7 +24,13 @@ from sft_pipeline.evaluation.generation import (
     generate_with_images,
     image_fields,
 )
-from sft_pipeline.evaluation.metrics import GENERATION_METRICS, LOSS_METRICS, generation_scores
+from sft_pipeline.evaluation.metrics import (
+    GENERATION_METRICS,
+    LOSS_METRICS,
+    TOOL_CALL_METRICS,
+    generation_scores,
+    tool_call_scores,
+)
 from sft_pipeline.evaluation.plots import plot_comparison, plot_token_lengths, plot_training_history
 from sft_pipeline.model.loading import load_model, load_tokenizer, load_tokenizer_or_processor
 
@@ -47,6 +57,11 @@ def evaluate(
 
     samples = [row for row in eval_texts if row.get("prompt") and row.get("reference")]
     samples = samples[: cfg.max_samples]
+    calls = [
+        {**row["tool_call"], "record_id": row.get("record_id")}
+        for row in eval_texts
+        if row.get("tool_call")
+    ][: cfg.max_samples]
     log.info(
         "evaluating on %d tokenized rows and %d of %d prompts (rows without a reference are"
         " language-modelling text and are scored by loss only)",
@@ -60,6 +75,8 @@ def evaluate(
         "num_eval_rows": len(eval_tokens),
         "num_generation_samples": len(samples),
     }
+    if calls:
+        metrics["num_tool_call_samples"] = len(calls)
     outputs: dict[str, list[dict[str, Any]]] = {}
     for name, model_dir in (("base", Path(base_model_dir)), ("tuned", Path(merged_dir))):
         torch.manual_seed(0)
@@ -78,12 +95,14 @@ def evaluate(
                 model, tokenizer, [s["prompt"] for s in samples], stop_ids, cfg, desc=name
             )
         scores = generation_scores(generated, [s["reference"] for s in samples])
+        called = generate(model, tokenizer, [c["prompt"] for c in calls], stop_ids, cfg)
+        scores |= tool_call_scores(called, [c["reference"] for c in calls])
         metrics.update({f"{name}/{k}": v for k, v in {**loss, **scores}.items()})
-        outputs[name] = generated
+        outputs[name], outputs[f"{name}_calls"] = generated, called
         del model
     metrics["num_supervised_tokens"] = metrics.pop("base/num_tokens", 0)
     metrics.pop("tuned/num_tokens", None)
-    for key in (*LOSS_METRICS, *GENERATION_METRICS):
+    for key in (*LOSS_METRICS, *GENERATION_METRICS, *TOOL_CALL_METRICS):
         if f"base/{key}" in metrics:
             metrics[f"delta/{key}"] = metrics[f"tuned/{key}"] - metrics[f"base/{key}"]
     generations = [
@@ -98,6 +117,21 @@ def evaluate(
             **image_fields(sample),
         }
         for sample, base, tuned in zip(samples, outputs["base"], outputs["tuned"], strict=True)
+    ]
+    generations += [
+        {
+            "record_id": call["record_id"],
+            "task": "tool_call",
+            "prompt": call["prompt"],
+            "reference": json.dumps(call["reference"], ensure_ascii=False),
+            "base_output": base["text"],
+            "tuned_output": tuned["text"],
+            "base_stopped": base["stopped"],
+            "tuned_stopped": tuned["stopped"],
+        }
+        for call, base, tuned in zip(
+            calls, outputs["base_calls"], outputs["tuned_calls"], strict=True
+        )
     ]
     plots = {
         "training_loss": plot_training_history(training_history),

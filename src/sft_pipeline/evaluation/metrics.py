@@ -36,3 +36,87 @@ def generation_scores(generated: list[dict[str, Any]], references: list[str]) ->
         "stopped_by_eos": sum(g["stopped"] for g in generated) / n,
         "mean_generated_tokens": sum(g["num_tokens"] for g in generated) / n,
     }
+
+
+# --- tool calls ---------------------------------------------------------------------------------
+
+# On held-out rows whose reference turn calls tools: the share of generations whose call parses,
+# names the reference's functions (in order), and also has their arguments (exact match of the
+# parsed JSON).
+TOOL_CALL_METRICS = ("tool_call_parsed", "tool_call_name_match", "tool_call_exact_match")
+
+
+def parse_tool_calls(text: str) -> list[dict[str, Any]] | None:
+    """The tool calls in a generated text, `[{"name", "arguments"}]`, or None when none parses.
+
+    Templates wrap calls differently (`<tool_call>{...}</tool_call>`, `[TOOL_CALLS][{...}]`, a
+    bare `{"name": ..., "parameters": ...}`), so the text is read as the model wrote it: every
+    JSON object or list in it that is a call (an object with a string `name` and `arguments` or
+    `parameters`), or a list of calls, in order. Arguments written as a JSON string are parsed.
+    """
+    import json
+
+    decoder = json.JSONDecoder()
+    calls: list[dict[str, Any]] = []
+    position = 0
+    while position < len(text):
+        starts = [i for i in (text.find("{", position), text.find("[", position)) if i >= 0]
+        if not starts:
+            break
+        start = min(starts)
+        try:
+            value, end = decoder.raw_decode(text, start)
+        except json.JSONDecodeError:
+            position = start + 1
+            continue
+        found = [_as_call(v) for v in (value if isinstance(value, list) else [value])]
+        if found and all(c is not None for c in found):
+            calls.extend(found)  # type: ignore[arg-type]
+            position = end
+        else:
+            position = start + 1
+    return calls or None
+
+
+def _as_call(value: Any) -> dict[str, Any] | None:
+    import json
+
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return None
+    if isinstance(value.get("function"), dict):  # OpenAI's shape
+        return _as_call(value["function"])
+    key = "arguments" if "arguments" in value else "parameters" if "parameters" in value else None
+    if key is None:
+        return None
+    arguments = value[key]
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            return None
+    return {"name": value["name"], "arguments": arguments}
+
+
+def tool_call_scores(
+    generated: list[dict[str, Any]], references: list[list[dict[str, Any]]]
+) -> dict[str, float]:
+    """`TOOL_CALL_METRICS` of generations against the reference calls of their rows."""
+    if not generated:
+        return {}
+    parsed = [parse_tool_calls(g["text"]) for g in generated]
+    pairs = list(zip(parsed, references, strict=True))
+    n = len(pairs)
+    return {
+        "tool_call_parsed": sum(p is not None for p in parsed) / n,
+        "tool_call_name_match": sum(
+            p is not None and [c["name"] for c in p] == [c["name"] for c in ref] for p, ref in pairs
+        )
+        / n,
+        "tool_call_exact_match": sum(
+            p is not None
+            and [(c["name"], c["arguments"]) for c in p]
+            == [(c["name"], c["arguments"]) for c in ref]
+            for p, ref in pairs
+        )
+        / n,
+    }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sft_pipeline.evaluation.metrics import GENERATION_METRICS, LOSS_METRICS
+from sft_pipeline.evaluation.metrics import GENERATION_METRICS, LOSS_METRICS, TOOL_CALL_METRICS
 
 
 def new_figure(title: str):
@@ -56,7 +56,8 @@ def plot_token_lengths(token_stats: dict[str, Any]):
 
 def plot_comparison(metrics: dict[str, Any]):
     figure, axes = new_figure("Base vs tuned (eval split)")
-    names = [k for k in (*LOSS_METRICS, *GENERATION_METRICS) if f"base/{k}" in metrics]
+    keys = (*LOSS_METRICS, *GENERATION_METRICS, *TOOL_CALL_METRICS)
+    names = [k for k in keys if f"base/{k}" in metrics]
     # Put every metric on a comparable axis: chrF is 0-100, lengths are token counts.
     scale = {"chrf": 0.01}
     labels = [f"{k} (/100)" if k in scale else k for k in names]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from collections import Counter
 from typing import Any
 
@@ -34,6 +35,9 @@ METRICS = {
     "chrf": ("chrF", True),
     "stopped_by_eos": ("stopped by EOS", True),
     "mean_generated_tokens": ("generated tokens (mean)", None),
+    "tool_call_parsed": ("tool call parses", True),
+    "tool_call_name_match": ("tool call: right function", True),
+    "tool_call_exact_match": ("tool call: right function and arguments", True),
 }
 MAX_GENERATIONS = 20
 
@@ -116,13 +120,23 @@ def generation_rows(generations: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "reference": reference,
                 "base": g.get("base_output", ""),
                 "tuned": g.get("tuned_output", ""),
-                "base_match": (g.get("base_output") or "").strip() == reference,
-                "tuned_match": (g.get("tuned_output") or "").strip() == reference,
+                "base_match": _matches(g, g.get("base_output") or "", reference),
+                "tuned_match": _matches(g, g.get("tuned_output") or "", reference),
                 # Vision-language samples: each image's thumbnail (a data: URI) and source.
                 "images": list(zip(g.get("thumbnails") or [], g.get("images") or [], strict=False)),
             }
         )
     return rows
+
+
+def _matches(generation: dict[str, Any], output: str, reference: str) -> bool:
+    """Exact match; for a tool-call row, the parsed calls equal the reference calls."""
+    if generation.get("task") == "tool_call":
+        from sft_pipeline.evaluation.metrics import tool_call_scores
+
+        scores = tool_call_scores([{"text": output}], [json.loads(reference)])
+        return scores["tool_call_exact_match"] == 1.0
+    return output.strip() == reference
 
 
 def run_facts(
@@ -148,6 +162,7 @@ def run_facts(
 def _counts(metrics: dict[str, Any]) -> dict[str, Any]:
     return {
         "generation_samples": metrics.get("num_generation_samples"),
+        "tool_call_samples": metrics.get("num_tool_call_samples"),
         "supervised_tokens": metrics.get("num_supervised_tokens"),
     }
 
@@ -239,6 +254,9 @@ PAGE = """<!DOCTYPE html>
   </tbody>
 </table>
 <p class="facts">{{ counts.generation_samples or 0 }} prompts generated greedily;
+{% if counts.tool_call_samples %}
+  {{ counts.tool_call_samples }} tool calls generated (the prompt up to a reference call);
+{% endif %}
   {{ counts.supervised_tokens or 0 }} supervised tokens scored. Bold: the better side.</p>
 {% else %}
 <p class="empty">No metrics: the run did not evaluate.</p>
