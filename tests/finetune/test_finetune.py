@@ -20,6 +20,7 @@ from sft_pipeline.common.config import (
     TrainingConfig,
     training_method,
 )
+from sft_pipeline.common.ownership import CHECKPOINT_MARKER
 from sft_pipeline.finetune import workflow
 from sft_pipeline.finetune.job import TrainJob, max_row_length, report_integrations
 from sft_pipeline.finetune.launch import accelerate_command
@@ -338,6 +339,7 @@ def write_checkpoint(output_dir: Path, step: int) -> Path:
 
     folder = output_dir / f"checkpoint-{step}"
     folder.mkdir(parents=True)
+    (folder / CHECKPOINT_MARKER).write_text(json.dumps({"written_by": "sft-pipeline"}))
     save_file({"w": torch.arange(64, dtype=torch.float32)}, folder / "adapter_model.safetensors")
     torch.save({"state": {}, "param_groups": []}, folder / "optimizer.pt")
     torch.save({"last_epoch": step}, folder / "scheduler.pt")
@@ -349,7 +351,9 @@ def write_checkpoint(output_dir: Path, step: int) -> Path:
 def test_parameters_that_do_not_change_weights_keep_checkpoints(tmp_path):
     output_dir = tmp_path / "ckpt"
     write_checkpoint(output_dir, 2)
-    (output_dir / "checkpoint-4").mkdir()  # interrupted while saving: no trainer_state.json
+    # Interrupted while saving: the marker (written first) but no trainer_state.json.
+    (output_dir / "checkpoint-4").mkdir()
+    (output_dir / "checkpoint-4" / CHECKPOINT_MARKER).write_text("{}")
     fingerprint = {"fingerprint": "abc", "params": {}}
     (output_dir / FINGERPRINT_FILE).write_text(json.dumps(fingerprint))
 
@@ -395,7 +399,7 @@ def test_a_truncated_fingerprint_or_a_killed_write_does_not_break_the_next_run(t
     write_checkpoint(output_dir, 2)
     fingerprint = {"fingerprint": "abc", "params": {"lr": 1}}
     (output_dir / FINGERPRINT_FILE).write_text(json.dumps(fingerprint)[:10])
-    leftover = output_dir / f".{FINGERPRINT_FILE}.tmp-x1y2"
+    leftover = output_dir / f".{FINGERPRINT_FILE}.sft-pipeline-tmp-x1y2"
     leftover.write_text("{")
 
     with caplog.at_level(logging.WARNING, logger="sft_pipeline.finetune.run_state"):
@@ -404,6 +408,56 @@ def test_a_truncated_fingerprint_or_a_killed_write_does_not_break_the_next_run(t
     assert not leftover.exists()
     assert not (output_dir / "checkpoint-2").exists()  # of an unknown run: not resumed
     assert json.loads((output_dir / FINGERPRINT_FILE).read_text()) == fingerprint
+
+
+def test_checkpoints_not_written_by_the_trainer_are_never_resumed_or_removed(tmp_path, caplog):
+    output_dir = tmp_path / "ckpt"
+    write_checkpoint(output_dir, 2)
+    theirs = write_checkpoint(output_dir, 6)  # complete, but another tool's: no marker
+    (theirs / CHECKPOINT_MARKER).unlink()
+    fingerprint = {"fingerprint": "abc", "params": {}}
+    (output_dir / FINGERPRINT_FILE).write_text(json.dumps(fingerprint))
+
+    with caplog.at_level(logging.WARNING, logger="sft_pipeline.finetune.run_state"):
+        assert prepare_output_dir(output_dir, fingerprint, "auto") == output_dir / "checkpoint-2"
+        assert prepare_output_dir(output_dir, {"fingerprint": "other"}, "auto") is None
+    assert not (output_dir / "checkpoint-2").exists()  # ours, of another run: removed
+    assert theirs.is_dir() and (theirs / "trainer_state.json").is_file()
+    assert f"leaving {theirs} alone: it was not written by this project's trainer" in caplog.text
+    assert CHECKPOINT_MARKER in caplog.text
+
+
+def test_the_trainer_marks_its_checkpoints_and_rotates_only_its_own(
+    tiny_model_dir, tiny_tokenizer, tmp_path
+):
+    from sft_pipeline.trainer import SFTConfig, SFTTrainer
+
+    output_dir = tmp_path / "out"
+    theirs = output_dir / "checkpoint-1"
+    theirs.mkdir(parents=True)
+    (theirs / "notes.txt").write_text("another tool's")
+    args = SFTConfig(
+        output_dir=str(output_dir),
+        max_steps=6,
+        save_steps=2,
+        save_total_limit=1,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        report_to=[],
+        use_cpu=True,
+    )
+    trainer = SFTTrainer(
+        model=str(tiny_model_dir("llama")),
+        args=args,
+        train_dataset=tokenize_pairs(tiny_tokenizer, _PAIRS, 2),
+        processing_class=tiny_tokenizer,
+    )
+    trainer.train()
+    names = sorted(p.name for p in output_dir.glob("checkpoint-*"))
+    assert names == ["checkpoint-1", "checkpoint-6"]  # ours rotated down to 1; theirs kept
+    marker = json.loads((output_dir / "checkpoint-6" / CHECKPOINT_MARKER).read_text())
+    assert marker == {"written_by": "sft-pipeline", "step": 6}
+    assert (theirs / "notes.txt").read_text() == "another tool's"
 
 
 def test_length_grouped_order_depends_only_on_seed_and_epoch():

@@ -48,7 +48,11 @@ def test_credentials_go_to_the_environment_which_wins(monkeypatch):
     assert os.environ["WANDB_API_KEY"] == "from-the-environment"
 
 
-def test_leftovers_of_interrupted_atomic_writes_are_removed(tmp_path):
+def test_leftovers_of_interrupted_atomic_writes_are_removed_and_other_tools_files_kept(
+    tmp_path, caplog
+):
+    import logging
+
     target = tmp_path / "records.parquet"
     target.write_text("complete")
     # What a kill inside atomic_path leaves: the temporary sibling (a file or a folder).
@@ -56,14 +60,25 @@ def test_leftovers_of_interrupted_atomic_writes_are_removed(tmp_path):
         tmp.write_text("half")
         leftover_file = tmp.with_name(tmp.name + "x")
         leftover_file.write_text("half")
-    (tmp_path / ".train_tokens.tmp-abc").mkdir()
-    (tmp_path / ".adapter.old-def").mkdir()
+    assert ".records.parquet.sft-pipeline-tmp-" in leftover_file.name
+    (tmp_path / ".train_tokens.sft-pipeline-tmp-abc").mkdir()
+    (tmp_path / ".adapter.sft-pipeline-old-def").mkdir()
+    # Another tool's temporary files, named the way ours used to be: not ours to delete.
+    (tmp_path / ".report.tmp-xyz").write_text("theirs")
+    (tmp_path / ".cache.old-1").mkdir()
 
-    removed = remove_leftovers(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="sft_pipeline.common.atomic"):
+        removed = remove_leftovers(tmp_path)
     assert {p.name for p in removed} == {
         leftover_file.name,
-        ".train_tokens.tmp-abc",
-        ".adapter.old-def",
+        ".train_tokens.sft-pipeline-tmp-abc",
+        ".adapter.sft-pipeline-old-def",
     }
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["records.parquet"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".cache.old-1",
+        ".report.tmp-xyz",
+        "records.parquet",
+    ]
+    assert f"leaving {tmp_path / '.report.tmp-xyz'} alone" in caplog.text
+    assert f"leaving {tmp_path / '.cache.old-1'} alone" in caplog.text
     assert target.read_text() == "half"

@@ -176,7 +176,7 @@ def test_kedro_runs_one_at_a_time_and_credentials_never_reach_artifacts(tmp_path
     # The next run trains from scratch (no checkpoints), and a killed write's leftover goes.
     shutil.rmtree(root / "data/06_models/checkpoints", ignore_errors=True)
     shutil.rmtree(root / "data/06_models/adapter")
-    leftover = root / "data/05_model_input/.train_tokens.tmp-killed"
+    leftover = root / "data/05_model_input/.train_tokens.sft-pipeline-tmp-killed"
     leftover.mkdir()
     alone = start_kedro(root, "--nodes", "train_adapter")
     alone_out = communicate(alone)

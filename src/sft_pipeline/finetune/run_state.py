@@ -8,7 +8,9 @@ The resume protocol::
       checkpoint-50/          complete (see below)
       checkpoint-100/         complete -> resumed from
       checkpoint-150/         killed mid-save: trainer_state.json missing or truncated -> removed
-      .run_fingerprint.json.tmp-*   left by a kill inside an atomic write -> removed
+      checkpoint-7/           no sft_pipeline_checkpoint.json: not written by this project's
+                              trainer -> left alone, with a warning (never resumed, never removed)
+      .run_fingerprint.json.sft-pipeline-tmp-*   left by a kill inside an atomic write -> removed
 
 The trainer writes a checkpoint in this order: weights (+ tokenizer, training_args.json),
 optimizer.pt + scheduler.pt, rng_state*.pth, trainer_state.json last; then it rotates out old
@@ -29,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import shutil
 import struct
 import zipfile
@@ -37,13 +38,19 @@ from pathlib import Path
 from typing import Any
 
 from sft_pipeline.common.atomic import remove_leftovers, write_text
+from sft_pipeline.common.ownership import (
+    CHECKPOINT_MARKER,
+    CHECKPOINT_RE,
+    is_checkpoint_name,
+    is_own_checkpoint,
+)
 from sft_pipeline.finetune.job import TrainJob
 
 log = logging.getLogger(__name__)
 
 FINGERPRINT_FILE = "run_fingerprint.json"
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+_CHECKPOINT_RE = CHECKPOINT_RE
 TRAINER_STATE = "trainer_state.json"
 # A checkpoint holds its weights in one of these layouts (adapter, whole model, sharded model).
 _WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
@@ -121,8 +128,13 @@ def _step(checkpoint: Path) -> int:
 
 
 def checkpoints(output_dir: Path) -> list[Path]:
-    """The `checkpoint-N` folders in `output_dir`, by step."""
-    found = [p for p in output_dir.iterdir() if p.is_dir() and _CHECKPOINT_RE.match(p.name)]
+    """The `checkpoint-N` folders this project's trainer wrote in `output_dir`, by step."""
+    return sorted((p for p in output_dir.iterdir() if is_own_checkpoint(p)), key=_step)
+
+
+def foreign_checkpoints(output_dir: Path) -> list[Path]:
+    """`checkpoint-N` folders in `output_dir` without this project's marker, by step."""
+    found = [p for p in output_dir.iterdir() if is_checkpoint_name(p) and not is_own_checkpoint(p)]
     return sorted(found, key=_step)
 
 
@@ -225,6 +237,13 @@ def prepare_output_dir(output_dir: Path, fingerprint: dict[str, Any], resume: st
     stored_path = output_dir / FINGERPRINT_FILE
     same_run = read_fingerprint(stored_path).get("fingerprint") == fingerprint["fingerprint"]
     found = checkpoints(output_dir)
+    for other in foreign_checkpoints(output_dir):
+        log.warning(
+            "leaving %s alone: it was not written by this project's trainer (no %s); move it "
+            "out of training.output_dir if it is not needed there",
+            other,
+            CHECKPOINT_MARKER,
+        )
     resume_from = None
     if found and resume == "never":
         log.info(

@@ -15,9 +15,12 @@ What it adds to `Trainer`:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,7 +28,9 @@ from datasets import Dataset, IterableDataset
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from sft_pipeline.common.ownership import CHECKPOINT_MARKER, is_own_checkpoint
 from sft_pipeline.trainer.collator import DataCollatorForSFT
 from sft_pipeline.trainer.data_prep import prepare_dataset
 from sft_pipeline.trainer.loss import causal_lm_loss, shift, unwrap
@@ -152,6 +157,41 @@ class SFTTrainer(Trainer):
         )
 
     # ------------------------------------------------------------------ checkpoints
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Mark the checkpoint folder as ours before anything goes in, and rotate only ours.
+
+        Trainer's own rotation deletes the oldest `checkpoint-*` folders in `output_dir`,
+        whoever wrote them; ours deletes only folders holding `CHECKPOINT_MARKER`.
+        """
+        run_dir = Path(self._get_output_dir(trial=trial))
+        folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            folder.mkdir(parents=True, exist_ok=True)
+            marker = {"written_by": "sft-pipeline", "step": self.state.global_step}
+            (folder / CHECKPOINT_MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        if self.args.should_save and limit and limit > 0:
+            self._rotate_own_checkpoints(run_dir, limit)
+
+    def _rotate_own_checkpoints(self, run_dir: Path, limit: int) -> None:
+        own = sorted(
+            (p for p in run_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if is_own_checkpoint(p)),
+            key=lambda p: int(p.name.rsplit("-", 1)[1]),
+        )
+        best = self.state.best_model_checkpoint
+        protected = {own[-1]} if own else set()
+        if best:
+            protected.add(Path(best))
+        for checkpoint in own[: max(0, len(own) - max(limit, len(protected)))]:
+            if checkpoint not in protected:
+                log.info("deleting older checkpoint %s (save_total_limit %d)", checkpoint, limit)
+                shutil.rmtree(checkpoint, ignore_errors=True)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)
