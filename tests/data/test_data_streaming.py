@@ -173,6 +173,30 @@ def test_symlink_loops_under_a_double_star_glob_read_each_file_once(tmp_path):
     assert prompts == ["a.jsonl", "b.jsonl"]
 
 
+@pytest.mark.parametrize("pattern", ["data/*/**", "data/*/**/*.jsonl", "data/*/*/*.jsonl"])
+def test_symlink_loops_under_any_glob_are_read_once_and_never_hang(tmp_path, monkeypatch, pattern):
+    from sft_pipeline.data.ingestion import local_data_files
+
+    # Two links to the parent: Python's glob walks 2^depth paths until the path is too long.
+    data = tmp_path / "data"
+    (data / "x").mkdir(parents=True)
+    (data / "x" / "a.jsonl").write_text(json.dumps({"prompt": "a", "response": "r"}) + "\n")
+    (data / "x" / "l1").symlink_to("..", target_is_directory=True)
+    (data / "x" / "l2").symlink_to("..", target_is_directory=True)
+    (data / "y" / "z").mkdir(parents=True)
+    (data / "y" / "z" / "b.jsonl").write_text(json.dumps({"prompt": "b", "response": "r"}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    started = time.monotonic()
+    records = ingest(DataConfig(path=pattern))
+    prompts = sorted(json.loads(m)[0]["content"] for m in records["messages"])
+    # `kedro dvc generate` expands data.path with the same resolver.
+    deps = local_data_files(DataConfig(path=pattern), tmp_path)
+    assert time.monotonic() - started < 10
+    expected = {"data/*/**": ["a", "b"], "data/*/**/*.jsonl": ["a", "b"]}.get(pattern, ["b"])
+    assert prompts == expected
+    assert len(deps) == len(expected) and all(d.endswith(".jsonl") for d in deps)
+
+
 def test_failed_detection_names_the_nearest_format_and_its_missing_column(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"prompt": "p", "answer": "a"}) + "\n")

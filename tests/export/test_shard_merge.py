@@ -133,3 +133,28 @@ def test_dora_is_left_to_a_whole_model_merge(tmp_path):
     )
     with pytest.raises(NotShardwise, match="DoRA"):
         read_adapter(adapter_dir)
+
+
+@pytest.mark.parametrize(
+    "crafted", ["../../outside.safetensors", "/tmp/outside.safetensors", "sub/../../x.safetensors"]
+)
+def test_a_crafted_shard_index_that_leaves_the_checkpoint_is_refused(tmp_path, crafted):
+    from sft_pipeline.common.paths import UnsafePathError
+
+    tokenizer = build_tiny_tokenizer()
+    base_dir = save_sharded(
+        build_tiny_model("llama", len(tokenizer)), tmp_path / "b", torch.float32
+    )
+    adapter_dir = lora_adapter(base_dir, tmp_path / "a", r=2, target_modules=["q_proj"])
+    index_path = base_dir / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    tensor = sorted(index["weight_map"])[0]
+    index["weight_map"][tensor] = crafted
+    index_path.write_text(json.dumps(index))
+
+    with pytest.raises(UnsafePathError) as exc:
+        ShardwiseMerge(base_dir, adapter_dir).save_pretrained(tmp_path / "m")
+    message = str(exc.value)
+    assert str(index_path) in message and repr(crafted) in message and tensor in message
+    assert not (tmp_path / "m").exists()
+    assert not (tmp_path / "outside.safetensors").exists()

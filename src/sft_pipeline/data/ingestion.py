@@ -19,7 +19,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from glob import glob, has_magic
+from glob import has_magic
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -110,36 +110,41 @@ def _pattern_regex(pattern: str) -> re.Pattern[str]:
 
 
 def _walk_glob(pattern: str) -> list[Path]:
-    """Expand a `**` pattern by walking each real folder once: a symlink loop is entered once,
-    not until the path is too long, and no file is found twice."""
-    head, _, _rest = pattern.partition("**")
-    base = head.rsplit("/", 1)[0] if "/" in head else "."
-    if has_magic(base):
-        return [Path(m) for m in sorted(glob(pattern, recursive=True))]
-    regex = _pattern_regex(pattern[len(base) + 1 :] if base != "." else pattern)
+    """Expand a glob pattern by walking each real folder once: a symlink loop under any pattern
+    (`data/*/**`, `data/*/*/*.jsonl`) is entered once, never until the path is too long, and a
+    folder is searched only as deep as the pattern reaches (any depth with `**`)."""
+    components = pattern.split("/")
+    fixed = 0
+    while fixed < len(components) - 1 and not has_magic(components[fixed]):
+        fixed += 1
+    base = "/".join(components[:fixed]) or ("/" if pattern.startswith("/") else ".")
+    rest = "/".join(components[fixed:])
+    regex = _pattern_regex(rest)
+    # Without `**`, a match has exactly as many components as the pattern.
+    depth_limit = None if "**" in rest else len(components) - fixed
     found: list[Path] = []
     seen: set[str] = set()
-    for folder, dirs, files in os.walk(base or "/", followlinks=True):
+    for folder, dirs, files in os.walk(base, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen:
             dirs[:] = []
             continue
         seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # as glob: no hidden folders
-        rel = os.path.relpath(folder, base or "/")
+        rel = os.path.relpath(folder, base)
+        depth = 0 if rel == "." else rel.count("/") + 1
         for name in [*dirs, *(f for f in files if not f.startswith("."))]:
             relpath = name if rel == "." else f"{rel}/{name}"
             if regex.match(relpath):
                 found.append(Path(folder) / name)
-    return sorted(found)
+        if depth_limit is not None and depth + 1 >= depth_limit:
+            dirs[:] = []
+    # The order glob gives (by path string), or by path parts for `**` (as before).
+    return sorted(found) if "**" in rest else sorted(found, key=str)
 
 
 def _expand(entry: str) -> list[Path]:
-    expanded = os.path.expanduser(entry)
-    if "**" in expanded:
-        candidates = _walk_glob(expanded)
-    else:
-        candidates = [Path(m) for m in sorted(glob(expanded))]
+    candidates = _walk_glob(os.path.expanduser(entry))
     return [m for m in candidates if m.is_file() or _is_dataset_folder(m)]
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from sft_pipeline.common.config import ExportConfig
+from sft_pipeline.common.paths import read_shard_index
 from sft_pipeline.export.gguf_vocab import (
     ExportError,
     add_tokenizer_metadata,
@@ -131,7 +132,7 @@ def gguf_arch(config) -> str:
 def _weight_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text("utf-8"))["weight_map"].values()))
+        names = sorted(set(read_shard_index(index).values()))
         return [model_dir / n for n in names]
     single = model_dir / "model.safetensors"
     if single.is_file():

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sft_pipeline.common.paths import read_shard_index
+
 log = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -165,7 +167,8 @@ def read_adapter(adapter_dir: Path) -> AdapterWeights:
 def weight_map(folder: Path) -> dict[str, str]:
     """Tensor name -> shard file, from the index or the single `model.safetensors`."""
     if (folder / INDEX).is_file():
-        return json.loads((folder / INDEX).read_text(encoding="utf-8"))["weight_map"]
+        # Shard names are data: each is checked to stay inside `folder` (read and written there).
+        return read_shard_index(folder / INDEX)
     if not (folder / SINGLE).is_file():
         raise FileNotFoundError(f"{folder}: neither {INDEX} nor {SINGLE}")
     return dict.fromkeys(read_header(folder / SINGLE), SINGLE)

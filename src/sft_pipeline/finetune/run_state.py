@@ -44,6 +44,7 @@ from sft_pipeline.common.ownership import (
     is_checkpoint_name,
     is_own_checkpoint,
 )
+from sft_pipeline.common.paths import UnsafePathError, read_shard_index
 from sft_pipeline.finetune.job import TrainJob
 
 log = logging.getLogger(__name__)
@@ -156,9 +157,9 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
         files = [path]
         if path.name.endswith(".index.json"):
             try:
-                shards = set(json.loads(path.read_text(encoding="utf-8"))["weight_map"].values())
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                return f"{path.name} is unreadable ({exc})"
+                shards = set(read_shard_index(path).values())
+            except UnsafePathError as exc:
+                return f"{path.name} is unusable ({exc})"
             files = [checkpoint / shard for shard in sorted(shards)]
         for file in files:
             problem = _safetensors_problem(file)
