@@ -3,13 +3,17 @@
 A checkpoint's `model.safetensors.index.json` names the shard files the merge reads and
 writes; those names are data (a downloaded or crafted checkpoint may hold anything), so each
 must be a plain relative name that resolves inside the checkpoint folder: `../x`, `/etc/x` or a
-symlink out of the folder is refused, naming the index file and the entry.
+symlink out of the folder is refused, naming the index file and the entry. Hub ids and revisions
+become paths in the Hugging Face cache (`refs/<revision>` is read offline), so they are checked
+to be names before they get there.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
+import re
 from pathlib import Path, PurePosixPath
 
 
@@ -55,3 +59,62 @@ def read_shard_index(index: Path) -> dict[str, str]:
                 f"{index} (tensor {tensor!r}): shard file {shard!r} is not a .safetensors file"
             )
     return weight_map
+
+
+# A git ref or commit as the Hub takes it: `main`, `v1.0`, `refs/pr/3`, a 40-hex commit. Names
+# reach the cache as paths (`refs/<revision>` is read offline), so `..`, a leading `/` and empty
+# components are refused.
+_REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*(/[A-Za-z0-9][A-Za-z0-9._+-]*)*$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def check_hub_id(repo_id: str, *, key: str, owner_required: bool = True) -> str:
+    """`repo_id` if it is a Hub id (`owner/name`) the Hub itself would accept, else ValueError
+    naming the parameter `key`."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise UnsafePathError(f"{key}: {repo_id!r} is not a Hub id ({exc})") from None
+    if owner_required and repo_id.count("/") != 1:
+        raise UnsafePathError(f"{key}: {repo_id!r} is not a Hub id; expected <owner>/<name>")
+    return repo_id
+
+
+def check_hub_revision(revision: str | None, *, key: str) -> str | None:
+    """`revision` if it is a branch, tag or commit name that stays a name, else ValueError."""
+    if revision is None:
+        return None
+    if not isinstance(revision, str) or not _REVISION.match(revision) or ".." in revision:
+        raise UnsafePathError(
+            f"{key}: revision {revision!r} is not a branch, tag or commit name; expected e.g. "
+            "main, v1.0, refs/pr/1 or a 40-character commit hash"
+        )
+    return revision
+
+
+def check_snapshot(folder: Path, *, key: str) -> str:
+    """The commit of a Hub snapshot folder (`.../snapshots/<commit>`), checked to be one."""
+    if not _COMMIT.match(folder.name) or folder.parent.name != "snapshots":
+        raise UnsafePathError(f"{key}: the Hub cache returned {folder}, not a snapshot folder")
+    return folder.name
+
+
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """A glob pattern as a regex over '/'-joined paths; `**/` matches any number of folders."""
+    parts, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            parts.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            parts.append(".*")
+            i += 2
+        else:
+            j = i
+            while j < len(pattern) and not pattern.startswith("**", j):
+                j += 1
+            parts.append(fnmatch.translate(pattern[i:j])[4:-3].replace(".*", "[^/]*"))
+            i = j
+    return re.compile("".join(parts) + r"\Z", re.DOTALL)

@@ -13,10 +13,8 @@ the chunk size, so chunked and whole-file ingestion write the same bytes.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import logging
 import os
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from glob import has_magic
@@ -28,6 +26,7 @@ import pandas as pd
 
 from sft_pipeline.common.config import ConfigError, DataConfig, as_list
 from sft_pipeline.common.errors import InputFileError
+from sft_pipeline.common.paths import glob_regex
 from sft_pipeline.data import hub, images, readers
 from sft_pipeline.data.records import (
     content_id,
@@ -90,25 +89,6 @@ class Source:
     shown: str
 
 
-def _pattern_regex(pattern: str) -> re.Pattern[str]:
-    """A glob pattern as a regex over '/'-joined paths; `**/` matches any number of folders."""
-    parts, i = [], 0
-    while i < len(pattern):
-        if pattern.startswith("**/", i):
-            parts.append("(?:.*/)?")
-            i += 3
-        elif pattern.startswith("**", i):
-            parts.append(".*")
-            i += 2
-        else:
-            j = i
-            while j < len(pattern) and not pattern.startswith("**", j):
-                j += 1
-            parts.append(fnmatch.translate(pattern[i:j])[4:-3].replace(".*", "[^/]*"))
-            i = j
-    return re.compile("".join(parts) + r"\Z", re.DOTALL)
-
-
 def _walk_glob(pattern: str) -> list[Path]:
     """Expand a glob pattern by walking each real folder once: a symlink loop under any pattern
     (`data/*/**`, `data/*/*/*.jsonl`) is entered once, never until the path is too long, and a
@@ -119,7 +99,7 @@ def _walk_glob(pattern: str) -> list[Path]:
         fixed += 1
     base = "/".join(components[:fixed]) or ("/" if pattern.startswith("/") else ".")
     rest = "/".join(components[fixed:])
-    regex = _pattern_regex(rest)
+    regex = glob_regex(rest)
     # Without `**`, a match has exactly as many components as the pattern.
     depth_limit = None if "**" in rest else len(components) - fixed
     found: list[Path] = []

@@ -210,6 +210,19 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    from sft_pipeline.common.paths import (
+        UnsafePathError,
+        check_hub_id,
+        check_hub_revision,
+        check_snapshot,
+    )
+
+    try:
+        # Both become paths in the Hugging Face cache: names only, never `..`.
+        check_hub_id(repo_id, key="model.name_or_path", owner_required=False)
+        check_hub_revision(revision, key="model.revision")
+    except UnsafePathError as exc:
+        raise ModelResolutionError(str(exc)) from None
     offline = _hub_offline()
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
     try:
@@ -226,7 +239,10 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:
             "model.name_or_path at a local folder or .gguf file"
         ) from None
     # The snapshot folder is named by the commit hash: recording it pins the exact weights.
-    return folder, folder.name
+    try:
+        return folder, check_snapshot(folder, key="model.name_or_path")
+    except UnsafePathError as exc:
+        raise ModelResolutionError(str(exc)) from None
 
 
 # --- GGUF conversion ----------------------------------------------------------------------------
