@@ -137,3 +137,116 @@ def test_rules_across_sections_are_checked_with_the_tree():
 
     with pytest.raises(ConfigError, match=r"lora\.enabled: false"):
         validate_parameters({"lora": {"enabled": False}, "quantization": {"load_in_4bit": True}})
+
+
+# --------------------------------------------------------------------------- gates
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "key"),
+    [
+        (TrainingConfig, {"learning_rate": float("inf")}, "training.learning_rate"),
+        (TrainingConfig, {"learning_rate": float("nan")}, "training.learning_rate"),
+        (TrainingConfig, {"max_grad_norm": float("inf")}, "training.max_grad_norm"),
+        (TrainingConfig, {"num_train_epochs": float("nan")}, "training.num_train_epochs"),
+        (DataConfig, {"eval_fraction": float("nan")}, "data.eval_fraction"),
+    ],
+)
+def test_a_non_finite_number_is_refused_with_its_key(section, values, key):
+    with pytest.raises(ConfigError) as exc:
+        parse_section(section, values, key.split(".")[0])
+    assert key in str(exc.value) and "finite" in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    ("values", "key", "bound"),
+    [
+        ({"learning_rate": 1e30}, "training.learning_rate", "less than or equal to 1"),
+        ({"weight_decay": 5.0}, "training.weight_decay", "less than or equal to 1"),
+        ({"num_train_epochs": 1e9}, "training.num_train_epochs", "10000"),
+        ({"max_steps": 1e30}, "training.max_steps", "maximum"),
+        ({"save_steps": 2**40}, "training.save_steps", str(2**31 - 1)),
+    ],
+)
+def test_a_number_past_its_documented_bound_is_refused_with_its_key(values, key, bound):
+    with pytest.raises(ConfigError) as exc:
+        parse_section(TrainingConfig, values, "training")
+    assert key in str(exc.value) and bound in str(exc.value)
+
+
+def test_the_yaml_inf_and_1e30_learning_rates_fail_the_whole_tree_check():
+    from sft_pipeline.common.config import validate_parameters
+
+    for text in ("learning_rate: .inf", "learning_rate: 1.0e+30", "learning_rate: .nan"):
+        raw = yaml.safe_load(PARAMS.read_text())
+        raw["training"].update(yaml.safe_load(text))
+        with pytest.raises(ConfigError, match=r"training\.learning_rate"):
+            validate_parameters(raw)
+
+
+@pytest.mark.parametrize(
+    ("values", "key", "nearest"),
+    [
+        ({"lr_scheduler_type": "cosnie"}, "training.lr_scheduler_type", "cosine"),
+        ({"optim": "adamw_torh"}, "training.optim", "adamw_torch"),
+        ({"precision": "bf61"}, "training.precision", "bf16"),
+        ({"resume": "atuo"}, "training.resume", "auto"),
+        ({"report_to": "tensorbord"}, "training.report_to", "tensorboard"),
+        ({"report_to": ["wandb", "mlfow"]}, "training.report_to.1", "mlflow"),
+    ],
+)
+def test_an_enumerated_parameter_names_the_nearest_valid_value(values, key, nearest):
+    with pytest.raises(ConfigError) as exc:
+        parse_section(TrainingConfig, values, "training")
+    msg = str(exc.value)
+    assert f"{key}:" in msg and f"did you mean `{nearest}`?" in msg
+    assert "literal[" not in msg  # union member tags are not part of a key path
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "key", "nearest"),
+    [
+        ("model", {"torch_dtype": "bfloat61"}, "model.torch_dtype", "bfloat16"),
+        ("model", {"attn_implementation": "spda"}, "model.attn_implementation", "sdpa"),
+        ("data", {"schema": "alpacca"}, "data.schema", "alpaca"),
+        ("quantization", {"bnb_4bit_quant_type": "fn4"}, "quantization.bnb_4bit_quant_type", "nf4"),
+        (
+            "tokenization",
+            {"special_tokens_in_content": "literall"},
+            "tokenization.special_tokens_in_content",
+            "literal",
+        ),
+        ("export", {"gguf": ["q8"]}, "export.gguf.0", "q8_0"),
+    ],
+)
+def test_every_section_names_the_nearest_valid_value(section, values, key, nearest):
+    from sft_pipeline.common.config import validate_parameters
+
+    with pytest.raises(ConfigError) as exc:
+        validate_parameters({section: values})
+    msg = str(exc.value)
+    assert f"{key}:" in msg and f"did you mean `{nearest}`?" in msg
+
+
+def test_enumerations_equal_the_transformers_enums_they_mirror():
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+    from transformers.trainer_utils import SchedulerType
+
+    from sft_pipeline.common.config import LR_SCHEDULER_TYPES, REPORT_TO
+
+    assert set(LR_SCHEDULER_TYPES) == {s.value for s in SchedulerType}
+    assert set(REPORT_TO) == {"none", *INTEGRATION_TO_CALLBACK}
+
+
+def test_template_date_is_a_fixed_day_by_default_and_parses_from_yaml_text():
+    import datetime
+
+    from sft_pipeline.common.config import TemplateConfig
+
+    assert TemplateConfig().date == datetime.date(2024, 7, 26)
+    raw = yaml.safe_load(PARAMS.read_text())
+    assert parse_section(TemplateConfig, raw["template"], "template").date == TemplateConfig().date
+    cfg = parse_section(TemplateConfig, {"date": "2025-01-02"}, "template")
+    assert cfg.date == datetime.date(2025, 1, 2)
+    with pytest.raises(ConfigError, match=r"template\.date"):
+        parse_section(TemplateConfig, {"date": "yesterday"}, "template")

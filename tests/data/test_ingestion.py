@@ -397,3 +397,25 @@ def test_dataset_dict_folder_asks_for_one_split(tmp_path: Path) -> None:
     datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(tmp_path / "dd"))
     raises_input_error(cfg(tmp_path / "dd"), "DatasetDict", "['test', 'train']", "dd/test")
     assert len(ingest(cfg(tmp_path / "dd" / "train"))) == len(PAIRS)
+
+
+def test_a_csv_field_over_128_kib_is_read_whole(tmp_path: Path) -> None:
+    # The csv module's default field limit (128 KiB) stopped the whole file at one long answer.
+    long_answer = "x" * (300 * 1024)
+    path = tmp_path / "d.csv"
+    with path.open("w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["prompt", "response"], ["short", long_answer], ["a", "b"]])
+    records = ingest(cfg(path))
+    assert len(records) == 2
+    assert messages(records)[0][1]["content"] == long_answer
+
+
+def test_a_csv_record_over_the_record_limit_names_the_file_and_line(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from sft_pipeline.data import readers
+
+    monkeypatch.setattr(readers, "MAX_RECORD_BYTES", 2**20)
+    path = tmp_path / "big.csv"
+    path.write_text("prompt,response\na,b\nc," + "y" * (2**20 + 10) + "\n", encoding="utf-8")
+    raises_input_error(cfg(path), "big.csv", "line 3", "longer than 1 MiB")

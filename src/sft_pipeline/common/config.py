@@ -7,15 +7,66 @@ more than one section (`training_method`) live here too.
 
 from __future__ import annotations
 
+import datetime
 import difflib
+import re
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sft_pipeline.common.errors import UserError
 
+# Bounds of numbers (docs/configuration.md lists them). Every float must be finite (`.inf`,
+# `.nan` are refused by `allow_inf_nan=False`), and every count fits a signed 32-bit integer:
+# a YAML `1e30` where a count belongs is a typo, not a plan, and would fail deep in a library.
 # Seeds go to numpy, whose seeds are 32-bit unsigned integers.
 SEED_MAX = 2**32 - 1
+COUNT_MAX = 2**31 - 1
+# Tokens per row and per batch: far above any model's context, far below what overflows.
+LENGTH_MAX = 2**20
+# Adam-family learning rates live around 1e-6..1e-2; one above 1 is a typo (or a missing minus
+# sign in the exponent), and diverges at the first step.
+LEARNING_RATE_MAX = 1.0
+EPOCHS_MAX = 10_000.0
+# transformers' SchedulerType values (a test keeps this list equal to the enum, so the data half
+# does not import transformers to check a parameter).
+LR_SCHEDULER_TYPES = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+    "greedy",
+)
+LRSchedulerType = Literal[LR_SCHEDULER_TYPES]  # type: ignore[valid-type]
+# transformers' reporting integrations (`INTEGRATION_TO_CALLBACK`, kept equal by a test), plus
+# "none"; dvclive is ours (sft_pipeline.finetune.tracking).
+REPORT_TO = (
+    "none",
+    "azure_ml",
+    "clearml",
+    "codecarbon",
+    "comet_ml",
+    "dagshub",
+    "dvclive",
+    "flyte",
+    "kubeflow",
+    "mlflow",
+    "neptune",
+    "swanlab",
+    "tensorboard",
+    "trackio",
+    "wandb",
+)
+ReportTo = Literal[REPORT_TO]  # type: ignore[valid-type]
+# The fixed date chat templates see (`template.date`): Llama 3.1's own default `date_string`.
+DEFAULT_TEMPLATE_DATE = datetime.date(2024, 7, 26)
 
 
 def as_list(value: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -30,7 +81,8 @@ class ConfigError(UserError, ValueError):
 
 class _Section(BaseModel):
     # extra="forbid": an unknown key is almost always a typo (`learning_rte`), never intended.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `.inf` or `.nan` in a float parameter is refused with its key path.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 SchemaName = Literal["auto", "prompt_response", "alpaca", "messages", "sharegpt", "text"]
@@ -48,19 +100,21 @@ class DataConfig(_Section):
     split: str = Field("train", min_length=1)
     subset: str | None = None
     # Records read, converted and written per chunk: bounds ingestion's memory, never its output.
-    chunk_rows: int = Field(10_000, gt=0)
+    chunk_rows: int = Field(10_000, gt=0, le=COUNT_MAX)
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False
+    )
 
 
 class ValidationConfig(_Section):
     max_rejected_fraction: float = Field(0.05, ge=0.0, le=1.0)
-    max_chars: int = Field(32_000, gt=0)
+    max_chars: int = Field(32_000, gt=0, le=COUNT_MAX)
     require_assistant_last: bool = True
     reject_duplicates: bool = True
     # Images: larger ones are rejected (decoding them costs memory long before training does).
-    max_image_pixels: int = Field(40_000_000, gt=0)
-    max_image_bytes: int = Field(50 * 2**20, gt=0)
+    max_image_pixels: int = Field(40_000_000, gt=0, le=COUNT_MAX)
+    max_image_bytes: int = Field(50 * 2**20, gt=0, le=COUNT_MAX)
 
 
 class ModelConfig(_Section):
@@ -77,11 +131,19 @@ class TemplateConfig(_Section):
     # chatml, hermes (tools), alpaca, plain or a .jinja path.
     chat_template: str = "auto"
     system_prompt: str | None = None
+    # The day templates that print a date see: passed as `date_string` (Llama 3.x) and returned
+    # by `strftime_now` while rendering, so the rendered texts never depend on the day they were
+    # made (a YAML date, 2024-07-26).
+    date: datetime.date = DEFAULT_TEMPLATE_DATE
 
 
 class TokenizationConfig(_Section):
-    max_seq_length: int = Field(512, gt=1)
-    batch_size: int = Field(256, gt=0)
+    max_seq_length: int = Field(512, gt=1, le=LENGTH_MAX)
+    batch_size: int = Field(256, gt=0, le=LENGTH_MAX)
+    # Text inside a record that spells a control token (`<|im_end|>`): `literal` tokenizes it as
+    # ordinary text, so only the chat template writes control tokens; `reject` quarantines the
+    # record, naming the token; `parse` reads it as the control token (forged turns possible).
+    special_tokens_in_content: Literal["literal", "reject", "parse"] = "literal"
 
 
 class QuantizationConfig(_Section):
@@ -96,8 +158,8 @@ class QuantizationConfig(_Section):
 
 class LoraConfig(_Section):
     enabled: bool = True
-    r: int = Field(16, gt=0)
-    alpha: int = Field(32, gt=0)
+    r: int = Field(16, gt=0, le=LENGTH_MAX)
+    alpha: int = Field(32, gt=0, le=LENGTH_MAX)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: str | list[str] = "all-linear"
     use_rslora: bool = False
@@ -106,17 +168,19 @@ class LoraConfig(_Section):
 
 class TrainingConfig(_Section):
     output_dir: str = "data/06_models/checkpoints"
-    num_train_epochs: float = Field(1.0, gt=0)
+    num_train_epochs: float = Field(1.0, gt=0, le=EPOCHS_MAX)
     # -1: train num_train_epochs; otherwise this many optimizer steps.
-    max_steps: int = Field(-1, ge=-1)
-    per_device_train_batch_size: int = Field(8, gt=0)
-    per_device_eval_batch_size: int = Field(8, gt=0)
-    gradient_accumulation_steps: int = Field(1, gt=0)
-    learning_rate: float = Field(2e-4, gt=0)
-    lr_scheduler_type: str = "cosine"
+    max_steps: int = Field(-1, ge=-1, le=COUNT_MAX)
+    per_device_train_batch_size: int = Field(8, gt=0, le=LENGTH_MAX)
+    per_device_eval_batch_size: int = Field(8, gt=0, le=LENGTH_MAX)
+    gradient_accumulation_steps: int = Field(1, gt=0, le=LENGTH_MAX)
+    learning_rate: float = Field(2e-4, gt=0, le=LEARNING_RATE_MAX)
+    lr_scheduler_type: LRSchedulerType = "cosine"
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    max_grad_norm: float = Field(1.0, ge=0.0)
+    # AdamW's decoupled decay (times the learning rate); above 1 it erases the weights.
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    # 0: no clipping.
+    max_grad_norm: float = Field(1.0, ge=0.0, le=1e6)
     optim: Literal["adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit", "adafactor"] = "adamw_torch"
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     gradient_checkpointing: bool = False
@@ -124,22 +188,22 @@ class TrainingConfig(_Section):
     # Without packing: each batch's rows re-packed into rows of at most max_length tokens
     # (same rows and loss per step, no compute on padding).
     padding_free: bool = False
-    pad_to_multiple_of: int | None = Field(8, gt=0)
-    logging_steps: int = Field(1, gt=0)
-    save_steps: int = Field(50, gt=0)
+    pad_to_multiple_of: int | None = Field(8, gt=0, le=LENGTH_MAX)
+    logging_steps: int = Field(1, gt=0, le=COUNT_MAX)
+    save_steps: int = Field(50, gt=0, le=COUNT_MAX)
     # null: keep every checkpoint.
-    save_total_limit: int | None = Field(2, gt=0)
-    eval_steps: int | None = Field(None, gt=0)
+    save_total_limit: int | None = Field(2, gt=0, le=COUNT_MAX)
+    eval_steps: int | None = Field(None, gt=0, le=COUNT_MAX)
     resume: Literal["auto", "never"] = "auto"
-    report_to: str | list[str] = "none"
+    report_to: ReportTo | list[ReportTo] = "none"
     # DVCLive's folder (report_to: dvclive): per-step metrics and plots that DVC reads.
     live_dir: str = "data/08_reporting/dvclive"
     seed: int = Field(42, ge=0, le=SEED_MAX)
-    num_processes: int = Field(1, gt=0)
+    num_processes: int = Field(1, gt=0, le=2**16)
     # An accelerate config file (FSDP2, DeepSpeed ZeRO, several machines) for num_processes > 1;
     # null: plain DDP on this machine.
     accelerate_config: str | None = None
-    dataloader_num_workers: int = Field(0, ge=0)
+    dataloader_num_workers: int = Field(0, ge=0, le=1024)
     # Vision-language models: the language model trains; these add the vision tower and the
     # projector (LoRA adapters on their linear layers, or their weights in a full fine-tune).
     train_vision_tower: bool = False
@@ -187,9 +251,9 @@ class MergeConfig(_Section):
 
 
 class EvaluationConfig(_Section):
-    max_samples: int = Field(50, ge=0)
-    max_new_tokens: int = Field(64, gt=0)
-    batch_size: int = Field(8, gt=0)
+    max_samples: int = Field(50, ge=0, le=COUNT_MAX)
+    max_new_tokens: int = Field(64, gt=0, le=LENGTH_MAX)
+    batch_size: int = Field(8, gt=0, le=LENGTH_MAX)
 
 
 GGUFType = Literal["f32", "f16", "bf16", "q8_0"]
@@ -241,19 +305,51 @@ def parse_section(model: type[_S], values: dict[str, Any] | None, key: str) -> _
     try:
         return model.model_validate(values or {})
     except ValidationError as exc:
+        errors = exc.errors()
+        # A union (`report_to: name | [names]`) reports one error per member, tagged
+        # `literal[...]`/`list[...]` in the location: keep the key path, and only the member
+        # errors that are about the value rather than its shape.
+        paths = [_key_path(key, err["loc"]) for err in errors]
+        about_value = {p for p, e in zip(paths, errors, strict=True) if not _shape_error(e)}
         problems = []
-        for err in exc.errors():
-            loc = [str(p) for p in err["loc"]]
-            path = ".".join([key, *loc] if key else loc)
+        for path, err in zip(paths, errors, strict=True):
+            covered = any(p == path or p.startswith(path + ".") for p in about_value)
+            if covered and _shape_error(err):
+                continue
             hint = ""
             if err["type"] == "extra_forbidden":
+                loc = [str(p) for p in err["loc"]]
                 allowed = _allowed_keys(model, loc[:-1])
                 close = difflib.get_close_matches(loc[-1], allowed, n=1)
                 hint = f" (did you mean `{close[0]}`?)" if close else ""
                 hint += f" (allowed keys: {', '.join(allowed)})"
-            problems.append(f"  {path}: {err['msg']}{hint}")
+            elif err["type"] in ("literal_error", "enum") and isinstance(err["input"], str):
+                hint = _nearest_value(err["input"], str(err.get("ctx", {}).get("expected", "")))
+            problem = f"  {path}: {err['msg']}{hint}"
+            if problem not in problems:
+                problems.append(problem)
         where = f" in `{key}`" if key else ""
         raise ConfigError(f"invalid parameters{where}:\n" + "\n".join(problems)) from None
+
+
+def _key_path(key: str, loc: tuple) -> str:
+    # Union member tags (`literal['a','b']`, `list[...]`) are not keys; list indices are.
+    parts = [str(p) for p in loc if isinstance(p, int) or re.fullmatch(r"[\w-]+", str(p))]
+    return ".".join([key, *parts] if key else parts)
+
+
+def _shape_error(err: dict[str, Any]) -> bool:
+    """Errors that only say the value has another type than one member of a union wants."""
+    if err["type"] == "literal_error":
+        return isinstance(err["input"], (list, dict))  # a list checked against one name
+    return err["type"] in ("list_type", "string_type", "dict_type", "none_required")
+
+
+def _nearest_value(value: str, expected: str) -> str:
+    """ " (did you mean `cosine`?)" for `cosnie`, from pydantic's quoted list of valid values."""
+    valid = re.findall(r"'([^']*)'", expected)
+    close = difflib.get_close_matches(value, valid, n=1, cutoff=0.5)
+    return f" (did you mean `{close[0]}`?)" if close else ""
 
 
 def _allowed_keys(model: type[BaseModel], loc: list[str]) -> list[str]:

@@ -258,6 +258,11 @@ def read_json(path: Path, shown: str) -> Iterator[Row]:
 
 
 def read_csv(path: Path, shown: str) -> Iterator[Row]:
+    # The csv module refuses fields over 128 KiB by default, which would stop the whole file
+    # at one long answer; a record is allowed up to MAX_RECORD_BYTES, so a field is too (the
+    # limit counts characters, never fewer than bytes). The limit is process-wide.
+    if csv.field_size_limit() < MAX_RECORD_BYTES:
+        csv.field_size_limit(MAX_RECORD_BYTES)
     last_line = 0
     reader = csv.reader(line for _number, line in _lines(path, shown))
     header: list[str] | None = None
