@@ -138,7 +138,7 @@ class TemplateConfig(_Section):
 
 
 class TokenizationConfig(_Section):
-    max_seq_length: int = Field(512, gt=1, le=LENGTH_MAX)
+    max_seq_length: int = Field(512, gt=1, le=COUNT_MAX)
     batch_size: int = Field(256, gt=0, le=LENGTH_MAX)
     # Text inside a record that spells a control token (`<|im_end|>`): `literal` tokenizes it as
     # ordinary text, so only the chat template writes control tokens; `reject` quarantines the

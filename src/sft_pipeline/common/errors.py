@@ -60,3 +60,12 @@ class InputFileError(UserError, ValueError):
 
 class RejectedFractionError(UserError, RuntimeError):
     """Validation rejected more records than `validation.max_rejected_fraction` allows."""
+
+
+class TrainingDivergedError(UserError, RuntimeError):
+    """A loss or gradient norm became NaN or infinite: training stopped before that optimizer
+    step; the message names the step, the numbers, the checkpoint kept and what to try."""
+
+
+class NonFiniteWeightsError(UserError, ValueError):
+    """A tensor to be merged or exported holds NaN or infinite values; the message names it."""

@@ -30,6 +30,7 @@ import numpy as np
 
 from sft_pipeline.common.config import ExportConfig
 from sft_pipeline.common.paths import read_shard_index
+from sft_pipeline.export.finite import require_finite
 from sft_pipeline.export.gguf_vocab import (
     ExportError,
     add_tokenizer_metadata,
@@ -301,9 +302,13 @@ def write_gguf(model_dir: str | os.PathLike, target: str | os.PathLike, gguf_typ
                 if t.source not in handles:
                     handles[t.source] = safe_open(str(t.source), framework="pt")
                 array = handles[t.source].get_tensor(t.hf_name).float().numpy()
+                require_finite(array, t.hf_name, str(t.source))
                 if t.permute_heads:
                     array = _permute_qk(array, t.permute_heads)
-                writer.write_tensor_data(_convert(array, t.ggml_type))
+                converted = _convert(array, t.ggml_type)
+                # A finite weight past f16's range (65504) becomes inf in an f16 file.
+                require_finite(converted, t.hf_name, f"{target.name} ({gguf_type})")
+                writer.write_tensor_data(converted)
         finally:
             handles.clear()
     finally:

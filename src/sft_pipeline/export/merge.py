@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sft_pipeline.common.config import DataConfig, TemplateConfig
+from sft_pipeline.export.finite import require_finite, require_finite_model
 from sft_pipeline.export.model_card import model_card
 from sft_pipeline.model.loading import (
     is_vision_model,
@@ -108,6 +109,7 @@ def merge(
         merged_into = "the base weights (whole model; vision tower and projector passed through)"
     elif kind == "peft":
         adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text("utf-8"))
+        require_finite_adapter(adapter_dir)
         model, merged_into = merge_weights(base_model_dir, adapter_dir, len(tokenizer), merge_base)
     else:
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
@@ -121,6 +123,7 @@ def merge(
             dtype="auto",
             trust_remote_code=trust_remote_code(base_model_dir),
         )
+        require_finite_model(model, str(adapter_dir))
     eos_ids, pad_id = configure_special_tokens(model, tokenizer)
     card = model_card(
         manifest,
@@ -178,6 +181,7 @@ def merge_weights(
             ) from None
         log.warning("merging the whole model with PEFT (in fp32 memory): %s", exc)
         model = merge_adapter(weights if merge_base else base_model_dir, adapter_dir, vocab_size)
+        require_finite_model(model, f"merging {adapter_dir} into {weights}")
         stored = manifest.get("stored_dtype") or manifest.get("dtype") or "float32"
         return model.to(getattr(torch, stored)), merged_into
     if vocab_size > model.vocab_size:
@@ -185,6 +189,19 @@ def merge_weights(
         model.resize_token_embeddings(vocab_size)
     log.info("merging tensor by tensor into %s (%s)", weights, merged_into)
     return model, merged_into
+
+
+def require_finite_adapter(adapter_dir: Path) -> None:
+    """Refuse an adapter with NaN or infinite weights before merging anything (tensor named);
+    the shard-wise merge checks every merged tensor too, as it writes it."""
+    from safetensors import safe_open
+
+    path = adapter_dir / "adapter_model.safetensors"
+    if not path.is_file():
+        return
+    with safe_open(str(path), framework="pt") as f:
+        for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+            require_finite(f.get_tensor(name), name, str(path))
 
 
 def merge_adapter(base_model_dir: Path, adapter_dir: Path, vocab_size: int):

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from sft_pipeline.common.paths import read_shard_index
+from sft_pipeline.export.finite import require_finite
 
 log = logging.getLogger(__name__)
 
@@ -459,6 +460,7 @@ class ShardwiseMerge:
             # initializes them (for the head's bias too).
             mean = tensor.mean(dim=0, keepdim=True, dtype=torch.float32).to(tensor.dtype)
             tensor = torch.cat([tensor, mean.expand(extra, *tensor.shape[1:])])
+        require_finite(tensor, name, f"merging {self.adapter_dir} into {self.weights_dir}")
         return tensor.contiguous()
 
     def save_pretrained(self, path: str | os.PathLike) -> None:

@@ -39,12 +39,16 @@ from pathlib import Path
 
 from sft_pipeline.common import processes
 from sft_pipeline.common.atomic import write_text
+from sft_pipeline.common.errors import TrainingDivergedError
 from sft_pipeline.finetune import run_state
 from sft_pipeline.finetune.job import Result, TrainJob
 from sft_pipeline.model import device, loading
 
 log = logging.getLogger(__name__)
 PREPARED_FILE = "prepared.json"
+# Written by rank 0 when training diverged: the launcher re-raises its message (not a bare
+# "exit status 1" of accelerate).
+DIVERGED_FILE = "diverged.txt"
 # accelerate config `distributed_type`s that name a launcher of their own; any other one (NO,
 # MULTI_CPU, MULTI_GPU) still needs `--multi_gpu` to start more than one process.
 _OWN_LAUNCHER = ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA")
@@ -115,12 +119,18 @@ def train_in_processes(job: TrainJob) -> Result:
     write_text(work / PREPARED_FILE, json.dumps(prepared, indent=2))
     command = accelerate_command(work, job.training.num_processes, job.training.accelerate_config)
     log.info("launching: %s", " ".join(command))
-    subprocess.run(
-        command,
-        check=True,
-        env=launch_environment(),
-        preexec_fn=processes.child_dies_with_parent(),
-    )
+    try:
+        subprocess.run(
+            command,
+            check=True,
+            env=launch_environment(),
+            preexec_fn=processes.child_dies_with_parent(),
+        )
+    except subprocess.CalledProcessError:
+        diverged = work / DIVERGED_FILE
+        if diverged.is_file():
+            raise TrainingDivergedError(diverged.read_text(encoding="utf-8")) from None
+        raise
     result = work / "result"
     history = json.loads((result / "history.json").read_text())
     summary = json.loads((result / "summary.json").read_text())

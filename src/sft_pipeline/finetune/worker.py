@@ -18,8 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sft_pipeline.common import processes
+from sft_pipeline.common.atomic import write_text
+from sft_pipeline.common.errors import TrainingDivergedError
 from sft_pipeline.finetune.job import TrainJob
-from sft_pipeline.finetune.launch import PREPARED_FILE
+from sft_pipeline.finetune.launch import DIVERGED_FILE, PREPARED_FILE
 from sft_pipeline.finetune.workflow import train_here
 from sft_pipeline.model import loading
 
@@ -45,7 +47,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     prepared = json.loads((work / PREPARED_FILE).read_text())
     resume_from = Path(prepared["resume_from"]) if prepared["resume_from"] else None
     loading.allow_remote_code(bool(prepared.get("trust_remote_code")))
-    artifact, history, summary = train_here(job, prepared=(prepared["fingerprint"], resume_from))
+    try:
+        artifact, history, summary = train_here(
+            job, prepared=(prepared["fingerprint"], resume_from)
+        )
+    except TrainingDivergedError as exc:
+        # Every rank stops at the same step (the guard gathers all ranks' values); one tells.
+        if int(os.environ.get("RANK", "0")) == 0:
+            write_text(work / DIVERGED_FILE, str(exc))
+        raise
     if int(os.environ.get("RANK", "0")) == 0:
         result = work / "result"
         artifact.save_pretrained(result / "adapter")

@@ -10,7 +10,9 @@ What it adds to `Trainer`:
   the same per batch with `padding_free` (same rows per step, no compute on padding);
 - a loss that is the mean over the supervised tokens of the whole optimizer step, computed with
   the LM head applied only to supervised positions, in chunks (`loss.py`);
-- logged `mean_token_accuracy`, `num_tokens`, `supervised_tokens` and non-padding tokens/s.
+- logged `mean_token_accuracy`, `num_tokens`, `supervised_tokens` and non-padding tokens/s;
+- a stop at the first optimizer step with a non-finite loss or gradient norm, on every process,
+  before the step is applied or checkpointed (`guard.py`): diverged weights are never saved.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from sft_pipeline.common.ownership import CHECKPOINT_MARKER, is_own_checkpoint
 from sft_pipeline.trainer.collator import DataCollatorForSFT
 from sft_pipeline.trainer.data_prep import prepare_dataset
+from sft_pipeline.trainer.guard import NonFiniteGuard
 from sft_pipeline.trainer.loss import causal_lm_loss, shift, unwrap
 from sft_pipeline.trainer.running_metrics import RunningMetrics
 from sft_pipeline.trainer.sampling import SeededLengthGroupedSampler, row_lengths
@@ -139,6 +142,8 @@ class SFTTrainer(Trainer):
         self.loss_is_scaled_for_ga = True
         self._sft_metrics = {"train": RunningMetrics(), "eval": RunningMetrics()}
         self._eval_prefix = "eval"
+        self._guard = NonFiniteGuard(self)
+        self.add_callback(self._guard)
 
     # ------------------------------------------------------------------ data order
 
@@ -208,6 +213,18 @@ class SFTTrainer(Trainer):
     # ------------------------------------------------------------------ loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = self._training_step(model, inputs, num_items_in_batch)
+        self._guard.values.add_loss(loss)
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # The pre-clip norm Trainer computed for this step, for the guard (after clipping, the
+        # gradients of an infinite norm are zeros and would look finite).
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self._guard.values.grad_norm = grad_norm
+        return grad_norm
+
+    def _training_step(self, model, inputs, num_items_in_batch=None):
         rows, length = inputs["input_ids"].shape
         budget = self.args.max_tokens_per_forward
         per_slice = max(1, budget // length) if budget else rows
