@@ -27,6 +27,11 @@ probe conversation. A template that drops the tool definitions, the calls or the
 without tool support, such as plain ChatML) is refused, naming it; the built-in `hermes` template
 renders tools the Hermes/Qwen2.5 way for models without a template of their own.
 
+Nothing rendered depends on the day: templates that print a date (Llama 3.x: "Today Date: 26 Jul
+2024"; SmolLM3, gpt-oss through `strftime_now`) see `template.date`, passed as `date_string` and
+returned by `strftime_now` while rendering (`render_chat`). The real clock would change the
+texts, the tokens and the run fingerprint every day.
+
 Which template: `template.chat_template: auto` (the default) takes the tokenizer's own chat
 template, and for a base model whose tokenizer has none the built-in `plain` layout: each prompt
 followed directly by its reply and EOS, a system message as a preamble. A single prompt/reply pair
@@ -36,9 +41,11 @@ models (`render_prompt_completion`), so the trainer and the pipeline see the sam
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -46,7 +53,7 @@ from typing import Any
 import pandas as pd
 from jinja2 import TemplateError
 
-from sft_pipeline.common.config import TemplateConfig
+from sft_pipeline.common.config import DEFAULT_TEMPLATE_DATE, TemplateConfig
 from sft_pipeline.common.errors import UserError
 from sft_pipeline.data import images
 
@@ -125,6 +132,56 @@ def trained_template(tokenizer, cfg: TemplateConfig) -> tuple[str, str] | None:
     return resolve_template(tokenizer, cfg)
 
 
+# How Llama 3.x templates write their `date_string` ("26 Jul 2024"), and their own default.
+DATE_STRING_FORMAT = "%d %b %Y"
+
+
+@contextlib.contextmanager
+def pinned_clock(template: str, day: datetime.date) -> Iterator[None]:
+    """While rendering `template`, its `strftime_now(format)` formats `day` (at 00:00:00).
+
+    transformers compiles each template once into its own sandboxed environment (cached by
+    the template text) with `strftime_now` reading the real clock as a global; a render
+    argument cannot replace it (callables are turned into placeholders), so the global is
+    swapped for the render and put back after, leaving other callers of that template alone.
+    """
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    globals_ = _compile_jinja_template(template).environment.globals
+    moment = datetime.datetime.combine(day, datetime.time())
+    previous = globals_.get("strftime_now")
+    globals_["strftime_now"] = moment.strftime
+    try:
+        yield
+    finally:
+        if previous is None:
+            globals_.pop("strftime_now", None)
+        else:
+            globals_["strftime_now"] = previous
+
+
+def render_chat(
+    tokenizer,
+    messages: list[dict[str, Any]],
+    template: str,
+    *,
+    add_generation_prompt: bool,
+    day: datetime.date = DEFAULT_TEMPLATE_DATE,
+    **kwargs: Any,
+) -> str:
+    """`apply_chat_template` to text with the date pinned to `day` (module doc); `kwargs` go to
+    the template (`tools=`)."""
+    with pinned_clock(template, day):
+        return tokenizer.apply_chat_template(
+            messages,
+            chat_template=template,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
+            date_string=day.strftime(DATE_STRING_FORMAT),
+            **kwargs,
+        )
+
+
 def tokenizer_adds_bos(tokenizer) -> bool:
     """Whether plain `tokenizer(text)` starts with BOS, i.e. the model was trained with one."""
     if tokenizer.bos_token is None or tokenizer.bos_token_id is None:
@@ -173,11 +230,12 @@ class Renderer:
     ) -> str:
         # `tools` only when there are some: templates test `tools is defined` / `if tools`.
         extra = {"tools": tools} if tools else {}
-        return self.tokenizer.apply_chat_template(
+        return render_chat(
+            self.tokenizer,
             messages,
-            chat_template=self.template,
+            self.template,
             add_generation_prompt=add_generation_prompt,
-            tokenize=False,
+            day=self.cfg.date,
             **extra,
         )
 

@@ -1,7 +1,8 @@
 """Talk to a model folder: one streamed chat, or a batch of prompts answered into JSON Lines.
 
 Prompts are rendered exactly as in training: the tokenizer's chat template (the merged model's
-tokenizer carries the template its data was rendered with) with the generation prompt, BOS
+tokenizer carries the template its data was rendered with) with the generation prompt and the
+training's fixed date (`template.date`, for templates that print one), BOS
 prepended where the model expects one and the template has not written it, then tokenized
 without special tokens. Decoding is greedy and stops at EOS or the end-of-turn token of the
 model's generation config.
@@ -9,6 +10,7 @@ model's generation config.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 from collections.abc import Iterable
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from sft_pipeline.common.config import DEFAULT_TEMPLATE_DATE
 from sft_pipeline.common.errors import UserError
 
 DEFAULT_MODEL_DIR = Path("data/06_models/merged")
@@ -30,17 +33,20 @@ class ChatModel:
     model: Any
     tokenizer: Any
     stop_ids: list[int]
+    # The day date-printing templates see (`template.date` of the training run).
+    date: datetime.date = DEFAULT_TEMPLATE_DATE
 
     def prompt_text(self, messages: list[dict[str, str]]) -> str:
-        from sft_pipeline.data.templating import tokenizer_adds_bos
+        from sft_pipeline.data.templating import render_chat, tokenizer_adds_bos, tokenizer_template
 
-        if not getattr(self.tokenizer, "chat_template", None):
+        template = tokenizer_template(self.tokenizer)
+        if not template:
             raise ValueError(
                 f"{self.tokenizer.name_or_path}: the tokenizer has no chat template to render "
                 "a conversation with"
             )
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
+        text = render_chat(
+            self.tokenizer, messages, template, add_generation_prompt=True, day=self.date
         )
         bos = self.tokenizer.bos_token
         if tokenizer_adds_bos(self.tokenizer) and not text.startswith(bos):

@@ -137,6 +137,7 @@ def merge(
         system_prompt=template_cfg.system_prompt if template_cfg else None,
         trained_template=template,
         merged_into=merged_into,
+        template_date=template_cfg.date if template_cfg else None,
     )
     return MergedModel(model=model.eval(), tokenizer=processor or tokenizer, model_card=card)
 

@@ -67,6 +67,7 @@ def model_card(
     system_prompt: str | None = None,
     trained_template: tuple[str, str] | None = None,
     merged_into: str | None = None,
+    template_date: Any = None,
 ) -> str:
     """README.md with YAML front-matter; deterministic for the same inputs (no timestamps)."""
     # Wall-clock fields differ on every run; leaving them out keeps the card reproducible.
@@ -132,6 +133,15 @@ def model_card(
         f"- pads with: `{tokenizer.convert_ids_to_tokens(pad_id)}` ({pad_id}), not an EOS token",
         f"- chat template: {'included' if tokenizer.chat_template else 'none'}",
         *([f"- trained with the system prompt: {system_prompt!r}"] if system_prompt else []),
+        *(
+            [
+                f"- template date: `{template_date}` (the training data was rendered with it as "
+                "`date_string` and as what `strftime_now` returns; pass "
+                f'`date_string="{template_date:%d %b %Y}"` to prompt as in training)'
+            ]
+            if template_date is not None
+            else []
+        ),
         "",
         *_template_section(trained_template),
         "## How to load",

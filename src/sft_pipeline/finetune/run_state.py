@@ -71,6 +71,12 @@ _NO_EFFECT_ON_WEIGHTS = frozenset(
 )
 
 
+# Manifest keys that say where the base model was found, not what it is: the same weights
+# (`content_hash`, `revision`, the tokenizer's description) in another folder or clone are the
+# same run.
+_LOCATION_KEYS = frozenset({"name", "model_path"})
+
+
 def data_fingerprint(dataset) -> str:
     """Content hash of a tokenized dataset (ids and labels, row by row, in order)."""
     import pyarrow as pa
@@ -109,11 +115,17 @@ def code_fingerprint() -> dict[str, str]:
 
 
 def run_fingerprint(job: TrainJob, manifest: dict[str, Any]) -> dict[str, Any]:
-    """What makes two runs the same run: base model, data, parameters that shape weights, code."""
+    """What makes two runs the same run: base model, data, parameters that shape weights, code.
+
+    Nothing in it depends on the day, the host or the folder the run is in
+    (docs/reproducibility.md): the data are hashed by content (rendered with the fixed
+    `template.date`), the base model by its content hash, paths and timing settings are left
+    out.
+    """
     params = {
         "max_length": job.max_length,
         "code": code_fingerprint(),
-        "base_model": manifest,
+        "base_model": {k: v for k, v in manifest.items() if k not in _LOCATION_KEYS},
         "train_data": data_fingerprint(job.train_tokens),
         "eval_data": data_fingerprint(job.eval_tokens),
         "quantization": job.quantization.model_dump(),

@@ -25,6 +25,7 @@ from typing import Any
 from sft_pipeline.finetune import model_setup, run_state
 from sft_pipeline.finetune.job import Result, TrainJob, build_sft_config
 from sft_pipeline.model import device
+from sft_pipeline.model.base_model import portable_path
 
 PARAMS_FILE = "training_params.json"
 
@@ -39,6 +40,12 @@ class TrainedArtifact:
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         path = Path(path)
+        # PEFT writes the base model's path into adapter_config.json and the adapter's README;
+        # loaded through an absolute path (an `accelerate launch` process), it would make the
+        # artifact depend on where the project is checked out.
+        for config in (getattr(self.model, "peft_config", None) or {}).values():
+            if config.base_model_name_or_path and Path(config.base_model_name_or_path).exists():
+                config.base_model_name_or_path = portable_path(Path(config.base_model_name_or_path))
         # PeftModel saves only the adapter; a full fine-tune saves the whole model; safetensors.
         self.model.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)

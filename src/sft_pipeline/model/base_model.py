@@ -168,7 +168,7 @@ def _resolve(cfg: ModelConfig) -> tuple[str, Path, str, str | None]:
                 f"model.name_or_path: folder {name} has no config.json; expected a Hugging Face "
                 "model folder (config.json + *.safetensors + tokenizer) or a single .gguf file"
             )
-        return "local", path.resolve(), _portable_path(path), None
+        return "local", path.resolve(), portable_path(path), None
     if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
         folder, commit = _hub_snapshot(name, cfg.revision)
         return "hub", folder, name, commit
@@ -178,7 +178,7 @@ def _resolve(cfg: ModelConfig) -> tuple[str, Path, str, str | None]:
     )
 
 
-def _portable_path(path: Path) -> str:
+def portable_path(path: Path) -> str:
     # Relative to the project when inside it, so the manifest does not change between clones.
     resolved = path.resolve()
     try:
