@@ -25,7 +25,7 @@ from typing import Any
 from sft_pipeline.finetune import model_setup, run_state
 from sft_pipeline.finetune.job import Result, TrainJob, build_sft_config
 from sft_pipeline.model import device
-from sft_pipeline.model.base_model import portable_path
+from sft_pipeline.model.loading import portable_path
 
 PARAMS_FILE = "training_params.json"
 

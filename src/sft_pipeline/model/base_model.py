@@ -23,7 +23,12 @@ from typing import Any
 
 from sft_pipeline.common.atomic import atomic_path, write_text
 from sft_pipeline.common.config import ModelConfig
-from sft_pipeline.model.loading import MANIFEST, ModelResolutionError, load_tokenizer_from
+from sft_pipeline.model.loading import (
+    MANIFEST,
+    ModelResolutionError,
+    load_tokenizer_from,
+    portable_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -176,15 +181,6 @@ def _resolve(cfg: ModelConfig) -> tuple[str, Path, str, str | None]:
         f"model.name_or_path: {name!r} is neither an existing file or folder nor a hub id "
         f"(owner/name), nor the alias {BUNDLED_ALIAS!r}"
     )
-
-
-def portable_path(path: Path) -> str:
-    # Relative to the project when inside it, so the manifest does not change between clones.
-    resolved = path.resolve()
-    try:
-        return str(resolved.relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(resolved)
 
 
 def bundled_gguf_path() -> Path:

@@ -230,3 +230,12 @@ def load_generation_config(model_dir: str | os.PathLike):
         return GenerationConfig.from_pretrained(str(model_dir))
     except OSError:
         return None
+
+
+def portable_path(path: Path) -> str:
+    # Relative to the project when inside it, so the manifest does not change between clones.
+    resolved = path.resolve()
+    try:
+        return str(resolved.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(resolved)
