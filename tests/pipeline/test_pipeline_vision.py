@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests import project_copy as pc
 from tests.vision_models import VISION_FAMILIES, save_vision_model
@@ -204,3 +205,33 @@ def test_merged_folder_loads_with_auto_classes_and_answers_an_image(vision_run, 
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_editing_an_image_in_place_invalidates_ingest_records(vision_run):
+    family, project = vision_run
+    if family != VISION_FAMILIES[0]:
+        pytest.skip("images are DVC deps the same way for every family: checked on one")
+    folder = f"{RAW}/mllm_demo_data"
+    pc.run([sys.executable, "-m", "kedro", "dvc", "generate", "--env", pc.TINY_ENV], project)
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    owners = {name for name, stage in stages.items() if folder in stage["deps"]}
+    assert owners == {"ingest_records"}
+    dvc = str(pc.VENV_BIN / "dvc")
+    pc.run([dvc, "init", "--no-scm", "-q"], project)
+    # The run above is the stage's result: record it as DVC's, then edit one image.
+    pc.run([dvc, "commit", "--force", "ingest_records"], project)
+    assert _dvc_status(project, dvc) == {}
+    image = project / folder / "2.jpg"
+    original = image.read_bytes()
+    image.write_bytes(original[:-2] + bytes([original[-2] ^ 0x01]) + original[-1:])
+    try:
+        changed = _dvc_status(project, dvc)
+        assert list(changed) == ["ingest_records"]
+        assert {"changed deps": {folder: "modified"}} in changed["ingest_records"]
+    finally:
+        image.write_bytes(original)
+    assert _dvc_status(project, dvc) == {}
+
+
+def _dvc_status(project: Path, dvc: str) -> dict:
+    return json.loads(pc.run([dvc, "status", "--json", "ingest_records"], project))

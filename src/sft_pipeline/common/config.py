@@ -101,6 +101,10 @@ class DataConfig(_Section):
     subset: str | None = None
     # Records read, converted and written per chunk: bounds ingestion's memory, never its output.
     chunk_rows: int = Field(10_000, gt=0, le=COUNT_MAX)
+    # Folders (or files, globs) holding the images records name by path: DVC deps of
+    # ingest_records. "auto": found from the first records of each data file (ingestion stops
+    # on an image outside them, so none is ever untracked).
+    images: str | list[str] = "auto"
 
     model_config = ConfigDict(
         extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False

@@ -87,6 +87,7 @@ class Source:
 
     path: Path
     shown: str
+    hub: bool = False  # a file of a Hub snapshot, pinned by its revision
 
 
 def _walk_glob(pattern: str) -> list[Path]:
@@ -138,7 +139,7 @@ def resolve_sources(cfg: DataConfig) -> list[Source]:
     for entry in entries:
         if hub.is_hub_path(entry):
             snapshot = hub.resolve(entry, cfg.split, cfg.subset)
-            found.extend(Source(p, snapshot.shown(p)) for p in snapshot.files)
+            found.extend(Source(p, snapshot.shown(p), hub=True) for p in snapshot.files)
             continue
         expanded = os.path.expanduser(entry)
         if has_magic(expanded):
@@ -186,6 +187,140 @@ def local_data_files(cfg: DataConfig, root: Path) -> list[str]:
             matches = _expand(entry) if has_magic(os.path.expanduser(entry)) else []
             found.extend([m.as_posix() for m in matches] or [entry])
     return list(dict.fromkeys(found))
+
+
+# --------------------------------------------------------------------------------------------
+# Images named by path: where they live, as DVC tracks them
+#
+# An image that records name by path is an input of ingestion like the data file itself (its
+# sha256 goes into the record), so its folder is a dep of `ingest_records`. `data.images` names
+# those folders; `auto` finds them from the first `DETECT_ROWS` records of each local data file
+# (reading a file whole at every `kedro dvc generate` and DVC stage start would cost as much as
+# ingesting it), and ingestion stops on any image outside them: an image is never untracked.
+#
+#     data/01_raw/vqa.jsonl         {"images": ["img/cats/1.jpg"], ...}
+#     data/01_raw/img/cats/1.jpg    -> dep data/01_raw/img   (the top folder below the file's)
+#     data/01_raw/2.jpg             -> dep data/01_raw/2.jpg (beside the file: just the image)
+#     /srv/pics/3.jpg               -> dep /srv/pics         (outside: its own folder)
+#
+# The data file's own folder is never a dep: it may hold the pipeline's outputs.
+
+AUTO_IMAGES = "auto"
+
+
+def _local_sources(cfg: DataConfig) -> list[Source]:
+    """The local files and dataset folders of `data.path` that exist (missing ones are
+    ingestion's error and DVC's missing dep)."""
+    found: list[Source] = []
+    for entry in as_list(cfg.path):
+        if hub.is_hub_path(entry):
+            continue
+        expanded = os.path.expanduser(entry)
+        paths = _expand(entry) if has_magic(expanded) else [Path(expanded)]
+        found.extend(Source(p, _shown(p)) for p in paths if p.exists())
+    return found
+
+
+def _image_folder(source: Source) -> Path:
+    """Relative image paths of a file are relative to its folder (a dataset folder: to itself)."""
+    return source.path if source.path.is_dir() else source.path.parent
+
+
+def _sampled_image_paths(source: Source, cfg: DataConfig) -> list[Path]:
+    """Image files named by the first `DETECT_ROWS` records of one file (absolute)."""
+    try:
+        head = list(islice(iter_rows(source, DETECT_ROWS), DETECT_ROWS))
+        if not head:
+            return []
+        schema, resolved = file_schema(source.shown, _union_columns(head), cfg)
+    except InputFileError:
+        return []  # ingestion reports the file
+    folder = _image_folder(source)
+    paths = []
+    for _number, row in head:
+        _fmt, messages, _text = to_canonical(row, schema, resolved, folder)
+        parts = images.image_parts(messages)
+        paths.extend(Path(p["path"]).resolve() for p in parts if p.get("path"))
+    return paths
+
+
+def _image_dep(image: Path, folder: Path) -> Path:
+    """The dep that tracks one image of a file in `folder` (the drawing above)."""
+    try:
+        inside = image.relative_to(folder)
+    except ValueError:
+        return image.parent
+    return image if len(inside.parts) == 1 else folder / inside.parts[0]
+
+
+def _outermost(paths: Iterable[Path]) -> list[Path]:
+    """Paths in first-found order, without those inside another one."""
+    unique = list(dict.fromkeys(paths))
+    return [p for p in unique if not any(q != p and q in p.parents for q in unique)]
+
+
+def image_locations(cfg: DataConfig) -> list[Path]:
+    """The folders (or files) that hold the images records name by path, as DVC tracks them:
+    `data.images` expanded, or found from the data (`auto`, the note above). Absolute."""
+    if cfg.images != AUTO_IMAGES:
+        found: list[Path] = []
+        for entry in as_list(cfg.images):
+            expanded = os.path.expanduser(entry)
+            found.extend(_walk_glob(expanded) if has_magic(expanded) else [Path(expanded)])
+        return _outermost(p.resolve() for p in found)
+    deps = []
+    for source in _local_sources(cfg):
+        folder = _image_folder(source).resolve()
+        for image in _sampled_image_paths(source, cfg):
+            dep = _image_dep(image, folder)
+            if dep.exists():  # a missing image is validation's to report, not DVC's
+                deps.append(dep)
+    return _outermost(deps)
+
+
+def local_image_files(cfg: DataConfig, root: Path) -> list[str]:
+    """The image folders (or files) records name, as the project sees them from `root` (DVC
+    deps of `ingest_records`, after the data files): `image_locations` from `root`."""
+    with contextlib.chdir(root):
+        return [images.shown_path(p) for p in image_locations(cfg)]
+
+
+class _TrackedImages:
+    """Where images may live: the image locations and the data files and folders themselves
+    (an image inside a dataset folder changes that dep)."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        if cfg.images != AUTO_IMAGES:
+            for entry in as_list(cfg.images):
+                expanded = os.path.expanduser(entry)
+                if not (_walk_glob(expanded) if has_magic(expanded) else Path(expanded).exists()):
+                    raise InputFileError(
+                        "data.images",
+                        f"{entry!r} matches no file or folder",
+                        expected="folders (or files, globs) that hold the records' images",
+                        hint=f"Paths are relative to {Path.cwd()}",
+                    )
+        locations = image_locations(cfg)
+        self.shown = [images.shown_path(p) for p in locations]
+        self.roots = locations + [s.path.resolve() for s in _local_sources(cfg)]
+
+    def check(self, source: Source, number: int, messages: Any) -> None:
+        for part in images.image_parts(messages):
+            if not part.get("path") or part.get("sha256") is None:
+                continue  # embedded bytes, or a missing image validation quarantines
+            path = Path(part["path"]).resolve()
+            if not any(root == path or root in path.parents for root in self.roots):
+                raise InputFileError(
+                    source.shown,
+                    f"image {part['path']} is outside the image folders DVC tracks "
+                    f"({', '.join(self.shown) or 'none'}), so editing it would not re-run "
+                    "ingest_records",
+                    line=number,
+                    field="images",
+                    hint="Name the folders that hold the images in data.images (auto finds "
+                    f"them from the first {DETECT_ROWS} records of each file), then run "
+                    "`kedro dvc generate`",
+                )
 
 
 def iter_rows(source: Source, batch_rows: int = 10_000) -> Iterator[Row]:
@@ -263,13 +398,20 @@ def _check_columns_map(cfg: DataConfig) -> None:
 
 
 def _canonical(
-    shown: str, rows: Iterable[Row], schema: str, resolved, image_root: Path | None = None
+    source: Source,
+    rows: Iterable[Row],
+    schema: str,
+    resolved,
+    tracked: _TrackedImages | None = None,
 ) -> list[dict[str, Any]]:
+    shown, image_root = source.shown, _image_folder(source)
     out = []
     for number, row in rows:
         fmt, messages, text = to_canonical(row, schema, resolved, image_root)
         tools = row_tools(row, schema, resolved)
         with_images = bool(images.image_parts(messages))
+        if with_images and tracked is not None and not source.hub:
+            tracked.check(source, number, messages)
         out.append(
             {
                 # Images count by their bytes, never by where they were found.
@@ -292,9 +434,11 @@ def iter_record_chunks(cfg: DataConfig) -> Iterator[list[dict[str, Any]]]:
     from sft_pipeline.data.streams import Progress
 
     _check_columns_map(cfg)
+    sources = resolve_sources(cfg)
+    tracked = _TrackedImages(cfg)
     progress = Progress("ingest_records")
     total = 0
-    for source in resolve_sources(cfg):
+    for source in sources:
         rows = iter_rows(source, cfg.chunk_rows)
         head = list(islice(rows, DETECT_ROWS))
         if not head:
@@ -305,9 +449,7 @@ def iter_record_chunks(cfg: DataConfig) -> Iterator[list[dict[str, Any]]]:
         count = 0
         pending: Iterator[Row] = iter(head)
         for chunk in _chunked(_chain(pending, rows), cfg.chunk_rows):
-            # Image paths in a file are relative to its folder (a dataset folder: to itself).
-            root = source.path if source.path.is_dir() else source.path.parent
-            records = _canonical(source.shown, chunk, schema, resolved, root)
+            records = _canonical(source, chunk, schema, resolved, tracked)
             count += len(records)
             progress.update(len(records))
             yield records

@@ -7,7 +7,8 @@ exactly what its node's result depends on (docs/architecture.md, "Reproducibilit
   found by following `import` statements from the node function through the project package
   (so editing one library module re-runs only the nodes whose code imports it, and those
   downstream); the modules of the catalog dataset classes that load and save its artifacts;
-  files named by parameters it reads (raw data, a `.jinja` template, a local model folder);
+  files named by parameters it reads (raw data and the folders of its images, a `.jinja`
+  template, a local model folder);
   `requirements.lock`, because a different library version may give different bytes.
 - params: exactly the parameter keys the node reads (`params:training` -> `training`), from every
   parameter file of the chosen Kedro environments, plus the catalog entries of its artifacts.
@@ -160,6 +161,7 @@ class FileParam:
 # so e.g. merge_adapter (which reads the model's name for the card) does not depend on raw files.
 FILE_PARAMS = (
     FileParam("data", DataConfig, ingestion.local_data_files),
+    FileParam("data", DataConfig, ingestion.local_image_files),
     FileParam("template", TemplateConfig, templating.local_template_files),
     FileParam("model", ModelConfig, base_model.local_model_files),
 )

@@ -26,11 +26,12 @@ def ingest_records(
     split: str = "train",
     subset: Any = None,  # str or None (DataConfig checks it; no union for Kedro)
     chunk_rows: int = 10_000,
+    images: Any = "auto",  # str or list of str
 ):
     from sft_pipeline.data.ingestion import ingest_to_parquet
 
     data = {"path": path, "schema": schema, "columns": columns}
-    data |= {"split": split, "subset": subset, "chunk_rows": chunk_rows}
+    data |= {"split": split, "subset": subset, "chunk_rows": chunk_rows, "images": images}
     records = ingest_to_parquet(C.parse_section(C.DataConfig, data, "data"))
     log.info("ingested %d records", len(records))
     return records

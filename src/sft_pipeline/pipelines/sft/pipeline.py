@@ -17,6 +17,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "params:data.split",
                     "params:data.subset",
                     "params:data.chunk_rows",
+                    "params:data.images",
                 ],
                 outputs="records",
                 name="ingest_records",
