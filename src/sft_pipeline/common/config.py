@@ -260,13 +260,26 @@ class EvaluationConfig(_Section):
     batch_size: int = Field(8, gt=0, le=LENGTH_MAX)
 
 
-GGUFType = Literal["f32", "f16", "bf16", "q8_0"]
+GGUFType = Literal["f32", "f16", "bf16", "q8_0", "q5_0", "q4_0", "Q6_K", "Q5_K_M", "Q4_K_M"]
+# llama.cpp's own spellings; any letter case is accepted and normalized to them.
+_GGUF_SPELLING = {t.lower(): t for t in GGUFType.__args__}
 
 
 class ExportConfig(_Section):
     # GGUF files to write for llama.cpp and Ollama; empty writes none (the export is optional and
     # a q8_0 of a 7B takes minutes and 7 GB).
     gguf: list[GGUFType] = Field(default_factory=list)
+    # Read each written file back and measure its teacher-forced next-token agreement with the
+    # merged model (llama.cpp itself where its client is installed); a file below its type's
+    # threshold fails the run. Costs one load of the merged model and of each file.
+    check: bool = True
+
+    @field_validator("gguf", mode="before")
+    @classmethod
+    def _spelling(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [_GGUF_SPELLING.get(v.lower(), v) if isinstance(v, str) else v for v in value]
+        return value
 
     @field_validator("gguf")
     @classmethod

@@ -1,20 +1,26 @@
 """Export a merged model folder as GGUF files (llama.cpp, Ollama) with an Ollama Modelfile.
 
-Written with the `gguf` package's own writer: nothing is compiled, so an export works on any
-machine `make setup` prepared. Tensor names come from gguf's tensor name maps, the tokenizer
-(vocabulary, merges, special tokens, pre-tokenizer kind) and the Jinja chat template go into the
-file's metadata, where llama.cpp reads them.
+Written with the `gguf` package's own writer. Tensor names come from gguf's tensor name maps,
+per-family rules from `gguf_families`, the tokenizer (vocabulary, scores or merges, token types,
+special tokens, pre-tokenizer) and the Jinja chat template from `gguf_vocab`.
 
 The file is written tensor by tensor, so memory holds one tensor, not the model:
 
-    merged/model*.safetensors ──> for each tensor: rename (name map) -> permute Q/K (llama)
-                                                  -> convert (f32 | f16 | bf16 | q8_0) -> append
+    merged/model*.safetensors ──> for each tensor: rename (name map) -> family rule (permute
+                                  Q/K, norm + 1, transpose, ...) -> convert -> append
 
     model-<type>.gguf = header | metadata (config, tokenizer, chat template) | tensor infos
                         | tensor data (aligned), in the order of the infos
 
-Quantized types keep 1-D tensors (norms, biases) in f32 and fall back to f16 for a matrix whose
-rows do not split into quantization blocks, as llama.cpp's own converter does.
+Types: `f32`, `f16`, `bf16`, `q8_0`, `q5_0`, `q4_0` are written here (the `gguf` package
+quantizes in numpy); 1-D tensors (norms, biases) stay f32 and a matrix whose rows do not split
+into quantization blocks falls back to f16, as llama.cpp's own converter does. `Q6_K`, `Q5_K_M`
+and `Q4_K_M` are llama.cpp's k-quants: an f16/bf16 file is written first, then llama.cpp's own
+quantizer (`llama_model_quantize`, from the prebuilt llama.cpp the `llamacpp` module finds)
+rewrites it.
+
+After writing, each file is checked (`gguf_check`): teacher-forced next-token agreement with the
+merged model on held-out prompts, below `MIN_AGREEMENT[type]` the export fails.
 """
 
 from __future__ import annotations
@@ -31,12 +37,8 @@ import numpy as np
 from sft_pipeline.common.config import ExportConfig
 from sft_pipeline.common.paths import read_shard_index
 from sft_pipeline.export.finite import require_finite
-from sft_pipeline.export.gguf_vocab import (
-    ExportError,
-    add_tokenizer_metadata,
-    tokenizer_json,
-    tokenizer_pre_type,
-)
+from sft_pipeline.export.gguf_families import Family, family_of
+from sft_pipeline.export.gguf_vocab import ExportError, add_tokenizer_metadata, check_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +46,25 @@ MODEL_STEM = "model"
 SUMMARY = "export.json"
 MODELFILE = "Modelfile"
 
-# Hugging Face model_type -> GGUF architecture. Mistral is Llama to llama.cpp (same blocks and
-# rotary layout); Qwen2 has its own architecture (biased Q/K/V, rotary halves not interleaved).
-SUPPORTED_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
-# llama.cpp's Llama kernels rotate interleaved pairs, Hugging Face's rotate halves: Q and K rows
-# are reordered on the way out (transformers' GGUF loader reorders them back).
-_PERMUTE_QK = {"llama"}
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+# Written here, by the gguf package's numpy quantizers.
+NUMPY_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_0", "q4_0")
+# Written by llama.cpp's own quantizer from an f16/bf16 file.
+LLAMACPP_TYPES = ("Q6_K", "Q5_K_M", "Q4_K_M")
+GGUF_TYPES = NUMPY_TYPES + LLAMACPP_TYPES
+# Lowest teacher-forced next-token agreement with the merged model a file may have (the share of
+# positions of the merged model's greedy continuations where the file's argmax is the same
+# token). 8 bits and up lose nearly nothing; the 4-5 bit types trade agreement for size.
+MIN_AGREEMENT = {
+    "f32": 0.95,
+    "f16": 0.95,
+    "bf16": 0.95,
+    "q8_0": 0.95,
+    "Q6_K": 0.90,
+    "Q5_K_M": 0.85,
+    "q5_0": 0.85,
+    "Q4_K_M": 0.80,
+    "q4_0": 0.75,
+}
 
 
 def export_file_name(gguf_type: str) -> str:
@@ -70,6 +84,7 @@ class ExportedModel:
     summary: dict[str, Any] = field(default_factory=dict)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
+        from sft_pipeline.export.gguf_check import check_files
         from sft_pipeline.export.ollama import modelfile
 
         path = Path(path)
@@ -81,6 +96,11 @@ class ExportedModel:
             files[gguf_type] = {"file": target.name, "bytes": target.stat().st_size}
             log.info("wrote %s (%.1f MB)", target, target.stat().st_size / 1e6)
         summary: dict[str, Any] = {"gguf": files, "modelfile": None, "ollama_template": None}
+        if files and self.cfg.check:
+            checks = check_files(self.merged_dir, {t: path / f["file"] for t, f in files.items()})
+            for gguf_type, check in checks.items():
+                files[gguf_type]["check"] = check
+            summary["check"] = {"min_agreement": {t: MIN_AGREEMENT[t] for t in files}}
         if files:
             first = export_file_name(self.cfg.gguf[0])
             others = [export_file_name(t) for t in self.cfg.gguf[1:]]
@@ -89,6 +109,21 @@ class ExportedModel:
             summary.update(modelfile=MODELFILE, ollama_template=chat_format)
         (path / SUMMARY).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", "utf-8")
         self.summary = summary
+        if files and self.cfg.check:
+            _fail_below_threshold(files)
+
+
+def _fail_below_threshold(files: dict[str, Any]) -> None:
+    failed = [
+        f"{f['file']}: {f['check']['agreement']:.3f} < {MIN_AGREEMENT[t]} ({f['check']['by']})"
+        for t, f in files.items()
+        if f["check"].get("agreement") is not None and f["check"]["agreement"] < MIN_AGREEMENT[t]
+    ]
+    if failed:
+        raise ExportError(
+            "exported GGUF files disagree with the merged model (teacher-forced next-token "
+            "agreement below the type's threshold): " + "; ".join(failed)
+        )
 
 
 def export(merged_dir: str | os.PathLike, cfg: ExportConfig) -> ExportedModel:
@@ -105,29 +140,20 @@ def export(merged_dir: str | os.PathLike, cfg: ExportConfig) -> ExportedModel:
                 "supported yet (llama.cpp needs the vision tower as a separate mmproj file); "
                 "set export.gguf: [] and use the merged safetensors folder"
             )
-        gguf_arch(AutoConfig.from_pretrained(str(merged_dir)))
-        tokenizer_pre_type(tokenizer_json(load_tokenizer(merged_dir)))
+        family_of(AutoConfig.from_pretrained(str(merged_dir)))
+        check_tokenizer(load_tokenizer(merged_dir))
+        if any(t in LLAMACPP_TYPES for t in cfg.gguf):
+            from sft_pipeline.export.llamacpp import require_quantizer
+
+            require_quantizer()
     else:
         log.info("export.gguf is empty: no GGUF written (set e.g. export.gguf: [q8_0])")
     return ExportedModel(merged_dir=merged_dir, cfg=cfg)
 
 
 def gguf_arch(config) -> str:
-    """The GGUF architecture a Hugging Face config is written as, or a clear refusal."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        raise ExportError(
-            f"GGUF export does not support architecture {model_type!r}; supported: "
-            f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
-        )
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    rope_type = rope.get("rope_type") or rope.get("type") or "default"
-    if rope_type != "default":
-        raise ExportError(
-            f"GGUF export does not support rope scaling {rope_type!r} (only unscaled rotary "
-            "embeddings are written)"
-        )
-    return SUPPORTED_ARCHITECTURES[model_type]
+    """The GGUF architecture a Hugging Face config is written as, or a refusal naming it."""
+    return family_of(config).arch
 
 
 def _weight_files(model_dir: Path) -> list[Path]:
@@ -141,15 +167,8 @@ def _weight_files(model_dir: Path) -> list[Path]:
     raise ExportError(f"{model_dir}: no model.safetensors(.index.json) to export")
 
 
-def _permute_qk(weights: np.ndarray, n_head: int) -> np.ndarray:
-    """Reorder each head's rows from halves (x0..x63 | y0..y63) to pairs (x0 y0 x1 y1 ...)."""
-    rows = weights.shape[0]
-    shaped = weights.reshape(n_head, 2, rows // n_head // 2, *weights.shape[1:])
-    return shaped.swapaxes(1, 2).reshape(weights.shape)
-
-
 def _tensor_type(gguf_type: str, shape: tuple[int, ...]):
-    """GGML type of one tensor in a file of `gguf_type`."""
+    """GGML type of one tensor in a file of `gguf_type` (a numpy-written type)."""
     import gguf
 
     q = gguf.GGMLQuantizationType
@@ -159,8 +178,9 @@ def _tensor_type(gguf_type: str, shape: tuple[int, ...]):
         return q.F16
     if gguf_type == "bf16":
         return q.BF16
-    block, _ = gguf.GGML_QUANT_SIZES[q.Q8_0]
-    return q.Q8_0 if shape[-1] % block == 0 else q.F16
+    wanted = {"q8_0": q.Q8_0, "q5_0": q.Q5_0, "q4_0": q.Q4_0}[gguf_type]
+    block, _ = gguf.GGML_QUANT_SIZES[wanted]
+    return wanted if shape[-1] % block == 0 else q.F16
 
 
 def _convert(array: np.ndarray, ggml_type) -> np.ndarray:
@@ -171,6 +191,8 @@ def _convert(array: np.ndarray, ggml_type) -> np.ndarray:
         return np.ascontiguousarray(array, dtype=np.float32)
     if ggml_type == q.F16:
         return np.ascontiguousarray(array, dtype=np.float16)
+    if ggml_type == q.BF16:
+        return gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), ggml_type)
     return gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), ggml_type)
 
 
@@ -187,77 +209,70 @@ class _PlannedTensor:
     gguf_name: str
     shape: tuple[int, ...]
     ggml_type: Any
-    permute_heads: int | None
 
 
-def _plan_tensors(model_dir: Path, config, arch: str, gguf_type: str) -> list[_PlannedTensor]:
+def _plan_tensors(model_dir: Path, config, family: Family, gguf_type: str) -> list[_PlannedTensor]:
     import gguf
-    from safetensors import safe_open
 
-    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    from sft_pipeline.export.shard_merge import read_header
+
+    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == family.arch)
     name_map = gguf.get_tensor_name_map(arch_id, config.num_hidden_layers)
-    n_head = config.num_attention_heads
-    n_kv = getattr(config, "num_key_value_heads", None) or n_head
     tied = bool(getattr(config, "tie_word_embeddings", False))
     planned: list[_PlannedTensor] = []
     for path in _weight_files(model_dir):
-        with safe_open(str(path), framework="pt") as f:
-            for hf_name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                if hf_name.endswith("rotary_emb.inv_freq"):
-                    continue  # recomputed from rope.freq_base
-                if tied and hf_name == "lm_head.weight":
-                    continue  # a file without output.weight ties it to token_embd
-                gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-                if gguf_name is None:
-                    raise ExportError(f"GGUF export: no {arch} tensor name for {hf_name!r}")
-                shape = tuple(f.get_slice(hf_name).get_shape())
-                heads = None
-                if arch in _PERMUTE_QK and ".attn_q." in gguf_name:
-                    heads = n_head
-                elif arch in _PERMUTE_QK and ".attn_k." in gguf_name:
-                    heads = n_kv
-                planned.append(
-                    _PlannedTensor(
-                        path, hf_name, gguf_name, shape, _tensor_type(gguf_type, shape), heads
-                    )
-                )
+        for hf_name, entry in read_header(path).items():
+            if hf_name.endswith(("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")):
+                continue  # buffers llama.cpp recomputes (rotary frequencies, causal masks)
+            if tied and hf_name == "lm_head.weight":
+                continue  # a file without output.weight ties it to token_embd
+            gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None:
+                raise ExportError(f"GGUF export: no {family.arch} tensor name for {hf_name!r}")
+            shape = family.shape(hf_name, tuple(entry.shape))
+            planned.append(
+                _PlannedTensor(path, hf_name, gguf_name, shape, _tensor_type(gguf_type, shape))
+            )
     return planned
 
 
 # --- metadata -----------------------------------------------------------------------------------
 
 
-def _add_model_metadata(writer, config, arch: str, gguf_type: str) -> None:
+_FILE_TYPES = {
+    "f32": "ALL_F32",
+    "f16": "MOSTLY_F16",
+    "bf16": "MOSTLY_BF16",
+    "q8_0": "MOSTLY_Q8_0",
+    "q5_0": "MOSTLY_Q5_0",
+    "q4_0": "MOSTLY_Q4_0",
+}
+
+
+def model_name(tokenizer) -> str:
+    """`general.name`. llama.cpp keys one tokenizer rule on it: in a model named "phi3" every
+    special token swallows the whitespace after it (rstrip), as Phi-3's tokenizer does. Only a
+    tokenizer that behaves so gets the name; any other must not (llama.cpp would also look up
+    Phi-3's own special tokens and fail on a vocabulary without them)."""
+    added = [t for t in tokenizer.added_tokens_decoder.values() if t.special]
+    vocab = tokenizer.get_vocab()
+    phi3 = (
+        added
+        and all(t.rstrip for t in added if t.content not in ("<unk>", "<s>", "<|endoftext|>"))
+        and all(t in vocab for t in ("</s>", "<unk>", "<s>", "<|endoftext|>"))
+    )
+    return "phi3 fine-tune (sft-pipeline)" if phi3 else "fine-tune (sft-pipeline)"
+
+
+def _add_model_metadata(writer, config, tokenizer, family: Family, gguf_type: str) -> None:
     import gguf
 
-    head_count = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // head_count
-    rope = getattr(config, "rope_parameters", None) or {}
-    rope_theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
-    writer.add_name(f"{config.model_type}-sft")
+    writer.add_name(model_name(tokenizer))
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(head_count)
-    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or head_count)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    if rope_theta is not None:
-        writer.add_rope_freq_base(float(rope_theta))
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim * head_count != config.hidden_size:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
+    family.hparams(writer, config)
     writer.add_vocab_size(config.vocab_size)
-    file_types = {
-        "f32": gguf.LlamaFileType.ALL_F32,
-        "f16": gguf.LlamaFileType.MOSTLY_F16,
-        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-    }
-    writer.add_file_type(file_types[gguf_type])
-    if gguf_type == "q8_0":
+    writer.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[gguf_type]))
+    if gguf_type not in ("f32", "f16", "bf16"):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
@@ -266,24 +281,47 @@ def _add_model_metadata(writer, config, arch: str, gguf_type: str) -> None:
 
 def write_gguf(model_dir: str | os.PathLike, target: str | os.PathLike, gguf_type: str) -> Path:
     """Write the model in `model_dir` (safetensors + tokenizer) to one GGUF file of `gguf_type`."""
-    import gguf
-    from safetensors import safe_open
-    from transformers import AutoConfig
-
-    from sft_pipeline.model.loading import load_generation_config, load_tokenizer
-
     if gguf_type not in GGUF_TYPES:
         raise ExportError(f"GGUF type {gguf_type!r} not supported; supported: {GGUF_TYPES}")
     model_dir, target = Path(model_dir), Path(target)
+    if gguf_type in LLAMACPP_TYPES:
+        from sft_pipeline.export.llamacpp import quantize
+
+        source = target.with_name(target.name + ".source.gguf")
+        try:
+            _write_numpy_gguf(model_dir, source, _source_type(model_dir))
+            quantize(source, target, gguf_type)
+        finally:
+            source.unlink(missing_ok=True)
+        return target
+    return _write_numpy_gguf(model_dir, target, gguf_type)
+
+
+def _source_type(model_dir: Path) -> str:
+    """bf16 for a bf16 model (lossless), f16 otherwise: the input llama.cpp's quantizer reads."""
+    from transformers import AutoConfig
+
+    dtype = str(getattr(AutoConfig.from_pretrained(str(model_dir)), "dtype", "") or "")
+    return "bf16" if "bfloat16" in dtype else "f16"
+
+
+def _write_numpy_gguf(model_dir: Path, target: Path, gguf_type: str) -> Path:
+    import gguf
+    import torch
+    from transformers import AutoConfig
+
+    from sft_pipeline.export.shard_merge import _Reader, weight_map
+    from sft_pipeline.model.loading import load_generation_config, load_tokenizer
+
     config = AutoConfig.from_pretrained(str(model_dir))
-    arch = gguf_arch(config)
+    family = family_of(config)
     tokenizer = load_tokenizer(model_dir)
     generation_config = load_generation_config(model_dir)
-    plan = _plan_tensors(model_dir, config, arch, gguf_type)
+    plan = _plan_tensors(model_dir, config, family, gguf_type)
 
-    writer = gguf.GGUFWriter(str(target), arch)
+    writer = gguf.GGUFWriter(str(target), family.arch)
     try:
-        _add_model_metadata(writer, config, arch, gguf_type)
+        _add_model_metadata(writer, config, tokenizer, family, gguf_type)
         add_tokenizer_metadata(writer, tokenizer, generation_config, config.vocab_size)
         for t in plan:
             writer.add_tensor_info(
@@ -296,21 +334,15 @@ def write_gguf(model_dir: str | os.PathLike, target: str | os.PathLike, gguf_typ
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        handles: dict[Path, Any] = {}
-        try:
-            for t in plan:
-                if t.source not in handles:
-                    handles[t.source] = safe_open(str(t.source), framework="pt")
-                array = handles[t.source].get_tensor(t.hf_name).float().numpy()
-                require_finite(array, t.hf_name, str(t.source))
-                if t.permute_heads:
-                    array = _permute_qk(array, t.permute_heads)
-                converted = _convert(array, t.ggml_type)
-                # A finite weight past f16's range (65504) becomes inf in an f16 file.
-                require_finite(converted, t.hf_name, f"{target.name} ({gguf_type})")
-                writer.write_tensor_data(converted)
-        finally:
-            handles.clear()
+        reader = _Reader(model_dir, weight_map(model_dir))
+        for t in plan:
+            array = reader.get(t.hf_name).to(torch.float32).numpy()
+            require_finite(array, t.hf_name, str(t.source))
+            array = family.convert(t.hf_name, array, config)
+            converted = _convert(array, t.ggml_type)
+            # A finite weight past f16's range (65504) becomes inf in an f16 file.
+            require_finite(converted, t.hf_name, f"{target.name} ({gguf_type})")
+            writer.write_tensor_data(converted)
     finally:
         writer.close()
     return target

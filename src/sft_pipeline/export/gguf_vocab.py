@@ -1,8 +1,17 @@
-"""The tokenizer as GGUF metadata: vocabulary, merges, token types, pre-tokenizer, special ids.
+"""The tokenizer as GGUF metadata: vocabulary, merges or scores, token types, pre-tokenizer,
+special ids, so llama.cpp rebuilds the tokenizer the merged model was trained with.
 
-llama.cpp rebuilds the tokenizer from these fields (a byte-level BPE: `tokenizer.ggml.model` is
-"gpt2") and applies the Jinja chat template stored next to them, so an exported file tokenizes
-prompts exactly as the merged model's tokenizer does.
+Two kinds, read from the fast tokenizer's own `tokenizer.json` (what transformers runs):
+
+    byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM, Phi-2)   tokenizer.ggml.model = "gpt2"
+        tokens, merges, the pre-tokenizer's split named as llama.cpp names it
+    SentencePiece BPE (Llama 2, Mistral, Phi-3, Gemma)     tokenizer.ggml.model = "llama"
+        tokens ("▁" for spaces, <0xNN> byte tokens), scores (-rank of the merge that makes the
+        token: llama.cpp merges the best-scored pair first, as BPE merges the lowest rank),
+        add_space_prefix (the "▁" transformers prepends after each special token)
+
+llama.cpp applies the Jinja chat template stored next to them, so an exported file tokenizes
+chat prompts exactly as the merged model's tokenizer does.
 """
 
 from __future__ import annotations
@@ -74,20 +83,62 @@ def tokenizer_pre_type(tok_json: dict[str, Any]) -> str:
     )
 
 
+def _steps(part: dict[str, Any] | None, key: str) -> list[dict[str, Any]]:
+    part = part or {}
+    return list(part.get(key) or []) if part.get("type") == "Sequence" else ([part] if part else [])
+
+
+def sentencepiece_prefix(tok_json: dict[str, Any]) -> bool | None:
+    """For a SentencePiece-style BPE (byte fallback, "▁" for spaces): whether a "▁" is prepended
+    to the text; None for any other tokenizer."""
+    model = tok_json.get("model") or {}
+    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+        return None
+    normalizers = _steps(tok_json.get("normalizer"), "normalizers")
+    pre = _steps(tok_json.get("pre_tokenizer"), "pretokenizers")
+    metaspace = [p for p in pre if p.get("type") == "Metaspace"]
+    replaces_space = any(
+        n.get("type") == "Replace" and n.get("content") == "\u2581" for n in normalizers
+    )
+    if not metaspace and not replaces_space:
+        return None
+    if any(n.get("type") == "Prepend" and n.get("prepend") == "\u2581" for n in normalizers):
+        return True
+    return any(m.get("prepend_scheme", "always") in ("always", "first") for m in metaspace)
+
+
+def check_tokenizer(tokenizer) -> str:
+    """llama.cpp's tokenizer model ("gpt2" or "llama") for this tokenizer, or a refusal."""
+    tok_json = tokenizer_json(tokenizer)
+    if sentencepiece_prefix(tok_json) is not None:
+        return "llama"
+    tokenizer_pre_type(tok_json)
+    return "gpt2"
+
+
 @dataclass(frozen=True)
 class GGUFVocab:
     tokens: list[str]
     token_types: list[int]
     merges: list[str]
     pre: str
+    model: str = "gpt2"
+    scores: list[float] | None = None
+    add_space_prefix: bool = False
 
 
 def gguf_vocab(tokenizer, vocab_size: int) -> GGUFVocab:
     """Tokens by id (padded to the embedding rows), their kinds, merges and pre-tokenizer."""
+    tok_json = tokenizer_json(tokenizer)
+    if sentencepiece_prefix(tok_json) is not None:
+        return sentencepiece_vocab(tokenizer, tok_json, vocab_size)
+    return _byte_level_vocab(tokenizer, tok_json, vocab_size)
+
+
+def _tokens_by_id(tokenizer, vocab_size: int) -> tuple[list[str], list[int], set[int]]:
+    """(token texts, token types, ids the tokenizer's model holds) for every embedding row."""
     import gguf
 
-    tok_json = tokenizer_json(tokenizer)
-    pre = tokenizer_pre_type(tok_json)
     vocab = tokenizer.get_vocab()
     if len(vocab) > vocab_size:
         raise ExportError(
@@ -97,6 +148,7 @@ def gguf_vocab(tokenizer, vocab_size: int) -> GGUFVocab:
     added = tokenizer.added_tokens_decoder
     tokens: list[str] = []
     types: list[int] = []
+    plain: set[int] = set()
     for token_id in range(vocab_size):
         if token_id not in by_id:
             # Embedding rows past the tokenizer (padded vocabularies) get placeholder names,
@@ -110,13 +162,61 @@ def gguf_vocab(tokenizer, vocab_size: int) -> GGUFVocab:
         else:
             tokens.append(by_id[token_id])
             types.append(gguf.TokenType.NORMAL)
+            plain.add(token_id)
+    return tokens, [int(t) for t in types], plain
+
+
+def _merge_pairs(tok_json: dict[str, Any]) -> list[tuple[str, str]]:
+    pairs = []
+    for merge in tok_json["model"].get("merges") or []:
+        pair = merge.split(" ") if isinstance(merge, str) else merge
+        pairs.append((pair[0], pair[1]))
+    return pairs
+
+
+def sentencepiece_vocab(tokenizer, tok_json: dict[str, Any], vocab_size: int) -> GGUFVocab:
+    import gguf
+
+    tokens, types, plain = _tokens_by_id(tokenizer, vocab_size)
+    ids = {t: i for i, t in enumerate(tokens)}
+    scores = [0.0] * vocab_size
+    for rank, (left, right) in enumerate(_merge_pairs(tok_json)):
+        token_id = ids.get(left + right)
+        if token_id is not None and token_id in plain and scores[token_id] == 0.0:
+            scores[token_id] = -float(rank + 1)
+    unk = tok_json["model"].get("unk_token")
+    for token_id in plain:
+        text = tokens[token_id]
+        if len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+            types[token_id] = int(gguf.TokenType.BYTE)
+        elif text == unk:
+            types[token_id] = int(gguf.TokenType.UNKNOWN)
+    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id < vocab_size:
+        types[tokenizer.unk_token_id] = int(gguf.TokenType.UNKNOWN)
+    for token_id in tokenizer.added_tokens_decoder:
+        if token_id < vocab_size:
+            scores[token_id] = -1000.0
+    return GGUFVocab(
+        tokens,
+        types,
+        [],
+        "default",
+        model="llama",
+        scores=scores,
+        add_space_prefix=bool(sentencepiece_prefix(tok_json)),
+    )
+
+
+def _byte_level_vocab(tokenizer, tok_json: dict[str, Any], vocab_size: int) -> GGUFVocab:
+    pre = tokenizer_pre_type(tok_json)
+    tokens, types, _ = _tokens_by_id(tokenizer, vocab_size)
     merges = []
     for merge in tok_json["model"].get("merges") or []:
         pair = merge.split(" ") if isinstance(merge, str) else merge
         if any(" " in part for part in pair):
             raise ExportError("GGUF export: a merge with a literal space cannot be written")
         merges.append(" ".join(pair))
-    return GGUFVocab(tokens, [int(t) for t in types], merges, pre)
+    return GGUFVocab(tokens, types, merges, pre)
 
 
 def _chat_template(tokenizer) -> str | None:
@@ -133,11 +233,15 @@ def add_tokenizer_metadata(writer, tokenizer, generation_config, vocab_size: int
     from sft_pipeline.data.templating import tokenizer_adds_bos
 
     vocab = gguf_vocab(tokenizer, vocab_size)
-    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_model(vocab.model)
     writer.add_tokenizer_pre(vocab.pre)
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.token_types)
-    writer.add_token_merges(vocab.merges)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
+        writer.add_add_space_prefix(vocab.add_space_prefix)
+    if vocab.merges:
+        writer.add_token_merges(vocab.merges)
     if tokenizer.bos_token_id is not None:
         writer.add_bos_token_id(tokenizer.bos_token_id)
     eos_ids = stop_token_ids(tokenizer, generation_config)
