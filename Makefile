@@ -9,7 +9,7 @@ export KEDRO_DISABLE_TELEMETRY := 1
 export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup run test lint format dvc-yaml viz bench lock
+.PHONY: setup run test lint format dvc-yaml viz bench lock llamacpp
 
 setup: $(STAMP)
 
@@ -27,7 +27,16 @@ $(STAMP): pyproject.toml requirements.lock
 run: setup
 	$(BIN)/kedro run --pipelines=sft
 
-test: setup
+# llama.cpp, prebuilt, from npm (node-llama-cpp): the GGUF export checks its files with it and
+# quantizes the k-quant types; its tests skip, saying so, where it cannot be installed.
+llamacpp: tools/llamacpp/node_modules/.installed
+
+tools/llamacpp/node_modules/.installed: tools/llamacpp/package.json tools/llamacpp/package-lock.json
+	cd tools/llamacpp && npm install --no-save --omit=optional --ignore-scripts --no-audit --no-fund \
+		&& touch node_modules/.installed \
+		|| echo "llama.cpp client not installed: GGUF files are checked through transformers" >&2
+
+test: setup llamacpp
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 lint: setup

@@ -50,7 +50,7 @@ def merged_folder(path: Path, family: str = "llama", **overrides) -> Path:
 def exported(tmp_path_factory) -> tuple[Path, Path]:
     merged = merged_folder(tmp_path_factory.mktemp("merged"))
     out = tmp_path_factory.mktemp("export") / "export"
-    export(merged, ExportConfig(gguf=["f16", "q8_0"])).save_pretrained(out)
+    export(merged, ExportConfig(gguf=["f16", "q8_0"], check=False)).save_pretrained(out)
     return merged, out
 
 
@@ -169,9 +169,15 @@ def test_default_export_writes_no_gguf(tmp_path):
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["export.json"]
 
 
-def test_unsupported_architecture_is_refused_naming_the_supported_ones(tmp_path):
+def test_a_family_llama_cpp_cannot_run_is_refused_naming_it(tmp_path):
+    merged = merged_folder(tmp_path / "merged", "mixtral")
+    with pytest.raises(ExportError, match=r"'mixtral' family.*gemma.*gpt_neox.*qwen3"):
+        export(merged, ExportConfig(gguf=["f16"]))
+
+
+def test_an_untied_gemma_head_is_refused_since_llama_cpp_ties_it(tmp_path):
     merged = merged_folder(tmp_path / "merged", "gemma")
-    with pytest.raises(ExportError, match=r"'gemma'.*llama, mistral, qwen2"):
+    with pytest.raises(ExportError, match=r"'gemma'.*untied output head"):
         export(merged, ExportConfig(gguf=["f16"]))
 
 
@@ -191,18 +197,10 @@ def test_qwen2_exports_with_its_attention_biases(tmp_path):
 
 def test_export_config_accepts_only_known_gguf_types():
     assert parse_section(ExportConfig, None, "export").gguf == []
+    spelled = parse_section(ExportConfig, {"gguf": ["q4_k_m", "Q8_0", "q4_0"]}, "export")
+    assert spelled.gguf == ["Q4_K_M", "q8_0", "q4_0"]
     with pytest.raises(ConfigError, match=r"export\.gguf\.0"):
-        parse_section(ExportConfig, {"gguf": ["q4_k_m"]}, "export")
-
-
-def test_sentencepiece_tokenizers_are_refused_with_the_supported_kinds(tmp_path, fixtures_dir):
-    from transformers import AutoTokenizer
-
-    merged = merged_folder(tmp_path / "merged")
-    phi3 = AutoTokenizer.from_pretrained(fixtures_dir / "tokenizers" / "phi-3-mini")
-    phi3.save_pretrained(merged)
-    with pytest.raises(ExportError, match="byte-level BPE"):
-        export(merged, ExportConfig(gguf=["f16"]))
+        parse_section(ExportConfig, {"gguf": ["q3_k_s"]}, "export")
 
 
 # --- Ollama template ----------------------------------------------------------------------------

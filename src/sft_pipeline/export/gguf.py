@@ -53,17 +53,19 @@ LLAMACPP_TYPES = ("Q6_K", "Q5_K_M", "Q4_K_M")
 GGUF_TYPES = NUMPY_TYPES + LLAMACPP_TYPES
 # Lowest teacher-forced next-token agreement with the merged model a file may have (the share of
 # positions of the merged model's greedy continuations where the file's argmax is the same
-# token). 8 bits and up lose nearly nothing; the 4-5 bit types trade agreement for size.
+# token). 8 bits and up lose nearly nothing; below, floors under what the default model
+# (SmolLM2-135M) measures, with a margin: f16 0.98, q8_0 0.97, Q6_K 0.93, Q5_K_M 0.88,
+# Q4_K_M 0.88, q5_0 0.87, q4_0 0.70 (README, "GGUF export").
 MIN_AGREEMENT = {
     "f32": 0.95,
     "f16": 0.95,
     "bf16": 0.95,
     "q8_0": 0.95,
-    "Q6_K": 0.90,
-    "Q5_K_M": 0.85,
-    "q5_0": 0.85,
+    "Q6_K": 0.88,
+    "Q5_K_M": 0.82,
+    "q5_0": 0.80,
     "Q4_K_M": 0.80,
-    "q4_0": 0.75,
+    "q4_0": 0.60,
 }
 
 

@@ -89,8 +89,8 @@ def _steps(part: dict[str, Any] | None, key: str) -> list[dict[str, Any]]:
 
 
 def sentencepiece_prefix(tok_json: dict[str, Any]) -> bool | None:
-    """For a SentencePiece-style BPE (byte fallback, "▁" for spaces): whether a "▁" is prepended
-    to the text; None for any other tokenizer."""
+    """For a SentencePiece-style BPE (byte fallback, "▁" for spaces): llama.cpp's
+    add_space_prefix; None for any other tokenizer."""
     model = tok_json.get("model") or {}
     if model.get("type") != "BPE" or not model.get("byte_fallback"):
         return None
@@ -102,9 +102,16 @@ def sentencepiece_prefix(tok_json: dict[str, Any]) -> bool | None:
     )
     if not metaspace and not replaces_space:
         return None
+    if any(m.get("prepend_scheme") == "never" for m in metaspace):
+        return False
+    # llama.cpp prepends "▁" to the text and after every special token when add_space_prefix is
+    # set, never when it is not. transformers' legacy Prepend normalizer and Metaspace "always"
+    # do the former; Metaspace "first" prepends only when the text begins with plain text, so
+    # it matches llama.cpp without the prefix on every text that begins with a special token:
+    # every chat prompt (BOS or a role marker first).
     if any(n.get("type") == "Prepend" and n.get("prepend") == "\u2581" for n in normalizers):
         return True
-    return any(m.get("prepend_scheme", "always") in ("always", "first") for m in metaspace)
+    return any(m.get("prepend_scheme", "always") == "always" for m in metaspace)
 
 
 def check_tokenizer(tokenizer) -> str:
