@@ -82,3 +82,33 @@ def test_leftovers_of_interrupted_atomic_writes_are_removed_and_other_tools_file
     assert f"leaving {tmp_path / '.report.tmp-xyz'} alone" in caplog.text
     assert f"leaving {tmp_path / '.cache.old-1'} alone" in caplog.text
     assert target.read_text() == "half"
+
+
+def test_dvc_stages_read_conf_local_credentials_under_env_base(tmp_path, monkeypatch, caplog):
+    # A DVC stage is `kedro run --env=base`: Kedro's loader then reads conf/base only.
+    import logging
+    from types import SimpleNamespace
+
+    from kedro.config import OmegaConfigLoader
+
+    from sft_pipeline.run.hooks import RunGuard
+
+    conf = tmp_path / "conf"
+    (conf / "base").mkdir(parents=True)
+    (conf / "local").mkdir()
+    (conf / "local" / "credentials.yml").write_text(
+        "huggingface:\n  token: hf_from_local\nwandb:\n  api_key: local-key\n"
+    )
+    (conf / "base" / "credentials.yml").write_text("wandb:\n  api_key: base-key\n")
+    for name in ("HF_TOKEN", "WANDB_API_KEY"):
+        monkeypatch.setenv(name, "")  # restored (or removed again) after the test
+        monkeypatch.delenv(name)
+    loader = OmegaConfigLoader(
+        conf_source=str(conf), env="base", base_env="base", default_run_env="local"
+    )
+    with caplog.at_level(logging.INFO, logger="sft_pipeline.run.hooks"):
+        RunGuard().after_context_created(SimpleNamespace(config_loader=loader))
+    assert os.environ["HF_TOKEN"] == "hf_from_local"
+    assert os.environ["WANDB_API_KEY"] == "base-key"  # the run's environment comes first
+    assert "credentials from conf/local/credentials.yml: HF_TOKEN" in caplog.text
+    assert "hf_from_local" not in caplog.text

@@ -8,9 +8,14 @@ Before any node of a `kedro run` (hence of any DVC stage) touches an artifact, `
     allow remote code or not              model_loading.allow_remote_code (parameters only)
     remove leftovers of killed writes     atomic.remove_leftovers, in every artifact folder
 
-and releases the lock when the run ends, successfully or not. Credentials (`conf/local/
-credentials.yml`) are handed to the libraries through their environment variables when the
-context is created; they never reach parameters, artifacts or logs.
+and releases the lock when the run ends, successfully or not. Credentials are handed to the
+libraries through their environment variables when the context is created; they never reach
+parameters, artifacts or logs. Where a variable is set in more than one place, the first wins:
+
+    the environment                       HF_TOKEN=... kedro run
+    the run's Kedro environment           conf/<env>/credentials.yml (then conf/base)
+    conf/local/credentials.yml            also under --env=<other>, as in every DVC stage
+                                          (`--env=base`): credentials never change a result
 """
 
 from __future__ import annotations
@@ -64,6 +69,27 @@ def export_credentials(credentials: dict[str, Any]) -> list[str]:
     return exported
 
 
+def local_credentials(loader: Any) -> dict[str, Any]:
+    """The credentials of `conf/local` when the run's environment is another one (a DVC stage
+    runs `--env=base`); {} when it is `local` already or there are none."""
+    from kedro.config import MissingConfigException
+
+    env = getattr(loader, "env", None)
+    default = getattr(loader, "default_run_env", "local")
+    if env in (None, "local") or default != "local":
+        return {}
+    try:
+        local = type(loader)(
+            conf_source=str(loader.conf_source),
+            env="local",
+            base_env=getattr(loader, "base_env", "base"),
+            default_run_env="local",
+        )
+        return local["credentials"] or {}
+    except MissingConfigException:
+        return {}
+
+
 class RunGuard:
     """Checks, lock and clean-up around every pipeline run (see the module docstring)."""
 
@@ -74,13 +100,17 @@ class RunGuard:
     def after_context_created(self, context: Any) -> None:
         from kedro.config import MissingConfigException
 
+        loader = context.config_loader
         try:
-            credentials = context.config_loader["credentials"]
+            credentials = loader["credentials"]
         except MissingConfigException:
             credentials = {}
         exported = export_credentials(credentials or {})
         if exported:
             log.info("credentials from conf/*/credentials.yml: %s", ", ".join(exported))
+        local = export_credentials(local_credentials(loader))
+        if local:
+            log.info("credentials from conf/local/credentials.yml: %s", ", ".join(local))
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
