@@ -273,3 +273,75 @@ def test_a_lock_folder_on_nfs_is_refused_naming_the_lock_file_and_the_way_out(
         assert lock.lock_path.parent.parent == local
     finally:
         lock.release()
+
+
+@pytest.mark.slow
+def test_a_kedro_run_started_during_dvc_repro_is_refused_and_stages_read_local_credentials(
+    tmp_path, caplog
+):
+    import json
+
+    from tests.project_copy import env, init_repo, make_project, ran_stages, run
+
+    root = make_project(tmp_path / "project")
+    run(["kedro", "dvc", "generate", "--env", "tiny"], root)
+    init_repo(root)
+    # conf/local is not the stages' Kedro environment (`--env=tiny`), yet its credentials count.
+    (root / "conf" / "local" / "credentials.yml").write_text(f"huggingface:\n  token: {TOKEN}\n")
+    holder_file = root / LOCK_DIR / HOLDER_FILE
+    repro_env = env()
+    repro_env.pop("HF_TOKEN", None)
+    repro_env["COLUMNS"] = "400"  # rich wraps log lines at the terminal width
+    repro_log = tmp_path / "repro.log"
+    with repro_log.open("w") as log_file:
+        repro = subprocess.Popen(
+            ["dvc", "repro", "tokenize_conversations"],  # six stages, one `kedro run` each
+            cwd=root,
+            env=repro_env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    # Wait for the second stage to hold the lock: it took it from the `dvc repro` that the
+    # first stage handed it to.
+    commands, deadline = [], time.monotonic() + 600
+    while len(commands) < 2:
+        assert repro.poll() is None, repro_log.read_text()[-6000:]
+        assert time.monotonic() < deadline
+        try:
+            holder = json.loads(holder_file.read_text())
+        except (OSError, ValueError):
+            holder = {}
+        stage = holder.get("session") and holder["pid"] != holder["session"]["pid"]
+        if stage and holder["command"] not in commands:
+            commands.append(holder["command"])
+        time.sleep(0.1)
+    user = start_kedro(root, "--nodes", "ingest_records")
+    # Meanwhile, probe the lock from outside the repro: never taken, also between two stages.
+    refusals = []
+    while repro.poll() is None:
+        try:
+            RunLock(root).acquire()
+        except RunLockedError as exc:
+            refusals.append(str(exc))
+        else:
+            raise AssertionError("took the lock of a running dvc repro")
+        time.sleep(0.2)
+    between = [r for r in refusals if "between two of its stages" in r]
+    print(f"{len(refusals)} probes refused, {len(between)} of them between two stages")
+    assert between, refusals[-3:]
+    user_out = communicate(user)
+    repro_out = repro_log.read_text()
+    assert repro.returncode == 0, repro_out[-6000:]
+    assert user.returncode != 0, user_out[-4000:]
+    assert "another run of this project is in progress" in user_out
+    assert f"pid {repro.pid}" in user_out and "dvc repro tokenize_conversations" in user_out
+    assert len(ran_stages(repro_out)) == 6
+    assert "credentials from conf/local/credentials.yml: HF_TOKEN" in " ".join(repro_out.split())
+    assert TOKEN not in repro_out and TOKEN not in user_out
+
+    # Once `dvc repro` has ended, the lock is free again, without a takeover warning.
+    lock = RunLock(root)
+    with caplog.at_level(logging.WARNING, logger="sft_pipeline.run.lock"):
+        lock.acquire()
+    lock.release()
+    assert "taking over" not in caplog.text

@@ -50,6 +50,7 @@ LOCK_DIR = ".sft_pipeline"
 LOCK_FILE = "run.lock"
 HOLDER_FILE = "run.lock.json"
 RUN_TOKEN_ENV = "SFT_PIPELINE_RUN_TOKEN"
+SESSION_WAIT_S = 5.0
 LOCK_DIR_ENV = "SFT_PIPELINE_LOCK_DIR"
 # The mount table the lock folder's file system type is read from (a test points it elsewhere).
 MOUNTS_TABLE = Path("/proc/mounts")
@@ -219,15 +220,17 @@ class RunLock:
         self.check_filesystem()
         self.folder.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(self.lock_path), timeout=0)
+        session = dvc_session()
         try:
-            lock.acquire()
+            # A DVC stage waits a moment: a run refused between two stages holds the flock for
+            # the few milliseconds it takes to read who holds the lock.
+            lock.acquire(timeout=SESSION_WAIT_S if session else 0, poll_interval=0.05)
         except Timeout:
             raise RunLockedError(
                 f"another run of this project is in progress ({describe(self.read_holder())}); "
                 f"one run at a time: wait for it to finish, or stop it (lock: {self.lock_path})"
             ) from None
         try:
-            session = dvc_session()
             previous = self.read_holder()
             if previous and previous.get("pid") != os.getpid():
                 self._check_previous(previous, session)
