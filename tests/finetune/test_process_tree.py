@@ -5,11 +5,14 @@ the next run resumes to the adapter of a run that was never interrupted.
 The runs are real processes (`train_process.py` holding the project's run lock, as `kedro run`
 does, then `accelerate launch` with two gloo ranks on the CPU). Every rank pauses once it has
 saved checkpoint 4 (a `sitecustomize` in the test's copy of the package, active only in ranks of
-this test), so the kill lands with both ranks alive and a complete checkpoint on disk.
+this test), so the kill lands with both ranks alive and a complete checkpoint on disk. The base
+model's manifest asks for remote code and the runs allow it (`model.trust_remote_code`): every
+rank must get that permission, or it refuses to load the model.
 """
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from pathlib import Path
@@ -65,15 +68,19 @@ def test_sigkill_of_the_launcher_leaves_no_rank_alive_and_the_next_run_resumes_e
 ):
     import psutil
 
-    code = job_files[3]
+    base, code = job_files[0], job_files[3]
     (code / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    manifest = json.loads((base / "manifest.json").read_text())
+    (base / "manifest.json").write_text(json.dumps({**manifest, "trust_remote_code": True}))
     project = tmp_path / "project"
     project.mkdir()
 
     def values(folder: Path) -> dict:
         return training(folder, max_steps=8, num_processes=2, per_device_train_batch_size=2)
 
-    straight = TrainRun(tmp_path, "straight", job_files, values(tmp_path / "a"))
+    straight = TrainRun(
+        tmp_path, "straight", job_files, values(tmp_path / "a"), trust_remote_code=True
+    )
     straight.finish()
 
     marker = tmp_path / "ranks.stopped"
@@ -84,6 +91,7 @@ def test_sigkill_of_the_launcher_leaves_no_rank_alive_and_the_next_run_resumes_e
         values(tmp_path / "b"),
         env={"SFT_TEST_STOP_AFTER_SAVE": "4", "SFT_TEST_MARKER": str(marker)},
         run_lock=str(project),
+        trust_remote_code=True,
     )
     deadline = time.monotonic() + 600
     ranks = [Path(f"{marker}.{rank}") for rank in (0, 1)]
@@ -109,7 +117,12 @@ def test_sigkill_of_the_launcher_leaves_no_rank_alive_and_the_next_run_resumes_e
     assert not left, [p.cmdline() for p in left]
 
     resumed = TrainRun(
-        tmp_path, "resumed", job_files, values(tmp_path / "b"), run_lock=str(project)
+        tmp_path,
+        "resumed",
+        job_files,
+        values(tmp_path / "b"),
+        run_lock=str(project),
+        trust_remote_code=True,
     )
     summary = resumed.finish()
     assert str(summary["resumed_from"]).endswith("checkpoint-4"), resumed.output()[-4000:]
@@ -118,3 +131,21 @@ def test_sigkill_of_the_launcher_leaves_no_rank_alive_and_the_next_run_resumes_e
     difference = max_difference(resumed.adapter(), straight.adapter())
     print(f"max |resumed - uninterrupted| 2-process adapter difference: {difference:.3g}")
     assert difference <= 1e-6
+
+
+def test_the_runs_remote_code_permission_travels_to_the_launched_processes(tmp_path, monkeypatch):
+    from sft_pipeline.finetune import launch
+    from sft_pipeline.model import loading
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"trust_remote_code": True}))
+    work = tmp_path / ".launch"
+    work.mkdir()
+    for allowed in (True, False):
+        loading.allow_remote_code(allowed)
+        prepared = {"fingerprint": "f", "resume_from": None, **launch.permissions()}
+        (work / launch.PREPARED_FILE).write_text(json.dumps(prepared))
+        loading.allow_remote_code(not allowed)  # a fresh rank process knows nothing ...
+        launch.apply_permissions(json.loads((work / launch.PREPARED_FILE).read_text()))
+        assert loading.remote_code_allowed() is allowed  # ... until it reads prepared.json
+    with pytest.raises(loading.ModelResolutionError, match=r"model\.trust_remote_code"):
+        loading.trust_remote_code(tmp_path)

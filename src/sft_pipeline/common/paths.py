@@ -16,8 +16,10 @@ import os
 import re
 from pathlib import Path, PurePosixPath
 
+from sft_pipeline.common.errors import UserError
 
-class UnsafePathError(ValueError):
+
+class UnsafePathError(UserError, ValueError):
     """A path read from a file or a parameter would leave the folder it must stay in."""
 
 

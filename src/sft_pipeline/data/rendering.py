@@ -27,6 +27,7 @@ from jinja2 import TemplateError
 
 from sft_pipeline.common import processes
 from sft_pipeline.common.config import TemplateConfig
+from sft_pipeline.common.errors import UserError
 from sft_pipeline.data.records import loads_tools
 from sft_pipeline.data.templating import ChatTemplateError, Renderer
 
@@ -41,7 +42,7 @@ RECORD_TIMEOUT_S = 60.0
 _RENDERER: Renderer | None = None
 
 
-class RenderWorkerError(RuntimeError):
+class RenderWorkerError(UserError, RuntimeError):
     """A render worker process ended (killed, out of memory) before returning its batch."""
 
 

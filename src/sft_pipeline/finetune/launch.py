@@ -103,6 +103,16 @@ class FolderArtifact:
         shutil.copytree(self.folder, path, dirs_exist_ok=True)
 
 
+def permissions() -> dict[str, bool]:
+    """What this run allows that a launched process must allow too (`model.trust_remote_code`)."""
+    return {"trust_remote_code": loading.remote_code_allowed()}
+
+
+def apply_permissions(prepared: dict) -> None:
+    """In a launched process: allow what the run that wrote `prepared.json` allows."""
+    loading.allow_remote_code(bool(prepared.get("trust_remote_code")))
+
+
 def train_in_processes(job: TrainJob) -> Result:
     fingerprint, resume_from = run_state.prepare_run(job)
     # One fixed folder, emptied per launch, so launches do not pile up; the fingerprint
@@ -113,7 +123,7 @@ def train_in_processes(job: TrainJob) -> Result:
     prepared = {
         "fingerprint": fingerprint,
         "resume_from": str(resume_from) if resume_from else None,
-        "trust_remote_code": loading.remote_code_allowed(),
+        **permissions(),
     }
     # Written last and atomically: worker machines start training when it appears.
     write_text(work / PREPARED_FILE, json.dumps(prepared, indent=2))

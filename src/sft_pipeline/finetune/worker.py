@@ -21,9 +21,8 @@ from sft_pipeline.common import processes
 from sft_pipeline.common.atomic import write_text
 from sft_pipeline.common.errors import TrainingDivergedError
 from sft_pipeline.finetune.job import TrainJob
-from sft_pipeline.finetune.launch import DIVERGED_FILE, PREPARED_FILE
+from sft_pipeline.finetune.launch import DIVERGED_FILE, PREPARED_FILE, apply_permissions
 from sft_pipeline.finetune.workflow import train_here
-from sft_pipeline.model import loading
 
 WAIT_TIMEOUT_S = float(os.environ.get("SFT_PIPELINE_LAUNCH_WAIT_S", "3600"))
 
@@ -46,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     job = TrainJob.load(work)
     prepared = json.loads((work / PREPARED_FILE).read_text())
     resume_from = Path(prepared["resume_from"]) if prepared["resume_from"] else None
-    loading.allow_remote_code(bool(prepared.get("trust_remote_code")))
+    apply_permissions(prepared)
     try:
         artifact, history, summary = train_here(
             job, prepared=(prepared["fingerprint"], resume_from)
