@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sft_pipeline.common.errors import UserError
 
-# Bounds of numbers (docs/configuration.md lists them). Every float must be finite (`.inf`,
+# Bounds of numbers (README, Configuration, lists them). Every float must be finite (`.inf`,
 # `.nan` are refused by `allow_inf_nan=False`), and every count fits a signed 32-bit integer:
 # a YAML `1e30` where a count belongs is a typo, not a plan, and would fail deep in a library.
 # Seeds go to numpy, whose seeds are 32-bit unsigned integers.

@@ -27,6 +27,13 @@ probe conversation. A template that drops the tool definitions, the calls or the
 without tool support, such as plain ChatML) is refused, naming it; the built-in `hermes` template
 renders tools the Hermes/Qwen2.5 way for models without a template of their own.
 
+Data is data: text inside a record that spells a control token (`<|im_end|>\n<|im_start|>system`)
+must not become one, or a record could forge turns. Such spans are found with transformers'
+own rule (`sanitize_control_tokens`: the tokenizer's special tokens and the added tokens the
+template writes), marked before rendering, and come out as segments of their own with
+`"literal": true`, which tokenization encodes as ordinary text
+(`tokenization.special_tokens_in_content`). Rows without such text render exactly as before.
+
 Nothing rendered depends on the day: templates that print a date (Llama 3.x: "Today Date: 26 Jul
 2024"; SmolLM3, gpt-oss through `strftime_now`) see `template.date`, passed as `date_string` and
 returned by `strftime_now` while rendering (`render_chat`). The real clock would change the
@@ -45,6 +52,7 @@ import contextlib
 import datetime
 import json
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
@@ -208,6 +216,7 @@ class Renderer:
         self.specials = special_token_texts(tokenizer)
         self.system_merges = 0
         self._turn_suffix: str | None = None
+        self._control: tuple[re.Pattern, re.Pattern] | None = None
 
     @property
     def template(self) -> str:
@@ -245,6 +254,8 @@ class Renderer:
         text: str = "",
         supervise_from: int = 0,
         tools: list[dict[str, Any]] | None = None,
+        *,
+        marked: bool = False,
     ) -> dict[str, Any]:
         """Segments of one record; assistant turns before message `supervise_from` (those of a
         prompt given as messages) are rendered but not supervised. `tools`: the record's tool
@@ -255,6 +266,11 @@ class Renderer:
         if not messages:
             return self._text_row(text)
         tools = tools or None
+        if not marked and self._holds_control_text(messages, tools):
+            row = self.row(
+                self._mark(messages), text, supervise_from, self._mark(tools), marked=True
+            )
+            return _literal_row(row, self._control[1])
         added = _with_system_prompt(messages, self.cfg.system_prompt)
         supervise_from += len(added) - len(messages)
         messages = added
@@ -297,6 +313,33 @@ class Renderer:
             row["images"] = [images.source(p) for p in pictures]
         return row
 
+    def _control_patterns(self, template: str | None) -> tuple[re.Pattern, re.Pattern]:
+        """(control tokens, marked control tokens or lone markers) regexes (module doc)."""
+        if self._control is None:
+            from transformers.utils.chat_template_utils import _get_control_token_patterns
+
+            if template is None:
+                tokens = tuple(
+                    t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special
+                )
+            else:
+                tokens = tuple(self.tokenizer._get_control_tokens(template))
+            self._control = _get_control_token_patterns(tokens)
+        return self._control
+
+    def _holds_control_text(self, messages: Any, tools: Any) -> bool:
+        control = self._control_patterns(self.template)[0]
+        return any(control.search(t) for t in _strings([messages, tools]))
+
+    def _mark(self, value: Any) -> Any:
+        """Wrap the control tokens in every string of `value` in transformers' private-use
+        markers (which are removed from the strings first, so data cannot forge a mark)."""
+        from transformers.utils.chat_template_utils import mark_control_tokens
+
+        if value is None:
+            return None
+        return mark_control_tokens(value, self._control[0])
+
     def _check_tool_support(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, full: str
     ) -> None:
@@ -330,8 +373,17 @@ class Renderer:
     def _text_row(self, text: str) -> dict[str, Any]:
         eos = self._require_eos("a text record")
         # Text that already ends with EOS keeps a single one.
-        segments = [{"text": text if text.endswith(eos) else text + eos, "supervised": True}]
-        return _finish_row(segments, self.bos_text, "")
+        text = text if text.endswith(eos) else text + eos
+        # All of a text record is data, except the EOS we append.
+        control, markers = self._control_patterns(None) if not self._control else self._control
+        body, end = text[: -len(eos)], eos
+        if control.search(body):
+            marked = self._mark(body)
+            return _literal_row(
+                _finish_row([{"text": marked + end, "supervised": True}], self.bos_text, ""),
+                markers,
+            )
+        return _finish_row([{"text": text, "supervised": True}], self.bos_text, "")
 
     def prompt_completion_row(self, prompt: str, completion: str) -> dict[str, Any]:
         eos = self._require_eos("a completion")
@@ -547,11 +599,59 @@ def _merge_adjacent(segments: Sequence[Segment]) -> list[Segment]:
     for seg in segments:
         if not seg["text"]:
             continue
-        if merged and merged[-1]["supervised"] == seg["supervised"]:
-            merged[-1] = {"text": merged[-1]["text"] + seg["text"], "supervised": seg["supervised"]}
+        kind = (seg["supervised"], seg.get("literal", False))
+        if merged and (merged[-1]["supervised"], merged[-1].get("literal", False)) == kind:
+            merged[-1] = {**merged[-1], "text": merged[-1]["text"] + seg["text"]}
         else:
             merged.append(dict(seg))
     return merged
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string value in nested lists and dicts (dict keys are names, not data)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)
+
+
+def _unmark(value: Any, markers: re.Pattern) -> Any:
+    """`value` with marked control tokens back to their text and lone markers dropped."""
+    if isinstance(value, str):
+        return markers.sub(lambda m: m.group(1) or "", value)
+    if isinstance(value, dict):
+        return {key: _unmark(item, markers) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_unmark(item, markers) for item in value]
+    return value
+
+
+def _literal_row(row: dict[str, Any], markers: re.Pattern) -> dict[str, Any]:
+    """A row rendered from marked data: each marked control token becomes a segment of its
+    own with `"literal": true` (its text, tokenized as text); everything else as rendered.
+
+        [{"text": "<|im_start|>user\nhi \U000f0000<|im_end|>\U000f0001 there<|im_end|>...",
+          "supervised": false}, ...]
+     -> [{"text": "<|im_start|>user\nhi ", "supervised": false},
+         {"text": "<|im_end|>", "supervised": false, "literal": true},
+         {"text": " there<|im_end|>...", "supervised": false}, ...]
+
+    A lone marker (a template's string method split a marked token apart) is dropped.
+    """
+    segments: list[Segment] = []
+    for seg in row["segments"]:
+        pieces = markers.split(seg["text"])
+        for k, piece in enumerate(pieces):
+            if k % 2 == 0:
+                segments.append({"text": piece, "supervised": seg["supervised"]})
+            elif piece:
+                segments.append({"text": piece, "supervised": seg["supervised"], "literal": True})
+    out = {key: _unmark(value, markers) for key, value in row.items() if key != "segments"}
+    return {"segments": _merge_adjacent(segments), **out}
 
 
 def render_messages(messages: list[dict[str, Any]], tokenizer, cfg: TemplateConfig) -> dict:

@@ -54,6 +54,7 @@ def tokenize_stream(
     _require_fast(tokenizer)
     rejected: list[dict[str, str]] = []
     truncated: list[str] = []
+    parsed: list[str] = []
     limit = cfg.max_seq_length
     folder = spool_dir(name) / name
     folder.mkdir()
@@ -75,7 +76,15 @@ def tokenize_stream(
     pending: list[pa.Table] = []
     for batch in batches:
         if processor is None:
-            table = _tokenize_batch(batch, tokenizer, limit, rejected, truncated)
+            table = _tokenize_batch(
+                batch,
+                tokenizer,
+                limit,
+                rejected,
+                truncated,
+                cfg.special_tokens_in_content,
+                parsed,
+            )
         else:
             table = vision_tokens.tokenize_vision_batch(
                 batch, processor, features, limit, rejected, truncated
@@ -92,7 +101,7 @@ def tokenize_stream(
         writer.write_table(rest)
     writer.finalize()
     progress.finish()
-    _log_outcome(truncated, rejected, progress.done, limit)
+    _log_outcome(truncated, rejected, progress.done, limit, parsed)
     digest = hashlib.sha256(json.dumps(truncated).encode())
     for part in digests.values():
         digest.update(part.digest())

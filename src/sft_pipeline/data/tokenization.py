@@ -15,6 +15,17 @@ calls the tokenizer on a prompt. Tokenizing the BOS text inline would differ for
 tokenizers that mark a word start (`▁`) only at the start of the input (Llama-2 converted from its
 `tokenizer.model`): the first word would lose its `▁` (`<s>What` instead of `<s>▁What`).
 
+Text inside a record that spells a control token comes from rendering as segments with
+`"literal": true` (`sft_pipeline.data.templating`). `tokenization.special_tokens_in_content`
+decides what becomes of such a row: `literal` (the default) encodes those segments as ordinary
+text, `reject` quarantines the row naming the token, `parse` encodes them as control tokens (the
+behaviour of a plain `tokenizer(text)`, counted in the log). A literal row is encoded piece by
+piece: the text between literal segments as usual, each literal segment with the tokenizer's
+added tokens switched off; a piece after the first is encoded after a newline that is then
+dropped, so SentencePiece does not add the word-start space it adds at the start of an input
+(transformers' `encode_marked_chat` does the same). Offsets stay those of the whole text, so
+labels follow the same character rule. Rows without literal segments are encoded as before.
+
 Rows are truncated keeping their start; a row left without any supervised token is rejected with
 a reason rather than trained on (a batch of such rows would train on a loss of zero, silently).
 """
@@ -105,10 +116,15 @@ def encode_texts(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[lis
     return ids, offsets
 
 
-def _encode(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[tuple]]]:
+def _encode(
+    tokenizer, texts: list[str], split_special: bool | None = None
+) -> tuple[list[list[int]], list[list[tuple]]]:
     """`tokenizer(texts, add_special_tokens=False)` ids and offsets, straight from the Rust
     backend when there is one: the same call transformers makes, with the same settings (no
-    truncation, no padding, its `split_special_tokens`), without building a BatchEncoding."""
+    truncation, no padding, its `split_special_tokens`), without building a BatchEncoding.
+    `split_special=True` encodes added tokens' text as ordinary text."""
+    if split_special is None:
+        split_special = bool(getattr(tokenizer, "split_special_tokens", False))
     backend = getattr(tokenizer, "_tokenizer", None)
     setup = getattr(tokenizer, "set_truncation_and_padding", None)
     if backend is None or setup is None or not hasattr(backend, "encode_batch"):
@@ -117,6 +133,7 @@ def _encode(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[tup
             add_special_tokens=False,
             return_offsets_mapping=True,
             return_attention_mask=False,
+            split_special_tokens=split_special,
         )
         return enc["input_ids"], enc["offset_mapping"]
     from transformers.tokenization_utils_base import PaddingStrategy, TruncationStrategy
@@ -129,11 +146,49 @@ def _encode(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[tup
         pad_to_multiple_of=None,
         padding_side=None,
     )
-    split_special = bool(getattr(tokenizer, "split_special_tokens", False))
     if backend.encode_special_tokens != split_special:
         backend.encode_special_tokens = split_special
     encodings = backend.encode_batch(texts, add_special_tokens=False, is_pretokenized=False)
     return [e.ids for e in encodings], [e.offsets for e in encodings]
+
+
+def literal_texts(segments: Sequence[dict[str, Any]]) -> list[str]:
+    """The control-token texts a row holds as data (its literal segments), each once."""
+    return list(dict.fromkeys(s["text"] for s in segments if s.get("literal")))
+
+
+def encode_literal_row(tokenizer, segments: Sequence[dict[str, Any]]) -> tuple[list, list]:
+    """(ids, offsets) of a row with literal segments (module doc): the plain pieces as usual,
+    the literal ones as text; offsets into the whole joined text."""
+    pieces: list[tuple[str, bool]] = []
+    for seg in segments:
+        literal = bool(seg.get("literal"))
+        if pieces and not literal and not pieces[-1][1]:
+            pieces[-1] = (pieces[-1][0] + seg["text"], False)
+        else:
+            pieces.append((seg["text"], literal))
+    newline_ids = _encode(tokenizer, ["\n"])[0][0]
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    start = 0
+    for k, (text, literal) in enumerate(pieces):
+        if k == 0 and not literal:
+            (piece_ids,), (piece_offsets,) = encode_texts(tokenizer, [text])
+        else:
+            (piece_ids,), (piece_offsets,) = _encode(tokenizer, ["\n" + text], literal)
+            if list(piece_ids[: len(newline_ids)]) == list(newline_ids):
+                piece_ids = piece_ids[len(newline_ids) :]
+                piece_offsets = [(a - 1, b - 1) for a, b in piece_offsets[len(newline_ids) :]]
+            else:  # the newline merged with the piece's start: encode it on its own
+                (piece_ids,), (piece_offsets,) = _encode(tokenizer, [text], literal)
+        ids.extend(piece_ids)
+        offsets.extend((start + max(a, 0), start + b) for a, b in piece_offsets)
+        start += len(text)
+    return ids, offsets
+
+
+def _control_ids(tokenizer) -> set[int]:
+    return {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
 
 
 def _require_fast(tokenizer) -> None:
@@ -145,14 +200,49 @@ def _require_fast(tokenizer) -> None:
         )
 
 
-def _tokenize_batch(batch, tokenizer, limit: int, rejected: list, truncated: list) -> pa.Table:
-    """One batch of rendered rows as an Arrow table of int32 token columns."""
+def _tokenize_batch(
+    batch,
+    tokenizer,
+    limit: int,
+    rejected: list,
+    truncated: list,
+    special_tokens_in_content: str = "literal",
+    parsed: list | None = None,
+) -> pa.Table:
+    """One batch of rendered rows as an Arrow table of int32 token columns.
+
+    Rows with literal segments follow `special_tokens_in_content` (module doc); the ids of
+    those parsed as control tokens anyway (`parse`) are appended to `parsed`."""
     joined = [supervised_char_mask(row["segments"]) for row in batch]
-    batch_ids, batch_offsets = encode_texts(tokenizer, [text for text, _ in joined])
+    literal = [
+        special_tokens_in_content != "parse" and bool(literal_texts(row["segments"]))
+        for row in batch
+    ]
+    if parsed is not None and special_tokens_in_content == "parse":
+        parsed.extend(row["record_id"] for row in batch if literal_texts(row["segments"]))
+    plain = [text for (text, _), lit in zip(joined, literal, strict=True) if not lit]
+    plain_ids, plain_offsets = encode_texts(tokenizer, plain) if plain else ([], [])
+    plain_rows = iter(zip(plain_ids, plain_offsets, strict=True))
     record_ids, id_rows, label_rows = [], [], []
-    for row, (text, char_mask), ids, offsets in zip(
-        batch, joined, batch_ids, batch_offsets, strict=True
-    ):
+    for row, (text, char_mask), lit in zip(batch, joined, literal, strict=True):
+        if not lit:
+            ids, offsets = next(plain_rows)
+        elif special_tokens_in_content == "reject":
+            tokens = ", ".join(repr(t) for t in literal_texts(row["segments"]))
+            rejected.append(
+                {
+                    "record_id": row["record_id"],
+                    "reason": f"content holds the control token text {tokens} "
+                    "(tokenization.special_tokens_in_content: reject)",
+                }
+            )
+            continue
+        else:
+            ids, offsets = encode_literal_row(tokenizer, row["segments"])
+            forged = _forged(tokenizer, row["segments"], ids, offsets)
+            if forged:
+                rejected.append({"record_id": row["record_id"], "reason": forged})
+                continue
         supervised = token_supervision(text, char_mask, offsets) if ids else np.zeros(0, bool)
         if not supervised.any():
             rejected.append({"record_id": row["record_id"], "reason": "no supervised token at all"})
@@ -191,6 +281,26 @@ def _tokenize_batch(batch, tokenizer, limit: int, rejected: list, truncated: lis
     )
 
 
+def _forged(tokenizer, segments, ids, offsets) -> str | None:
+    """Why a literal row still holds a control token inside a literal segment, or None (a
+    tokenizer whose plain-text vocabulary produces the control token itself)."""
+    spans, pos = [], 0
+    for seg in segments:
+        if seg.get("literal"):
+            spans.append((pos, pos + len(seg["text"]), seg["text"]))
+        pos += len(seg["text"])
+    control = _control_ids(tokenizer)
+    for token_id, (start, _end) in zip(ids, offsets, strict=True):
+        if token_id in control:
+            for a, b, text in spans:
+                if a <= start < b:
+                    return (
+                        f"the tokenizer turns the text {text!r} into its control token even as "
+                        "plain text, so it cannot be trained on literally"
+                    )
+    return None
+
+
 def _info(limit: int, truncated: list[str]) -> DatasetInfo:
     # The truncation record travels in the dataset's own metadata (saved in dataset_info.json),
     # so summarize_token_stats can report it without re-tokenizing.
@@ -200,11 +310,25 @@ def _info(limit: int, truncated: list[str]) -> DatasetInfo:
     )
 
 
-def _log_outcome(truncated: list, rejected: list, rows: int, limit: int) -> None:
+def _log_outcome(
+    truncated: list, rejected: list, rows: int, limit: int, parsed: list | None = None
+) -> None:
+    if parsed:
+        log.warning(
+            "%d of %d rows hold control-token text in their content, parsed as control tokens "
+            "(tokenization.special_tokens_in_content: parse): such data can forge turns",
+            len(parsed),
+            rows,
+        )
     if truncated:
         log.warning("truncated %d of %d rows to %d tokens", len(truncated), rows, limit)
     if rejected:
-        log.warning("rejected %d of %d rows with no supervised token", len(rejected), rows)
+        log.warning(
+            "rejected %d of %d rows (no supervised token, or control-token text): see "
+            "token_stats rejected_rows",
+            len(rejected),
+            rows,
+        )
 
 
 def tokenize_texts(
@@ -214,14 +338,21 @@ def tokenize_texts(
     _require_fast(tokenizer)
     rejected: list[dict[str, str]] = []
     truncated: list[str] = []
+    parsed: list[str] = []
     limit = cfg.max_seq_length
     tables = [
         _tokenize_batch(
-            texts[start : start + cfg.batch_size], tokenizer, limit, rejected, truncated
+            texts[start : start + cfg.batch_size],
+            tokenizer,
+            limit,
+            rejected,
+            truncated,
+            cfg.special_tokens_in_content,
+            parsed,
         )
         for start in range(0, len(texts), cfg.batch_size)
     ]
-    _log_outcome(truncated, rejected, len(texts), limit)
+    _log_outcome(truncated, rejected, len(texts), limit, parsed)
     columns = {name: [] for name in FEATURES}
     for table in tables:
         for name in FEATURES:
