@@ -2,8 +2,10 @@
 
 Each family is an `AutoModelForImageTextToText` built from a config (hidden size 32-64, images
 of 28-64 pixels), with a real tokenizer that gets its family's image tokens, the family's PIL
-image processor (torchvision is not needed) and a chat template of the family's layout. Saved
-with `save_pretrained`, the folder loads with `AutoProcessor` + `AutoModelForImageTextToText`.
+image processor (torchvision is not needed) and a chat template of the family's layout.
+Saved with `save_pretrained`, the folder loads with `AutoProcessor` + `AutoModelForImageTextToText`;
+Qwen2-VL/Qwen2.5-VL processors are built without their video part (it needs torchvision), so
+their folder loads with `sft_pipeline.model.loading.load_processor` here.
 """
 
 from __future__ import annotations
@@ -30,7 +32,21 @@ IDEFICS3_TEMPLATE = (
     "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
     "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
-VISION_FAMILIES = ("llava", "idefics3", "gemma3")
+# Qwen2-VL's layout (its own template): a default system turn, images as
+# "<|vision_start|><|image_pad|><|vision_end|>".
+QWEN2_VL_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}"
+    "<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+VISION_FAMILIES = ("llava", "idefics3", "gemma3", "qwen2_vl")
+# Tested in-process only (the same processor and rope code as Qwen2-VL, another vision tower).
+EXTRA_FAMILIES = ("qwen2_5_vl",)
 
 
 def build_vision_model(family: str, fixtures: Path, seed: int = 0):
@@ -141,8 +157,66 @@ def build_vision_model(family: str, fixtures: Path, seed: int = 0):
             boi_token_index=tokenizer.convert_tokens_to_ids("<start_of_image>"),
             eoi_token_index=tokenizer.convert_tokens_to_ids("<end_of_image>"),
         )
+    elif family in ("qwen2_vl", "qwen2_5_vl"):
+        import transformers
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            Qwen2VLImageProcessorPil,
+        )
+
+        from sft_pipeline.model.loading import image_only_processor_class
+
+        # Qwen's tokenizer is byte-level BPE like phi-2's, with Qwen2.5's special tokens.
+        qwen = json.loads(
+            (tokenizers / "chat_templates" / "qwen2.5__tokenizer_config.json").read_text()
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizers / "phi-2"))
+        tokenizer.add_special_tokens(
+            {
+                "additional_special_tokens": qwen["additional_special_tokens"],
+                "eos_token": qwen["eos_token"],
+                "pad_token": qwen["pad_token"],
+            }
+        )
+        name = "Qwen2VLProcessor" if family == "qwen2_vl" else "Qwen2_5_VLProcessor"
+        processor = image_only_processor_class(getattr(transformers, name))(
+            # 56x56 pixels: 4x4 patches of 14, merged 2x2 into 4 image tokens.
+            image_processor=Qwen2VLImageProcessorPil(
+                size={"shortest_edge": 56 * 56, "longest_edge": 56 * 56}
+            ),
+            tokenizer=tokenizer,
+            chat_template=QWEN2_VL_TEMPLATE,
+        )
+        tower = dict(depth=2, num_heads=4, patch_size=14, spatial_merge_size=2)
+        if family == "qwen2_vl":
+            tower |= dict(embed_dim=32, hidden_size=text["hidden_size"], mlp_ratio=2)
+        else:
+            tower |= dict(
+                hidden_size=32,
+                intermediate_size=64,
+                out_hidden_size=text["hidden_size"],
+                window_size=56,
+                fullatt_block_indexes=[1],
+            )
+        rope = {"rope_type": "default", "mrope_section": [2, 3, 3]}  # head_dim 16: 8 pairs
+        config = AutoConfig.for_model(
+            family,
+            vision_config=tower,
+            text_config=dict(
+                vocab_size=len(tokenizer),
+                rope_parameters=rope,
+                bos_token_id=None,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                **text,
+            ),
+            image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+            video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+            vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        )
     else:
-        raise ValueError(f"unknown vision family {family!r}; expected one of {VISION_FAMILIES}")
+        raise ValueError(
+            f"unknown vision family {family!r}; expected one of {VISION_FAMILIES + EXTRA_FAMILIES}"
+        )
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config)
     tokenizer = processor.tokenizer

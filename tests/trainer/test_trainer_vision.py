@@ -99,3 +99,79 @@ def test_packing_image_rows_is_refused_with_the_parameter_to_change(llava):
 
     with pytest.raises(ValueError, match=r"training\.packing: false"):
         refuse_packing("train_dataset", True, False)
+
+
+def _trl_rows(pictures: list) -> list[dict]:
+    return [
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image"},
+                        {"type": "text", "text": "Who is it?" * (k + 1)},
+                    ],
+                },
+                {"role": "assistant", "content": [{"type": "text", "text": f"Player {k}."}]},
+            ],
+            "images": [picture],
+        }
+        for k, picture in enumerate(pictures)
+    ]
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_vl_rows_batch_with_their_grids_and_rope_positions_as_they_run_alone(
+    family, fixtures_dir, tmp_path
+):
+    # Built without torchvision (no video part); image_grid_thw stored per row and joined per
+    # batch; the model's 3-D rope positions come from mm_token_type_ids, padded with the batch.
+    import json
+
+    import torch
+    from datasets import Dataset
+    from PIL import Image
+
+    from sft_pipeline.model.loading import load_processor
+    from sft_pipeline.trainer import SFTConfig
+    from sft_pipeline.trainer.collator import DataCollatorForSFT
+    from sft_pipeline.trainer.vision import prepare_vision_dataset
+    from tests.vision_models import save_vision_model
+
+    folder = save_vision_model(tmp_path / family, family, fixtures_dir)
+    saved = json.loads((folder / "processor_config.json").read_text())["processor_class"]
+    processor = load_processor(folder)
+    assert saved == type(processor).__name__ and not hasattr(processor, "video_processor")
+    args = SFTConfig(output_dir=str(tmp_path / "out"), max_length=256, report_to="none")
+    # A landscape and a portrait picture: two grids of different shapes.
+    landscape = Image.open(fixtures_dir / "datasets/llamafactory/mllm_demo_data/1.jpg")
+    portrait = landscape.rotate(90, expand=True)
+    dataset = Dataset.from_list(_trl_rows([landscape, portrait]))
+    rows = prepare_vision_dataset(dataset, processor, args, "t", False).to_list()
+    tokenizer = processor.tokenizer
+    for row in rows:
+        grid = row["image_grid_thw"]
+        n_image = sum(t == processor.image_token_id for t in row["input_ids"])
+        assert n_image == grid[0] * grid[1] * grid[2] // 4
+        pairs = zip(row["input_ids"], row["labels"], strict=True)
+        supervised = [t for t, label in pairs if label != -100]
+        assert tokenizer.decode(supervised).startswith("Player ")
+        assert tokenizer.decode(supervised).endswith("<|im_end|>")
+    assert rows[0]["image_grid_thw"] != rows[1]["image_grid_thw"]  # two image sizes
+    model = load_model_for(folder)
+    batch = DataCollatorForSFT(tokenizer.pad_token_id)(rows)
+    assert batch["image_grid_thw"].shape == (2, 3)
+    keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+    with torch.no_grad():
+        together = model(**{k: batch[k] for k in keys}).logits
+        for index, row in enumerate(rows):
+            alone = model(**{k: DataCollatorForSFT(tokenizer.pad_token_id)([row])[k] for k in keys})
+            n = len(row["input_ids"])
+            torch.testing.assert_close(together[index, :n], alone.logits[0], atol=1e-4, rtol=1e-4)
+
+
+def load_model_for(folder):
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()

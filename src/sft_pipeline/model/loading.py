@@ -7,12 +7,15 @@ the 4-bit choice come from `sft_pipeline.model.device`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from sft_pipeline.common.config import QuantizationConfig
 from sft_pipeline.common.errors import UserError
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -113,17 +116,80 @@ def is_vision_model(model_dir: str | os.PathLike) -> bool:
     return config.is_file() and "vision_config" in json.loads(config.read_text(encoding="utf-8"))
 
 
+def image_only_processor_class(processor_class: type) -> type:
+    """`processor_class` without its video part: same name, same saved folder, no video processor.
+
+    Qwen2-VL/Qwen2.5-VL processors take a video processor, and transformers' video processors
+    need torchvision, which does not import beside every torch build. Image-text training never
+    needs videos: this subclass builds from the image processor and the tokenizer alone, and
+    keeps the parent's class name so the folder it saves names the standard processor class
+    (`AutoProcessor` loads it wherever torchvision is installed).
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        # Only image_processor and tokenizer are attributes (ProcessorMixin reads them from this
+        # signature), so the parent's video_processor=None is dropped, never checked or saved.
+        processor_class.__init__(
+            self, image_processor, tokenizer, video_processor=None, chat_template=chat_template
+        )
+
+    return type(processor_class.__name__, (processor_class,), {"__init__": __init__})
+
+
+def _processor_class_name(model_dir: Path) -> str | None:
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        path = model_dir / name
+        if path.is_file():
+            found = json.loads(path.read_text(encoding="utf-8")).get("processor_class")
+            if found:
+                return found
+    return None
+
+
+def _image_only_processor(model_dir: Path, remote_code: bool):
+    """The folder's processor built without its video part, or None when it has no video part
+    (or is not a class transformers ships)."""
+    import transformers
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    name = _processor_class_name(model_dir)
+    processor_class = getattr(transformers, name, None) if name else None
+    if processor_class is None or "video_processor" not in processor_class.get_attributes():
+        return None
+    chat_template = None
+    for file in ("chat_template.jinja", "chat_template.json"):
+        if (model_dir / file).is_file():
+            text = (model_dir / file).read_text(encoding="utf-8")
+            chat_template = text if file.endswith(".jinja") else json.loads(text)["chat_template"]
+            break
+    return image_only_processor_class(processor_class)(
+        image_processor=AutoImageProcessor.from_pretrained(
+            str(model_dir), backend="pil", trust_remote_code=remote_code
+        ),
+        tokenizer=AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=remote_code),
+        chat_template=chat_template,
+    )
+
+
 def load_processor(model_dir: str | os.PathLike, *, allow_remote_code: bool | None = None):
     """The processor of a vision-language model folder (PIL image processors: they need no
-    torchvision), its tokenizer with a pad token and the processor's chat template."""
+    torchvision), its tokenizer with a pad token and the processor's chat template.
+
+    A processor whose video part cannot be built here (Qwen2-VL's needs torchvision) is built
+    without it (`image_only_processor_class`)."""
     from transformers import AutoProcessor
 
     model_dir = Path(model_dir)
-    processor = AutoProcessor.from_pretrained(
-        str(model_dir),
-        backend="pil",
-        trust_remote_code=trust_remote_code(model_dir, allow_remote_code),
-    )
+    remote_code = trust_remote_code(model_dir, allow_remote_code)
+    try:
+        processor = AutoProcessor.from_pretrained(
+            str(model_dir), backend="pil", trust_remote_code=remote_code
+        )
+    except (ImportError, OSError, AttributeError, ValueError) as exc:
+        processor = _image_only_processor(model_dir, remote_code)
+        if processor is None:
+            raise
+        log.info("%s: processor built without its video part (%s)", model_dir, exc)
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is None or not getattr(tokenizer, "is_fast", False):
         raise ModelResolutionError(

@@ -97,7 +97,7 @@ class SFTTrainer(Trainer):
             model = _auto_model(str(model)).from_pretrained(str(model), **init_kwargs)
         processing_class = processing_class if processing_class is not None else tokenizer
         if processing_class is None:
-            processing_class = _auto_processing(model).from_pretrained(model.config._name_or_path)
+            processing_class = _auto_processing(model, model.config._name_or_path)
         # A vision-language model's processor holds the tokenizer.
         text_tokenizer = getattr(processing_class, "tokenizer", processing_class)
         if text_tokenizer.pad_token_id is None:
@@ -371,12 +371,12 @@ def _auto_model(name: str):
     return AutoModelForImageTextToText if vision else AutoModelForCausalLM
 
 
-def _auto_processing(model):
-    from transformers import AutoProcessor
-
+def _auto_processing(model, name: str):
+    """The model's processor (without a video part it cannot build here), else its tokenizer."""
+    from sft_pipeline.model.loading import load_processor
     from sft_pipeline.trainer.vision import is_vision_model
 
-    return AutoProcessor if is_vision_model(model) else AutoTokenizer
+    return load_processor(name) if is_vision_model(model) else AutoTokenizer.from_pretrained(name)
 
 
 def _apply_peft(model: nn.Module, peft_config, args: SFTConfig) -> nn.Module:
