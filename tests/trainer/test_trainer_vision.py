@@ -94,11 +94,71 @@ def test_trl_sft_vlm_style_code_runs_with_only_the_import_changed(llava, fixture
     assert trained and all("language_model" in n for n in trained)  # vision tower frozen
 
 
-def test_packing_image_rows_is_refused_with_the_parameter_to_change(llava):
-    from sft_pipeline.trainer.vision import refuse_packing
+@pytest.mark.parametrize(
+    ("columns", "why"),
+    [
+        (["input_ids", "pixel_values", "token_type_ids"], "both ways"),
+        (["input_ids", "pixel_values", "image_grid_thw", "mm_token_type_ids"], "3-D"),
+    ],
+)
+def test_packing_rows_of_gemma3_or_qwen2_vl_is_refused_with_the_parameter_to_change(columns, why):
+    from sft_pipeline.trainer.vision import check_packing
 
-    with pytest.raises(ValueError, match=r"training\.packing: false"):
-        refuse_packing("train_dataset", True, False)
+    for packing, padding_free in ((True, False), (False, True)):
+        with pytest.raises(ValueError, match=rf"{why}.*training\.packing: false"):
+            check_packing("train_dataset", columns, packing, padding_free)
+    check_packing("train_dataset", columns, False, False)
+    check_packing("train_dataset", ["input_ids", "pixel_values"], True, True)  # LLaVA packs
+
+
+@pytest.mark.parametrize("family", ["llava", "idefics3"])
+def test_packed_image_rows_give_the_loss_of_the_same_rows_unpacked(family, fixtures_dir, tmp_path):
+    # Rows of different lengths and image counts, packed (and padding-free) into fewer rows:
+    # the positions restart and the mask keeps each row to itself, so the loss is the same.
+    import torch
+    from datasets import Dataset
+    from PIL import Image
+
+    from sft_pipeline.trainer import SFTConfig, SFTTrainer
+    from tests.vision_models import build_vision_model
+
+    model, processor = build_vision_model(family, fixtures_dir)
+    model.eval()
+    processor.tokenizer.chat_template = processor.chat_template  # as load_processor sets it
+    folder = fixtures_dir / "datasets/llamafactory/mllm_demo_data"
+    pictures = [Image.open(folder / f"{k % 3 + 1}.jpg") for k in range(5)]
+    rows = _trl_rows(pictures)
+    rows[2]["messages"][0]["content"].append({"type": "image"})  # one row with two images
+    rows[2]["images"].append(pictures[0])
+    losses = {}
+    for mode in ("padded", "packing", "padding_free"):
+        args = SFTConfig(
+            output_dir=str(tmp_path / mode),
+            max_length=2048,
+            packing=mode == "packing",
+            padding_free=mode == "padding_free",
+            per_device_train_batch_size=5,
+            report_to="none",
+            use_cpu=True,
+        )
+        data = Dataset.from_list(rows)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=processor)
+        features = list(trainer.train_dataset)
+        batch = trainer.data_collator(features)
+        if mode != "padded":
+            assert len(batch["input_ids"]) < 5 and "document_ids" in batch
+        with torch.no_grad():
+            losses[mode] = trainer.compute_loss(model, batch).item()
+            if mode == "packing":
+                # The same packed rows as one sequence each: rows see each other, loss moves.
+                batch["document_ids"] = (batch["document_ids"] > 0).long()
+                batch["position_ids"] = torch.arange(batch["input_ids"].shape[1]).expand_as(
+                    batch["input_ids"]
+                )
+                losses["leaky"] = trainer.compute_loss(model, batch).item()
+    assert losses["leaky"] != pytest.approx(losses["padded"], rel=1e-3)
+    assert losses["packing"] == pytest.approx(losses["padded"], rel=1e-5)
+    assert losses["padding_free"] == pytest.approx(losses["padded"], rel=1e-5)
 
 
 def _trl_rows(pictures: list) -> list[dict]:

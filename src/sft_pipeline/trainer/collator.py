@@ -23,7 +23,7 @@ import torch
 
 from sft_pipeline.common.labels import IGNORE_INDEX
 from sft_pipeline.trainer.packing import pack_rows
-from sft_pipeline.trainer.vision import collate_vision
+from sft_pipeline.trainer.vision import collate_vision, pack_vision_rows
 
 
 @dataclass
@@ -79,6 +79,10 @@ class DataCollatorForSFT:
         return batch
 
     def _repack(self, features: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        if "pixel_values" in features[0]:
+            # Images travel with their rows (families that cannot pack are refused earlier).
+            longest = max(len(f["input_ids"]) for f in features)
+            return pack_vision_rows(features, max(self.padding_free_capacity, longest))
         ids = [list(f["input_ids"]) for f in features]
         labels = [
             ids[i] if f.get("labels") is None else list(f["labels"]) for i, f in enumerate(features)

@@ -42,6 +42,22 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
     return bins
 
 
+def join_rows(
+    input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]]
+) -> tuple[list[int], list[int], list[int]]:
+    """One packed row of these sequences: (input_ids, labels, seq_lengths)."""
+    ids: list[int] = []
+    labs: list[int] = []
+    lengths: list[int] = []
+    for row_ids, row_labels in zip(input_ids, labels, strict=True):
+        row_labels = list(row_labels)
+        row_labels[0] = IGNORE_INDEX
+        ids.extend(row_ids)
+        labs.extend(row_labels)
+        lengths.append(len(row_ids))
+    return ids, labs, lengths
+
+
 def pack_rows(
     input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], capacity: int
 ) -> dict[str, list[Any]]:
@@ -49,15 +65,8 @@ def pack_rows(
     bins = best_fit_decreasing([len(ids) for ids in input_ids], capacity)
     packed: dict[str, list[Any]] = {"input_ids": [], "labels": [], "seq_lengths": []}
     for members in bins:
-        ids: list[int] = []
-        labs: list[int] = []
-        lengths: list[int] = []
-        for index in members:
-            row_labels = list(labels[index])
-            row_labels[0] = IGNORE_INDEX
-            ids.extend(input_ids[index])
-            labs.extend(row_labels)
-            lengths.append(len(input_ids[index]))
+        members_ids = [input_ids[i] for i in members]
+        ids, labs, lengths = join_rows(members_ids, [labels[i] for i in members])
         packed["input_ids"].append(ids)
         packed["labels"].append(labs)
         packed["seq_lengths"].append(lengths)

@@ -13,9 +13,20 @@ per family, by their shape:
     pixel_values (1, tiles, 3, H, W)       Idefics3/SmolVLM -> padded to the most tiles, stacked:
     pixel_attention_mask (1, tiles, H, W)                      (rows, tiles, ...), zeros = none
 
-Packing is refused: the image features of a packed row must line up with its image tokens
-across sequence boundaries, and families with multi-dimensional rotary positions (Qwen2-VL)
-cannot restart positions per sequence from a flat position-id row.
+Packing (and padding-free batches) where the family's attention keeps rows apart with what
+packing gives it, position ids restarting per row and the block-diagonal causal mask
+(`sft_pipeline.trainer.collator`): a packed row carries its members' images in token order,
+
+    row A  ids a1 <img> a2 a3     pixel_values (1, 3, H, W)     LLaVA: images concatenated
+    row B  ids b1 <img> b2        pixel_values (1, 3, H, W)
+    packed ids a1 <img> a2 a3 b1 <img> b2    seq_lengths [4, 3]    pixel_values (2, 3, H, W)
+           positions 0 1 2 3 0 1 2 (each row attends within itself only)
+
+    Idefics3 (1, tiles, 3, H, W) per row -> (1, tiles_A + tiles_B, 3, H, W): joined along tiles
+
+and is refused, naming why, where rows need more than that: Gemma-3's image tokens attend to
+each other both ways through a mask the model builds from a whole row's `token_type_ids`, and
+Qwen2-VL's 3-D rotary positions are built by the model from a whole row's image grids.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ import numpy as np
 import torch
 
 from sft_pipeline.data.vision_tokens import SHAPE_SUFFIX, TOKEN_KEYS
+from sft_pipeline.trainer.packing import best_fit_decreasing, join_rows
 
 log = logging.getLogger(__name__)
 
@@ -48,33 +60,101 @@ def is_vision_model(model) -> bool:
     return getattr(config, "vision_config", None) is not None
 
 
-def refuse_packing(name: str, packing: bool, padding_free: bool) -> None:
-    if packing or padding_free:
+def packing_refusal(columns: Sequence[str]) -> str | None:
+    """Why rows with these columns (the processor's outputs) cannot be packed, or None."""
+    if "token_type_ids" in columns:
+        return (
+            "its image tokens attend to each other both ways (Gemma-3) through a mask the model "
+            "builds from a whole row's token_type_ids, which a packed row's mask cannot carry"
+        )
+    if "image_grid_thw" in columns or "mm_token_type_ids" in columns:
+        return (
+            "its rotary positions are 3-D (Qwen2-VL M-RoPE), built by the model from a whole "
+            "row's image grids, so they cannot restart per packed sequence"
+        )
+    return None
+
+
+def check_packing(name: str, columns: Sequence[str], packing: bool, padding_free: bool) -> None:
+    if not (packing or padding_free):
+        return
+    reason = packing_refusal(columns)
+    if reason is not None:
         what = "packing" if packing else "padding_free"
         raise ValueError(
-            f"{name} holds images: {what} is not supported for vision-language data (a packed "
-            "row's image features must line up with its image tokens, and Qwen2-VL-style "
-            "rotary positions cannot restart per sequence); set training.packing: false and "
-            "training.padding_free: false (SFTConfig(packing=False, padding_free=False))"
+            f"{name} holds images for a model whose rows cannot be packed ({what}): {reason}; "
+            "set training.packing: false and training.padding_free: false "
+            "(SFTConfig(packing=False, padding_free=False))"
         )
 
 
 def prepare_vision_dataset(dataset, processing_class, args, name: str, packing: bool):
-    """Rows ready for the collator: pipeline tokens as they are, TRL vision rows tokenized."""
+    """Rows ready for the collator: pipeline tokens as they are, TRL vision rows tokenized;
+    packed when asked and the family allows it (module doc)."""
     from datasets import Dataset
 
-    refuse_packing(name, packing, bool(getattr(args, "padding_free", False)))
-    if "pixel_values" in dataset.column_names:
-        if args.length_column_name not in dataset.column_names:
-            lengths = [len(ids) for ids in dataset["input_ids"]]
-            dataset = dataset.add_column(args.length_column_name, lengths)
-        return dataset
-    if not hasattr(processing_class, "image_processor"):
-        raise ValueError(
-            f"{name} holds images but processing_class is a {type(processing_class).__name__}; "
-            "pass the model's processor: processing_class=AutoProcessor.from_pretrained(...)"
+    if "pixel_values" not in dataset.column_names:
+        if not hasattr(processing_class, "image_processor"):
+            raise ValueError(
+                f"{name} holds images but processing_class is a "
+                f"{type(processing_class).__name__}; pass the model's processor: "
+                "processing_class=AutoProcessor.from_pretrained(...)"
+            )
+        dataset = Dataset.from_list(_tokenize_rows(dataset, processing_class, args, name))
+    check_packing(name, dataset.column_names, packing, bool(getattr(args, "padding_free", False)))
+    if packing:
+        return _packed_dataset(dataset, args, name)
+    if args.length_column_name not in dataset.column_names:
+        lengths = [len(ids) for ids in dataset["input_ids"]]
+        dataset = dataset.add_column(args.length_column_name, lengths)
+    return dataset
+
+
+def _packed_dataset(dataset, args, name: str):
+    from datasets import Dataset, Features, Value
+    from datasets import Sequence as HFSequence
+
+    capacity = args.max_length or max(len(ids) for ids in dataset["input_ids"])
+    rows = pack_vision_rows(dataset.to_list(), capacity)
+    kept = {k: v for k, v in dataset.features.items() if k in rows[0]}
+    features = Features({**kept, "seq_lengths": HFSequence(Value("int32"))})
+    log.info("%s: packed %d rows with images into %d rows", name, len(dataset), len(rows))
+    return Dataset.from_list(rows, features=features)
+
+
+def pack_vision_rows(rows: Sequence[dict[str, Any]], capacity: int) -> list[dict[str, Any]]:
+    """Rows packed best-fit-decreasing into rows of at most `capacity` tokens, each with its
+    members' images in token order (module doc)."""
+    bins = best_fit_decreasing([len(r["input_ids"]) for r in rows], capacity)
+    shape_keys = [k for k in rows[0] if k.endswith(SHAPE_SUFFIX)]
+    packed = []
+    for members in bins:
+        group = [rows[i] for i in members]
+        ids, labels, lengths = join_rows(
+            [r["input_ids"] for r in group], [r["labels"] for r in group]
         )
-    return Dataset.from_list(_tokenize_rows(dataset, processing_class, args, name))
+        row: dict[str, Any] = {"input_ids": ids, "labels": labels, "seq_lengths": lengths}
+        for key in TOKEN_KEYS:
+            if key in rows[0]:
+                row[key] = [t for r in group for t in r[key]]
+        for shape_key in shape_keys:
+            key = shape_key[: -len(SHAPE_SUFFIX)]
+            row[key], row[shape_key] = _join_arrays(group, key, shape_key)
+        packed.append(row)
+    return packed
+
+
+def _join_arrays(group, key: str, shape_key: str) -> tuple[np.ndarray, list[int]]:
+    arrays = [
+        np.asarray(r[key]).reshape([int(d) for d in r[shape_key]])
+        for r in group
+        if list(r[shape_key]) != [0]
+    ]
+    if not arrays:
+        return np.zeros(0), [0]
+    axis = 1 if key in _BATCHED or arrays[0].ndim == 5 else 0
+    joined = np.concatenate(arrays, axis=axis)
+    return joined.reshape(-1), list(joined.shape)
 
 
 def _tokenize_rows(dataset, processor, args, name: str) -> list[dict[str, Any]]:
