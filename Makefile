@@ -36,8 +36,11 @@ tools/llamacpp/node_modules/.installed: tools/llamacpp/package.json tools/llamac
 		&& touch node_modules/.installed \
 		|| echo "llama.cpp client not installed: GGUF files are checked through transformers" >&2
 
+# Test files run in parallel, each whole on one worker (tests/conftest.py groups them).
+TEST_WORKERS ?= 2
+
 test: setup llamacpp
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .
