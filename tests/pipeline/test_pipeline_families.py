@@ -1,9 +1,12 @@
 """More model families through the real `sft` pipeline (`kedro run`), with parameters only.
 
 Each family is a tiny random model saved with a real tokenizer from the shared fixtures; the run
-fine-tunes it (LoRA, a few steps), merges and evaluates, and the merged model's logits must equal
-the base model's with the adapter applied. Base-model tokenizers (no chat template) go through
-`template.chat_template: auto`'s plain layout, which the merged tokenizer then carries.
+fine-tunes it (LoRA, a few steps), merges and exports an f16 GGUF (evaluation and the report are
+left to the other end-to-end tests): the merged model's logits must equal the base model's with
+the adapter applied, and the exported file must tokenize and predict as the merged model (the
+export's own check, by llama.cpp where its client is installed). Base-model tokenizers (no chat
+template) go through `template.chat_template: auto`'s plain layout, which the merged tokenizer
+then carries.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ FAMILIES = {
         "llama-2",
         "gemma__tokenizer_config.json",
         ["<start_of_turn>", "<end_of_turn>"],
-        {"head_dim": 16},
+        # As every real Gemma-2 (llama.cpp requires both): tied input and output embeddings, and
+        # attention scaled by the head size.
+        {"head_dim": 16, "tie_word_embeddings": True, "query_pre_attn_scalar": 16},
     ),
     # Qwen3: q/k norms.
     "qwen3": (
@@ -45,8 +50,13 @@ FAMILIES = {
 RUN_PARAMS = {
     "data": {"eval_fraction": 0.25},
     "training": {"max_steps": 2, "learning_rate": 5e-3},
-    "evaluation": {"max_samples": 1, "max_new_tokens": 4, "batch_size": 1},
+    "export": {"gguf": ["f16"]},
 }
+# Through the merge and the export: the nodes these tests check.
+NODES = (
+    "ingest_records,validate_records,split_records,prepare_base_model,render_conversations,"
+    "tokenize_conversations,train_adapter,merge_adapter,export_model"
+)
 
 
 def save_family_model(path: Path, family: str, fixtures: Path) -> Path:
@@ -85,7 +95,8 @@ def test_family_fine_tunes_through_the_pipeline_and_merges_exactly(
     model_dir = save_family_model(tmp_path / "model", family, fixtures_dir)
     project = pc.make_project(tmp_path / "project", records=12, model_dir=model_dir)
     pc.set_params(project, RUN_PARAMS)
-    pc.run([sys.executable, "-m", "kedro", "run", "--pipeline=sft", "--env", pc.TINY_ENV], project)
+    kedro = [sys.executable, "-m", "kedro", "run", "--pipeline=sft", "--env", pc.TINY_ENV]
+    pc.run([*kedro, f"--nodes={NODES}"], project)
 
     monkeypatch.chdir(project)  # the base manifest names the model folder relative to it
     models = project / "data" / "06_models"
@@ -116,3 +127,9 @@ def test_family_fine_tunes_through_the_pipeline_and_merges_exactly(
         assert "## Prompt format" in card and "'plain'" in card
     else:
         assert "## Prompt format" not in card  # its own template, unchanged
+
+    # The export checked itself (a file below the threshold fails the run): record the figure.
+    export = json.loads((models / "export" / "export.json").read_text())
+    check = export["gguf"]["f16"]["check"]
+    if check["agreement"] is not None:
+        assert check["agreement"] >= 0.95, check
