@@ -5,7 +5,8 @@ truncated file that DVC and the next run would take as complete; these write via
 
 Each also implements kedro-viz's preview protocol: a `preview()` method whose return annotation
 names the kind kedro-viz renders (`kedro viz run`, `kedro viz build --include-previews`):
-records, texts and tokens as tables of their first rows, JSON reports as JSON, plots as an
+records, texts and tokens as tables of their first rows (images by path and content hash,
+processed pixels by their shape), JSON reports as JSON, plots as an
 image, model folders as their manifest, the run report as HTML. kedro-viz reads the annotation's
 name, so these stay the plain names from `kedro_datasets._typing`.
 """
@@ -24,6 +25,7 @@ from kedro_datasets._typing import HTMLPreview, ImagePreview, JSONPreview, Table
 
 from sft_pipeline.common.atomic import atomic_path, write_text
 from sft_pipeline.data.streams import (
+    SHAPE_SUFFIX,
     JSONLines,
     RecordTable,
     move_into,
@@ -45,12 +47,44 @@ def _cell(value: Any) -> Any:
     return text if len(text) <= PREVIEW_CELL_CHARS else text[: PREVIEW_CELL_CHARS - 1] + "…"
 
 
+def _image_label(part: dict[str, Any]) -> str:
+    where = part.get("path") or ("(in the dataset)" if part.get("bytes") else "(none)")
+    return f"<image {where} sha256:{(part.get('sha256') or '?')[:12]}>"
+
+
+def _shown_images(value: Any) -> Any:
+    """The value with every image (a canonical image part, a rendered row's image source) as
+    `<image PATH sha256:PREFIX>`: a preview names images, it never inlines their bytes.
+
+        [{"role": "user", "content": [{"type": "image", "path": "img/1.jpg", "sha256": "9f2c.."},
+                                      {"type": "text", "text": "Who?"}]}]
+     -> [{"role": "user", "content": ["<image img/1.jpg sha256:9f2c..>", {"type": "text", ...}]}]
+    """
+    if isinstance(value, dict):
+        if value.get("type") == "image" or (
+            "sha256" in value and ("path" in value or "bytes" in value)
+        ):
+            return _image_label(value)
+        return {k: _shown_images(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_shown_images(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, str):
+        return _shown_images(value.tolist())
+    if isinstance(value, str) and value[:1] in "[{" and '"image"' in value:
+        try:  # records hold messages as JSON text
+            return _shown_images(json.loads(value))
+        except ValueError:
+            return value
+    return value
+
+
 def table_preview(rows: pd.DataFrame) -> dict[str, Any]:
-    """kedro-viz's table payload (pandas' `split` orientation) with shortened cells."""
+    """kedro-viz's table payload (pandas' `split` orientation) with shortened cells, images
+    shown by path and hash."""
     return {
         "index": list(range(len(rows))),
         "columns": [str(c) for c in rows.columns],
-        "data": [[_cell(v) for v in row] for row in rows.itertuples(index=False)],
+        "data": [[_cell(_shown_images(v)) for v in row] for row in rows.itertuples(index=False)],
     }
 
 
@@ -167,6 +201,16 @@ class ArrowDataset(_FileDataset):
         for column in ("input_ids", "labels"):
             if column in rows:
                 rows.insert(0, f"{column}_length", [len(v) for v in rows[column]])
+        for shape in [c for c in rows.columns if c.endswith(SHAPE_SUFFIX)]:
+            # Processed pixels are stored flat beside their shape: shown as the shape.
+            column = shape[: -len(SHAPE_SUFFIX)]
+            if column in rows:
+                kind = dataset.features[column].feature.dtype
+                rows[column] = [
+                    f"<{kind} array {list(map(int, dims))}>" if len(values) else "(no image)"
+                    for values, dims in zip(rows[column], rows[shape], strict=True)
+                ]
+                rows = rows.drop(columns=shape)
         return TablePreview(table_preview(rows))
 
 

@@ -81,3 +81,57 @@ def test_interrupted_file_write_leaves_nothing(tmp_path):
 def test_missing_model_folder_is_a_clear_error(tmp_path):
     with pytest.raises(DatasetError, match="missing or empty"):
         ModelFolderDataset(str(tmp_path / "nope")).load()
+
+
+def test_previews_name_images_by_path_and_hash_and_pixels_by_shape(tmp_path):
+    # kedro-viz tables of records, rendered texts and tokens with images: no image bytes or
+    # pixel values inlined, each image shown by its path (or "in the dataset") and hash.
+    import base64
+
+    from datasets import Dataset, Features, Sequence, Value
+
+    embedded = base64.b64encode(b"\x89PNG" + bytes(4000)).decode("ascii")
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "path": "data/01_raw/img/1.jpg", "sha256": "9f2c" + "0" * 60},
+                {"type": "image", "bytes": embedded, "sha256": "ab12" + "1" * 60},
+                {"type": "text", "text": "Who?"},
+            ],
+        },
+        {"role": "assistant", "content": [{"type": "text", "text": "Kane."}]},
+    ]
+    records = ParquetDataset(str(tmp_path / "records.parquet"))
+    records.save(pd.DataFrame({"record_id": ["r1"], "messages": [json.dumps(messages)]}))
+    cell = json.dumps(records.preview()["data"][0][1])
+    assert "<image data/01_raw/img/1.jpg sha256:9f2c00000000>" in cell
+    assert "<image (in the dataset) sha256:ab1211111111>" in cell
+    assert embedded[:40] not in cell and "Who?" in cell
+
+    texts = JSONLinesDataset(str(tmp_path / "texts.jsonl"))
+    texts.save([{"record_id": "r1", "images": [{"bytes": embedded, "sha256": "ab12" + "1" * 60}]}])
+    assert texts.preview()["data"][0][1] == '["<image (in the dataset) sha256:ab1211111111>"]'
+
+    tokens = ArrowDataset(str(tmp_path / "tokens"))
+    tokens.save(
+        Dataset.from_dict(
+            {
+                "input_ids": [[1, 2, 3], [4]],
+                "pixel_values": [[0.5] * 12, []],
+                "pixel_values_shape": [[1, 3, 2, 2], [0]],
+            },
+            features=Features(
+                input_ids=Sequence(Value("int32")),
+                pixel_values=Sequence(Value("float32")),  # as the tokens artifact stores them
+                pixel_values_shape=Sequence(Value("int64")),
+            ),
+        )
+    )
+    table = tokens.preview()
+    column = table["columns"].index("pixel_values")
+    assert [row[column] for row in table["data"]] == [
+        "<float32 array [1, 3, 2, 2]>",
+        "(no image)",
+    ]
+    assert "pixel_values_shape" not in table["columns"]

@@ -34,6 +34,9 @@ import pyarrow.parquet as pq
 log = logging.getLogger(__name__)
 
 ROW_GROUP_ROWS = 4096
+# Arrays of any shape in Arrow columns (a processor's pixel values) are stored flat, with their
+# shape in a sibling column named with this suffix: `pixel_values` + `pixel_values_shape`.
+SHAPE_SUFFIX = "_shape"
 RECORD_SCHEMA = pa.schema(
     [
         ("record_id", pa.string()),

@@ -40,6 +40,7 @@ from datasets import Sequence as HFSequence
 
 from sft_pipeline.common.labels import IGNORE_INDEX
 from sft_pipeline.data import images
+from sft_pipeline.data.streams import SHAPE_SUFFIX
 from sft_pipeline.data.tokenization import (
     FEATURES,
     encode_texts,
@@ -51,7 +52,6 @@ log = logging.getLogger(__name__)
 
 # Processor outputs with one value per token: cut and padded like the ids.
 TOKEN_KEYS = ("token_type_ids", "mm_token_type_ids")
-SHAPE_SUFFIX = "_shape"
 _TEXT_KEYS = ("input_ids", "attention_mask")
 
 
