@@ -33,6 +33,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sft_pipeline.common.ownership import CHECKPOINT_MARKER, is_own_checkpoint
+from sft_pipeline.trainer import vision
 from sft_pipeline.trainer.collator import DataCollatorForSFT
 from sft_pipeline.trainer.data_prep import prepare_dataset
 from sft_pipeline.trainer.guard import NonFiniteGuard
@@ -284,6 +285,15 @@ class SFTTrainer(Trainer):
         config = unwrap(model).config
         impl = getattr(config, "_attn_implementation", None) or "eager"
         batch, length = document_ids.shape
+        if "image_grid_thw" in inputs:
+            if "flash" in impl:
+                raise ValueError(
+                    "packed rows with 3-D rotary positions (Qwen2-VL) need sdpa or eager "
+                    "attention (model.attn_implementation), or training.packing: false"
+                )
+            model_inputs["position_ids"] = vision.packed_rope_positions(
+                unwrap(model), inputs, document_ids
+            )
         if "flash" in impl:
             # Varlen flash attention reads sequence starts from position_ids restarting at 0;
             # one flattened row per batch makes every sequence (and the padding) its own span.
@@ -367,16 +377,17 @@ def _sft_args(args: TrainingArguments | None, model) -> SFTConfig:
 def _auto_model(name: str):
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    vision = getattr(AutoConfig.from_pretrained(name), "vision_config", None) is not None
-    return AutoModelForImageTextToText if vision else AutoModelForCausalLM
+    has_vision = getattr(AutoConfig.from_pretrained(name), "vision_config", None) is not None
+    return AutoModelForImageTextToText if has_vision else AutoModelForCausalLM
 
 
 def _auto_processing(model, name: str):
     """The model's processor (without a video part it cannot build here), else its tokenizer."""
     from sft_pipeline.model.loading import load_processor
-    from sft_pipeline.trainer.vision import is_vision_model
 
-    return load_processor(name) if is_vision_model(model) else AutoTokenizer.from_pretrained(name)
+    if vision.is_vision_model(model):
+        return load_processor(name)
+    return AutoTokenizer.from_pretrained(name)
 
 
 def _apply_peft(model: nn.Module, peft_config, args: SFTConfig) -> nn.Module:
@@ -393,8 +404,6 @@ def _apply_peft(model: nn.Module, peft_config, args: SFTConfig) -> nn.Module:
             use_gradient_checkpointing=bool(args.gradient_checkpointing),
             gradient_checkpointing_kwargs=args.activation_checkpointing_kwargs,
         )
-    from sft_pipeline.trainer import vision
-
     if vision.is_vision_model(model) and peft_config.target_modules in ("all-linear", None):
         # The language model only: the vision tower and projector stay as pretrained.
         peft_config.target_modules = vision.lora_target_modules(

@@ -24,9 +24,16 @@ packing gives it, position ids restarting per row and the block-diagonal causal 
 
     Idefics3 (1, tiles, 3, H, W) per row -> (1, tiles_A + tiles_B, 3, H, W): joined along tiles
 
-and is refused, naming why, where rows need more than that: Gemma-3's image tokens attend to
-each other both ways through a mask the model builds from a whole row's `token_type_ids`, and
-Qwen2-VL's 3-D rotary positions are built by the model from a whole row's image grids.
+Qwen2-VL/Qwen2.5-VL place tokens with 3-D rotary positions (M-RoPE: time, height, width of each
+image patch; text advances all three together). The model builds them from a whole row, so for
+a packed row the trainer asks the model's own `get_rope_index` once per sequence, with that
+sequence's ids and image grids, and every sequence starts again from 0:
+
+    packed   [sys user <img x4> q | sys user <img x2> q]   image_grid_thw [[1,4,4], [1,2,4]]
+    t,h,w    0 1 2 2 2 2 4 ...    | 0 1 2 2 ...              (grids taken in token order)
+
+Packing is refused, naming why, where rows need more than that: Gemma-3's image tokens attend to
+each other both ways through a mask the model builds from a whole row's `token_type_ids`.
 """
 
 from __future__ import annotations
@@ -66,11 +73,6 @@ def packing_refusal(columns: Sequence[str]) -> str | None:
         return (
             "its image tokens attend to each other both ways (Gemma-3) through a mask the model "
             "builds from a whole row's token_type_ids, which a packed row's mask cannot carry"
-        )
-    if "image_grid_thw" in columns or "mm_token_type_ids" in columns:
-        return (
-            "its rotary positions are 3-D (Qwen2-VL M-RoPE), built by the model from a whole "
-            "row's image grids, so they cannot restart per packed sequence"
         )
     return None
 
@@ -230,6 +232,37 @@ def _pad_stack(features, key: str, shape_key: str) -> np.ndarray:
         if r is not None:
             out[k, : r.shape[1]] = r[0]
     return out
+
+
+def packed_rope_positions(model, inputs: dict[str, Any], document_ids: torch.Tensor):
+    """3-D rotary positions `(3, rows, length)` of packed rows (module doc), each sequence's from
+    the model's own `get_rope_index`; padding counts as one more (text) sequence."""
+    rope_index = next(
+        (m.get_rope_index for m in model.modules() if callable(getattr(m, "get_rope_index", None))),
+        None,
+    )
+    if rope_index is None:
+        raise ValueError(
+            f"{type(model).__name__} has 3-D rotary positions (image_grid_thw) but no "
+            "get_rope_index to build them per packed sequence; set training.packing: false and "
+            "training.padding_free: false"
+        )
+    input_ids, types = inputs["input_ids"], inputs["mm_token_type_ids"]
+    grids = iter(inputs["image_grid_thw"])
+    positions = torch.zeros((3, *input_ids.shape), dtype=torch.long, device=input_ids.device)
+    for row in range(input_ids.shape[0]):
+        for doc in torch.unique_consecutive(document_ids[row]).tolist():
+            span = document_ids[row] == doc
+            kinds = types[row, span]
+            starts = (kinds == 1) & ~torch.nn.functional.pad(kinds == 1, (1, 0))[:-1]
+            taken = [next(grids) for _ in range(int(starts.sum()))]
+            sequence, _deltas = rope_index(
+                input_ids[row, span][None],
+                mm_token_type_ids=kinds[None],
+                image_grid_thw=torch.stack(taken) if taken else None,
+            )
+            positions[:, row, span] = sequence[:, 0].to(positions.device)
+    return positions
 
 
 def _region(name: str) -> str:
