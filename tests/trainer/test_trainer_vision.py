@@ -181,11 +181,13 @@ def test_qwen_vl_rows_batch_with_their_grids_and_rope_positions_as_they_run_alon
 ):
     # Built without torchvision (no video part); image_grid_thw stored per row and joined per
     # batch; the model's 3-D rope positions come from mm_token_type_ids, padded with the batch.
+    import importlib.util
     import json
 
     import torch
     from datasets import Dataset
     from PIL import Image
+    from transformers import AutoProcessor
 
     from sft_pipeline.model.loading import load_processor
     from sft_pipeline.trainer import SFTConfig
@@ -194,9 +196,17 @@ def test_qwen_vl_rows_batch_with_their_grids_and_rope_positions_as_they_run_alon
     from tests.vision_models import save_vision_model
 
     folder = save_vision_model(tmp_path / family, family, fixtures_dir)
-    saved = json.loads((folder / "processor_config.json").read_text())["processor_class"]
+    saved = json.loads((folder / "processor_config.json").read_text())
     processor = load_processor(folder)
-    assert saved == type(processor).__name__ and not hasattr(processor, "video_processor")
+    assert saved["processor_class"] == type(processor).__name__
+    assert not hasattr(processor, "video_processor")
+    # The folder is a standard one: only the video part's torchvision is missing here.
+    assert saved["video_processor"] == saved["image_processor"]
+    if importlib.util.find_spec("torchvision") is None:
+        with pytest.raises(ImportError, match="Video processor"):
+            AutoProcessor.from_pretrained(folder, backend="pil")
+    else:
+        assert type(AutoProcessor.from_pretrained(folder)).__name__ == saved["processor_class"]
     args = SFTConfig(output_dir=str(tmp_path / "out"), max_length=256, report_to="none")
     # A landscape and a portrait picture: two grids of different shapes.
     landscape = Image.open(fixtures_dir / "datasets/llamafactory/mllm_demo_data/1.jpg")

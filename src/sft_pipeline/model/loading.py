@@ -122,8 +122,9 @@ def image_only_processor_class(processor_class: type) -> type:
     Qwen2-VL/Qwen2.5-VL processors take a video processor, and transformers' video processors
     need torchvision, which does not import beside every torch build. Image-text training never
     needs videos: this subclass builds from the image processor and the tokenizer alone, and
-    keeps the parent's class name so the folder it saves names the standard processor class
-    (`AutoProcessor` loads it wherever torchvision is installed).
+    keeps the parent's class name so the folder it saves names the standard processor class,
+    with video settings taken from the image processor's (`AutoProcessor` builds the full
+    processor from that folder wherever torchvision is installed).
     """
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
@@ -133,7 +134,17 @@ def image_only_processor_class(processor_class: type) -> type:
             self, image_processor, tokenizer, video_processor=None, chat_template=chat_template
         )
 
-    return type(processor_class.__name__, (processor_class,), {"__init__": __init__})
+    def to_dict(self) -> dict[str, Any]:
+        # The saved folder keeps the video settings a full processor needs: Qwen2-VL's video
+        # processor reads the image processor's (as the first Qwen2-VL folders have it).
+        out = processor_class.to_dict(self)
+        if "image_processor" in out:
+            out.setdefault("video_processor", dict(out["image_processor"]))
+        return out
+
+    return type(
+        processor_class.__name__, (processor_class,), {"__init__": __init__, "to_dict": to_dict}
+    )
 
 
 def _processor_class_name(model_dir: Path) -> str | None:
