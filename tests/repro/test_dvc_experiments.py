@@ -1,6 +1,7 @@
 """DVC experiments compared by their live training metrics: two `dvc exp run -S` on the shared
-tiny project (tests/project_copy.py), each listed by `dvc exp show` with its learning rate, its
-tuned eval loss and DVCLive's per-step metrics, and both drawn by `dvc plots diff`."""
+tiny project (tests/project_copy.py), each re-running exactly training and what follows it, listed
+by `dvc exp show` with its learning rate, its tuned eval loss and DVCLive's per-step metrics, and
+both drawn by `dvc plots diff`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,13 @@ import pytest
 from tests import project_copy as pc
 
 PARAMS = "conf/base/parameters_sft.yml"
+DOWNSTREAM_OF_TRAINING = {
+    "train_adapter",
+    "merge_adapter",
+    "evaluate_model",
+    "export_model",
+    "report_run",
+}
 LIVE_METRICS = "data/08_reporting/dvclive/metrics.json"
 LIVE_LOSS = "data/08_reporting/dvclive/plots/metrics/train/loss.tsv"
 RATES = {"live-lr-1e-3": 1e-3, "live-lr-4e-3": 4e-3}
@@ -32,12 +40,25 @@ def test_learning_rate_experiments_show_live_step_metrics_and_per_step_loss(
 ) -> None:
     root, _, _ = pc.reproduced_project(tmp_path_factory)
     pc.run(["dvc", "repro"], root)
+    lock = (root / "dvc.lock").read_text()
     try:
         for name, rate in RATES.items():
-            pc.run(
+            out = pc.run(
                 ["dvc", "exp", "run", "-n", name, "-S", f"{PARAMS}:training.learning_rate={rate}"],
                 root,
             )
+            # The learning rate re-runs training and what follows it, nothing before.
+            assert pc.ran_stages(out) == DOWNSTREAM_OF_TRAINING, out
+            # The new value reached the trainer (with an override file that sets `training`,
+            # only if Kedro merges environments key by key: settings.py, merge_strategy soft).
+            effective = pc.read_json(root, "data/06_models/adapter/training_params.json")
+            assert effective["training"]["learning_rate"] == pytest.approx(rate)
+        assert "data/08_reporting/metrics.json" in pc.run(
+            ["dvc", "metrics", "show", "--json"], root
+        )
+        html = root / "plots_html"
+        pc.run(["dvc", "plots", "show", "-o", str(html)], root)
+        assert "training_history.json" in (html / "index.html").read_text()
         shown = _experiments(json.loads(pc.run(["dvc", "exp", "show", "--json"], root)))
         tuned_losses = set()
         for name, rate in RATES.items():
@@ -55,5 +76,8 @@ def test_learning_rate_experiments_show_live_step_metrics_and_per_step_loss(
         loss = plots[LIVE_LOSS]
         assert sorted(r for entry in loss for r in entry["revisions"]) == sorted(RATES)
     finally:
-        # Leave the shared project at its committed parameters for the next test.
+        # Leave the shared project as it was: its parameters, its lock, and (from the cache,
+        # without re-running anything) the outputs that lock names.
         pc.run(["git", "checkout", "--", PARAMS], root)
+        (root / "dvc.lock").write_text(lock)
+        pc.run(["dvc", "checkout", "--force"], root)
