@@ -14,7 +14,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import yaml
 
 from sft_pipeline.common.config import DataConfig
 from sft_pipeline.data import ingestion
