@@ -3,6 +3,7 @@ tests: tests edit parameters, sources and data there and never touch the working
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -184,3 +185,36 @@ def reproduced_project(tmp_path_factory) -> tuple[Path, str, dict[str, bytes]]:
         snapshot = {k: v for a in DATA_ARTIFACTS for k, v in file_bytes(root, a).items()}
         _SHARED.update(project=root, output=output, snapshot=snapshot)
     return _SHARED["project"], _SHARED["output"], _SHARED["snapshot"]  # type: ignore[return-value]
+
+
+# What a test may edit in the shared project; everything else there is a DVC output.
+EDITABLE = ("conf", "data/01_raw", "src", "dvc.yaml", "dvc.lock")
+
+
+@contextlib.contextmanager
+def restored(root: Path):
+    """Run a test's edits on the shared project, then put it back as it was: the edited files
+    from a copy, and the outputs its dvc.lock names from DVC's cache (`dvc checkout`), so the
+    next test starts from a reproduced project without re-running a stage."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as keep:
+        saved = Path(keep)
+        for rel in EDITABLE:
+            source = root / rel
+            if source.is_dir():
+                shutil.copytree(source, saved / rel)
+            else:
+                (saved / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, saved / rel)
+        try:
+            yield root
+        finally:
+            for rel in EDITABLE:
+                target = root / rel
+                if target.is_dir():
+                    shutil.rmtree(target)
+                    shutil.copytree(saved / rel, target)
+                else:
+                    shutil.copy2(saved / rel, target)
+            run(["dvc", "checkout", "--force"], root)

@@ -26,7 +26,7 @@ from sft_pipeline.finetune.job import TrainJob, max_row_length, report_integrati
 from sft_pipeline.finetune.launch import accelerate_command
 from sft_pipeline.finetune.run_state import FINGERPRINT_FILE, prepare_output_dir
 from sft_pipeline.finetune.workflow import PARAMS_FILE
-from sft_pipeline.model.device import resolve_precision
+from sft_pipeline.model import device
 
 QLORA = (QuantizationConfig(load_in_4bit=True), LoraConfig(r=8, alpha=16, dropout=0.0))
 LORA = (QuantizationConfig(load_in_4bit=False), LoraConfig(r=8, alpha=16, dropout=0.0))
@@ -196,7 +196,11 @@ def test_each_method_lowers_the_training_loss(method, base_model_dir, tokens, tm
     assert losses[-1] < 0.5 * losses[0], losses
 
     assert summary["method"] == method
-    assert summary["precision"] == resolve_precision("auto")
+    # `auto` on a CPU with native bf16 times real steps in both precisions: either may win,
+    # and the summary reports the one that ran. Without native bf16 it is always fp32.
+    assert summary["precision"] == "fp32" or (
+        summary["precision"] == "bf16" and device.cpu_has_native_bf16()
+    )
     assert summary["global_step"] == 20
     assert summary["eval_loss"] is not None
     assert summary["resumed_from"] is None

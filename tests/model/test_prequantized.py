@@ -36,6 +36,7 @@ def test_prequantized_base_trains_as_qlora_and_merges_into_its_dequantized_weigh
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from sft_pipeline.common.config import DataConfig
     from sft_pipeline.pipelines.sft import nodes
 
     source = save_tiny_model(tmp_path / "tiny", "llama", initializer_range=0.2)
@@ -61,7 +62,18 @@ def test_prequantized_base_trains_as_qlora_and_merges_into_its_dequantized_weigh
     )
     assert summary["method"] == "qlora"
     adapter.save_pretrained(tmp_path / "adapter")
-    merged = nodes.merge_adapter(base_dir, tmp_path / "adapter", {}, {}, summary)
+    data = DataConfig()  # the defaults, as a run that sets no data key
+    merged = nodes.merge_adapter(
+        base_dir,
+        tmp_path / "adapter",
+        data.path,
+        data.schema_,
+        data.columns,
+        data.eval_fraction,
+        data.seed,
+        {},
+        summary,
+    )
     merged.save_pretrained(tmp_path / "merged")
 
     config = json.loads((tmp_path / "merged" / "config.json").read_text())

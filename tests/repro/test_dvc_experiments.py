@@ -39,9 +39,7 @@ def test_learning_rate_experiments_show_live_step_metrics_and_per_step_loss(
     tmp_path_factory,
 ) -> None:
     root, _, _ = pc.reproduced_project(tmp_path_factory)
-    pc.run(["dvc", "repro"], root)
-    lock = (root / "dvc.lock").read_text()
-    try:
+    with pc.restored(root):
         for name, rate in RATES.items():
             out = pc.run(
                 ["dvc", "exp", "run", "-n", name, "-S", f"{PARAMS}:training.learning_rate={rate}"],
@@ -75,9 +73,3 @@ def test_learning_rate_experiments_show_live_step_metrics_and_per_step_loss(
         plots = json.loads(pc.run(["dvc", "plots", "diff", *RATES, "--json"], root))["data"]
         loss = plots[LIVE_LOSS]
         assert sorted(r for entry in loss for r in entry["revisions"]) == sorted(RATES)
-    finally:
-        # Leave the shared project as it was: its parameters, its lock, and (from the cache,
-        # without re-running anything) the outputs that lock names.
-        pc.run(["git", "checkout", "--", PARAMS], root)
-        (root / "dvc.lock").write_text(lock)
-        pc.run(["dvc", "checkout", "--force"], root)

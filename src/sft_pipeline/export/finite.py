@@ -11,6 +11,8 @@ from typing import Any
 
 from sft_pipeline.common.errors import NonFiniteWeightsError
 
+_BLOCK = 1 << 22  # elements per finiteness check
+
 
 def require_finite(tensor: Any, name: str, where: str) -> None:
     """Raise `NonFiniteWeightsError` naming `name` (in `where`) when `tensor` (torch or numpy)
@@ -22,11 +24,14 @@ def require_finite(tensor: Any, name: str, where: str) -> None:
             return
         import torch
 
-        finite = torch.isfinite(tensor)
-        if bool(finite.all()):
+        # In blocks: `isfinite` makes temporaries of its input's size, and the merge checks a
+        # tensor at a time to keep its peak memory at about one tensor.
+        flat = tensor.reshape(-1)
+        blocks = flat.split(_BLOCK)
+        if all(bool(torch.isfinite(b).all()) for b in blocks):
             return
-        nan = int(torch.isnan(tensor).sum())
-        bad = int((~finite).sum())
+        nan = sum(int(torch.isnan(b).sum()) for b in blocks)
+        bad = sum(int((~torch.isfinite(b)).sum()) for b in blocks)
     else:
         array = np.asarray(tensor)
         if not np.issubdtype(array.dtype, np.floating):
