@@ -436,13 +436,15 @@ def test_chat_template_param_and_file_rerun_from_rendering(project: Path) -> Non
     template.write_text(CUSTOM_TEMPLATE.replace("VERB", "says"))
     pc.set_params(project, {"template": {"chat_template": "conf/tiny/chat_template.jinja"}})
     pc.run(["kedro", "dvc", "generate", "--env", pc.TINY_ENV], project)  # a new file dep
-    # The parameter invalidates rendering (downstream follows once rendering's outputs change,
-    # which the file edit below shows with a full repro)...
-    assert _changed_stages(project) == {"render_conversations"}
-    # ...and so does the file it names.
+    # The parameter invalidates rendering and the merge (whose tokenizer carries the template);
+    # downstream follows once rendering's outputs change, as the full repro below shows...
+    reading_it = {"render_conversations", "merge_adapter"}
+    assert _changed_stages(project) == reading_it
+    # ...and the file it names invalidates rendering too.
     pc.run(["dvc", "commit", "-f", "render_conversations"], project)
+    assert _changed_stages(project) == {"merge_adapter"}
     template.write_text(CUSTOM_TEMPLATE.replace("VERB", "writes"))
-    assert _changed_stages(project) == {"render_conversations"}
+    assert _changed_stages(project) == reading_it
     assert repro(project) == FROM_RENDERING
 
 
