@@ -10,15 +10,9 @@ import json
 import pytest
 
 from tests import project_copy as pc
+from tests.repro.test_dvc import DOWNSTREAM_OF_TRAINING
 
 PARAMS = "conf/base/parameters_sft.yml"
-DOWNSTREAM_OF_TRAINING = {
-    "train_adapter",
-    "merge_adapter",
-    "evaluate_model",
-    "export_model",
-    "report_run",
-}
 LIVE_METRICS = "data/08_reporting/dvclive/metrics.json"
 LIVE_LOSS = "data/08_reporting/dvclive/plots/metrics/train/loss.tsv"
 RATES = {"live-lr-1e-3": 1e-3, "live-lr-4e-3": 4e-3}
