@@ -113,7 +113,7 @@ def apply_permissions(prepared: dict) -> None:
     loading.allow_remote_code(bool(prepared.get("trust_remote_code")))
 
 
-def train_in_processes(job: TrainJob) -> Result:
+def train_in_processes(job: TrainJob, precision: device.Precision) -> Result:
     fingerprint, resume_from = run_state.prepare_run(job)
     # One fixed folder, emptied per launch, so launches do not pile up; the fingerprint
     # ignores it.
@@ -123,6 +123,7 @@ def train_in_processes(job: TrainJob) -> Result:
     prepared = {
         "fingerprint": fingerprint,
         "resume_from": str(resume_from) if resume_from else None,
+        "precision": precision,
         **permissions(),
     }
     # Written last and atomically: worker machines start training when it appears.

@@ -48,7 +48,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     apply_permissions(prepared)
     try:
         artifact, history, summary = train_here(
-            job, prepared=(prepared["fingerprint"], resume_from)
+            job,
+            prepared=(prepared["fingerprint"], resume_from),
+            precision=prepared.get("precision"),
         )
     except TrainingDivergedError as exc:
         # Every rank stops at the same step (the guard gathers all ranks' values); one tells.

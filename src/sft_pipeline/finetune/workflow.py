@@ -62,8 +62,17 @@ def train(job: TrainJob, *, callbacks: Sequence[Any] = ()) -> Result:
     if job.training.num_processes > 1:
         from sft_pipeline.finetune.launch import train_in_processes
 
-        return train_in_processes(job)
+        # Decided here, once, for every process: `auto` may time steps, and two ranks that
+        # timed differently would train in different precisions and break their collectives.
+        return train_in_processes(job, resolve_precision(job))
     return train_here(job, callbacks=callbacks)
+
+
+def resolve_precision(job: TrainJob) -> device.Precision:
+    """The precision this job trains in on this device (`device.resolve_precision`)."""
+    return device.resolve_precision(
+        job.training.precision, step_cost=functools.partial(model_setup.step_seconds, job)
+    )
 
 
 def train_here(
@@ -71,11 +80,13 @@ def train_here(
     *,
     callbacks: Sequence[Any] = (),
     prepared: tuple[dict[str, Any], Path | None] | None = None,
+    precision: device.Precision | None = None,
 ) -> tuple[TrainedArtifact, list[dict[str, Any]], dict[str, Any]]:
     """Train in this process.
 
-    `prepared` is (fingerprint, resume_from) when the launcher has already prepared the output
-    folder: the processes of one `accelerate launch` must not each clean it.
+    `prepared` is (fingerprint, resume_from) and `precision` the precision when the launcher
+    has already decided them: the processes of one `accelerate launch` must not each clean the
+    output folder, nor each decide the precision.
     """
     from transformers import set_seed
 
@@ -83,9 +94,7 @@ def train_here(
     from sft_pipeline.model.loading import load_tokenizer_or_processor
     from sft_pipeline.trainer import SFTTrainer
 
-    precision = device.resolve_precision(
-        job.training.precision, step_cost=functools.partial(model_setup.step_seconds, job)
-    )
+    precision = precision or resolve_precision(job)
     fingerprint, resume_from = prepared or run_state.prepare_run(job)
     # Seed before the model is built: LoRA's initial A matrices are random.
     set_seed(job.training.seed, deterministic=device.deterministic_kernels())
