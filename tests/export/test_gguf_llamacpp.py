@@ -29,7 +29,9 @@ INST_TEMPLATE = (
 GEMMA = {"head_dim": 16, "query_pre_attn_scalar": 16, "tie_word_embeddings": True}
 
 
-def tokenizer_for(name: str | None, fixtures: Path | None, work: Path):
+def tokenizer_for(name: str | None, fixtures: Path | None, work: Path, *, template: bool = True):
+    """The fixture tokenizer `name` (None: the tiny one); without a chat template of its own it
+    gets the `[INST]` one unless `template` is False."""
     from transformers import AutoTokenizer
 
     if name is None:
@@ -45,7 +47,7 @@ def tokenizer_for(name: str | None, fixtures: Path | None, work: Path):
         )
         (source / "tokenizer_config.json").write_text('{"tokenizer_class": "LlamaTokenizer"}')
     tokenizer = AutoTokenizer.from_pretrained(source)
-    if not tokenizer.chat_template:
+    if template and not tokenizer.chat_template:
         tokenizer.chat_template = INST_TEMPLATE
     return tokenizer
 

@@ -46,6 +46,11 @@ FAMILIES = {
     ),
     # GPT-NeoX: fused query_key_value, parallel residual.
     "gpt_neox": ("phi-2", None, [], {}),
+    # SentencePiece vocabularies: Llama-2 (base, plain layout), Mistral v3 (its [INST] control
+    # tokens), and Phi-3 with its own chat template.
+    "llama": ("llama-2", None, [], {}),
+    "mistral": ("mistral-v3", None, [], {}),
+    "phi3": ("phi-3-mini", None, [], {}),
 }
 RUN_PARAMS = {
     "data": {"eval_fraction": 0.25},
@@ -60,12 +65,11 @@ NODES = (
 
 
 def save_family_model(path: Path, family: str, fixtures: Path) -> Path:
-    from transformers import AutoTokenizer
-
     from tests.conftest import build_tiny_model
+    from tests.export.test_gguf_llamacpp import tokenizer_for
 
     tokenizer_name, template_file, specials, config = FAMILIES[family]
-    tokenizer = AutoTokenizer.from_pretrained(str(fixtures / "tokenizers" / tokenizer_name))
+    tokenizer = tokenizer_for(tokenizer_name, fixtures, path.parent, template=False)
     if specials:
         tokenizer.add_special_tokens({"additional_special_tokens": specials})
     if template_file:
@@ -122,7 +126,8 @@ def test_family_fine_tunes_through_the_pipeline_and_merges_exactly(
 
     tokenizer = AutoTokenizer.from_pretrained(models / "merged")
     card = (models / "merged" / "README.md").read_text()
-    if FAMILIES[family][1] is None:  # a base tokenizer: trained and merged with the plain layout
+    if not AutoTokenizer.from_pretrained(model_dir).chat_template:
+        # A base tokenizer: trained and merged with the plain layout.
         assert "eos_token" in tokenizer.chat_template
         assert "## Prompt format" in card and "'plain'" in card
     else:
