@@ -62,6 +62,7 @@ bench: setup
 	$(BIN)/python benchmarks/dvc_overhead.py
 	$(BIN)/python benchmarks/merge_memory.py
 	$(BIN)/python benchmarks/data_half_scale.py
+	$(BIN)/python benchmarks/vision_sft.py
 
 # Re-pin every transitive dependency after changing pyproject.toml (torch is pinned there).
 lock: setup

@@ -1,6 +1,6 @@
 """Trainer throughput: our SFTTrainer vs TRL's SFTTrainer vs a naive transformers.Trainer.
 
-One command, one run, side by side (issue 5, point 5):
+One command, one run, side by side:
 
     .venv/bin/python benchmarks/trainer_throughput.py            # 12 steps, every system
     .venv/bin/python benchmarks/trainer_throughput.py --quick    # 3 steps, 64 records, fp32 only

@@ -1,6 +1,6 @@
 """Parity with TRL 1.16 on real data: same input_ids/labels, same first-batch loss.
 
-Anchor (issue 5): TRL's loss on records [172, 55, 225, 105, 47, 214, 183, 140] of the first 256
+Anchor: TRL's loss on records [172, 55, 225, 105, 47, 214, 183, 140] of the first 256
 Alpaca records, SmolLM2-135M-Instruct, ChatML with SmolLM's default system prompt, completion =
 output + <|im_end|>, max length 512, eval mode, fp32: 1.4874865.
 """
