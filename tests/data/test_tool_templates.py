@@ -21,21 +21,9 @@ from sft_pipeline.data.rendering import render_stream
 from sft_pipeline.data.templating import ChatTemplateError, Renderer
 from sft_pipeline.data.tokenization import tokenize_texts
 from tests.conftest import build_tiny_tokenizer
+from tests.data.test_tool_records import WEATHER
 
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Current weather in a city",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string"}},
-                "required": ["city"],
-            },
-        },
-    }
-]
+TOOLS = [{"type": "function", "function": WEATHER}]
 RESULT = '{"temp": 21, "sky": "clear"}'
 REPLY = "It is 21 degrees and clear in Paris."
 MESSAGES = [

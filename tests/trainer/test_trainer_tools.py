@@ -12,22 +12,10 @@ import json
 
 import pytest
 
+from tests.data.test_tool_records import WEATHER
 from tests.trainer.test_trainer_dataset_types import our_rows, trl_rows
 
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Current weather in a city",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string"}},
-                "required": ["city"],
-            },
-        },
-    }
-]
+TOOLS = [{"type": "function", "function": WEATHER}]
 
 
 def _row(city: str, temp: int, tools_as_string: bool) -> dict:
