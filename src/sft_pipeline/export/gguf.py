@@ -153,11 +153,6 @@ def export(merged_dir: str | os.PathLike, cfg: ExportConfig) -> ExportedModel:
     return ExportedModel(merged_dir=merged_dir, cfg=cfg)
 
 
-def gguf_arch(config) -> str:
-    """The GGUF architecture a Hugging Face config is written as, or a refusal naming it."""
-    return family_of(config).arch
-
-
 def _weight_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
@@ -193,8 +188,6 @@ def _convert(array: np.ndarray, ggml_type) -> np.ndarray:
         return np.ascontiguousarray(array, dtype=np.float32)
     if ggml_type == q.F16:
         return np.ascontiguousarray(array, dtype=np.float16)
-    if ggml_type == q.BF16:
-        return gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), ggml_type)
     return gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), ggml_type)
 
 

@@ -32,15 +32,11 @@ log = logging.getLogger(__name__)
 DVCLIVE = "dvclive"
 
 
-def requested(report_to: str | list[str]) -> list[str]:
-    return as_list(report_to)
-
-
 def live_callbacks(training: TrainingConfig, *, resuming: bool) -> list[Any]:
     """The DVCLive callback when `training.report_to` names dvclive and it is installed."""
     from transformers.integrations import is_dvclive_available
 
-    if DVCLIVE not in requested(training.report_to) or not is_dvclive_available():
+    if DVCLIVE not in as_list(training.report_to) or not is_dvclive_available():
         return []
     return [LiveMetrics(Path(training.live_dir), resume=resuming)]
 

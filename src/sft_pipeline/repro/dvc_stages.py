@@ -148,6 +148,7 @@ class FileParam:
     model: type[BaseModel]
     resolver: Callable[[Any, Path], list[str]]
     reader: str = ""
+    shipped: str = ""  # a folder next to the reader module it also reads (shipped templates)
 
     @property
     def module(self) -> str:
@@ -162,7 +163,12 @@ class FileParam:
 FILE_PARAMS = (
     FileParam("data", DataConfig, ingestion.local_data_files),
     FileParam("data", DataConfig, ingestion.local_image_files),
-    FileParam("template", TemplateConfig, templating.local_template_files),
+    FileParam(
+        "template",
+        TemplateConfig,
+        templating.local_template_files,
+        shipped=templating.SHIPPED_FOLDER,
+    ),
     FileParam("model", ModelConfig, base_model.local_model_files),
 )
 
@@ -242,6 +248,19 @@ def run_command(node_name: str, env: str) -> str:
     return f"kedro run --pipelines={PIPELINE_NAME} --nodes={node_name} --env={env}"
 
 
+def _file_params(project: Project) -> Sequence[FileParam]:
+    return FILE_PARAMS if project.file_params is None else project.file_params
+
+
+def _check_readers(project: Project, graph: CodeGraph) -> None:
+    for fp in _file_params(project):
+        if graph.module_file(fp.module) is None:
+            raise DvcGenerationError(
+                f"the reader of parameter section {fp.section!r} ({fp.module}) has no source "
+                f"under {graph.source_dir}: its files would silently stop being deps"
+            )
+
+
 def build_stage(node: Any, project: Project, graph: CodeGraph) -> dict[str, Any]:
     root, package = project.root, project.package
     inputs = [i for i in node.inputs if not (i == "parameters" or i.startswith("params:"))]
@@ -256,17 +275,11 @@ def build_stage(node: Any, project: Project, graph: CodeGraph) -> dict[str, Any]
     code = graph.files(runs | graph.closure(dict.fromkeys(extra, True)))
 
     deps: list[str] = [dataset_path(i, project.catalog) for i in inputs]
-    for fp in FILE_PARAMS if project.file_params is None else project.file_params:
-        if graph.module_file(fp.module) is None:
-            raise DvcGenerationError(
-                f"the reader of parameter section {fp.section!r} ({fp.module}) has no source "
-                f"under {graph.source_dir}: its files would silently stop being deps"
-            )
+    for fp in _file_params(project):
         if (sections is None or fp.section in sections) and fp.module in runs:
             deps.extend(fp.files(project.params, root))
-            if fp.resolver is templating.local_template_files:
-                shipped = graph.module_file(fp.module).parent / templating.SHIPPED_FOLDER
-                deps.append(_rel(shipped, root))
+            if fp.shipped:
+                deps.append(_rel(graph.module_file(fp.module).parent / fp.shipped, root))
     deps.extend(sorted(_rel(p, root) for p in code))
     if (root / LOCK_FILE).is_file():
         deps.append(LOCK_FILE)
@@ -350,6 +363,7 @@ def build_dvc_yaml(pipeline: Any, project: Project) -> dict[str, Any]:
     nodes = list(pipeline.nodes)
     _check_names(nodes)
     graph = CodeGraph(project.source_dir, project.package)
+    _check_readers(project, graph)
     stages = {node.name: build_stage(node, project, graph) for node in nodes}
     images = [
         dataset_path(name, project.catalog)
