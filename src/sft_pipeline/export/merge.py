@@ -96,20 +96,16 @@ def merge(
             processor.chat_template = template[0]
         log.info("merged tokenizer gets %s as its chat template", template[1])
     adapter_config: dict[str, Any] = {}
-    if kind == "peft" and vision:
-        import torch
-
+    if kind == "peft":
         adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text("utf-8"))
+        require_finite_adapter(adapter_dir)
+    if kind == "peft" and vision:
         # The whole model through PEFT (fp32): transformers maps each family's checkpoint
         # prefixes (`language_model.model.*` and the like) both ways, and the untrained vision
         # tower and projector pass through unchanged.
-        model = merge_adapter(base_model_dir, adapter_dir, len(tokenizer))
-        stored = manifest.get("stored_dtype") or manifest.get("dtype") or "float32"
-        model = model.to(getattr(torch, stored))
+        model = _merge_whole_model(base_model_dir, adapter_dir, len(tokenizer), manifest)
         merged_into = "the base weights (whole model; vision tower and projector passed through)"
     elif kind == "peft":
-        adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text("utf-8"))
-        require_finite_adapter(adapter_dir)
         model, merged_into = merge_weights(base_model_dir, adapter_dir, len(tokenizer), merge_base)
     else:
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
@@ -152,7 +148,6 @@ def merge_weights(
     checkpoint, dequantized when it exists only in 4-bit, or into `merge_base`. Adapters only
     PEFT can merge go through `merge_adapter` (whole model, fp32).
     """
-    import torch
 
     from sft_pipeline.export import shard_merge
     from sft_pipeline.model.base_model import resolve_weights_folder
@@ -181,15 +176,23 @@ def merge_weights(
                 "merge.base_model to its full-precision original"
             ) from None
         log.warning("merging the whole model with PEFT (in fp32 memory): %s", exc)
-        model = merge_adapter(weights if merge_base else base_model_dir, adapter_dir, vocab_size)
-        require_finite_model(model, f"merging {adapter_dir} into {weights}")
-        stored = manifest.get("stored_dtype") or manifest.get("dtype") or "float32"
-        return model.to(getattr(torch, stored)), merged_into
+        source = weights if merge_base else base_model_dir
+        return _merge_whole_model(source, adapter_dir, vocab_size, manifest), merged_into
     if vocab_size > model.vocab_size:
         # The trainer added tokens (e.g. a pad token): the merged embeddings need their rows.
         model.resize_token_embeddings(vocab_size)
     log.info("merging tensor by tensor into %s (%s)", weights, merged_into)
     return model, merged_into
+
+
+def _merge_whole_model(weights: Path, adapter_dir: Path, vocab_size: int, manifest: dict):
+    """The whole model merged through PEFT in fp32, checked finite, in the base's stored dtype."""
+    import torch
+
+    model = merge_adapter(weights, adapter_dir, vocab_size)
+    require_finite_model(model, f"merging {adapter_dir} into {weights}")
+    stored = manifest.get("stored_dtype") or manifest.get("dtype") or "float32"
+    return model.to(getattr(torch, stored))
 
 
 def require_finite_adapter(adapter_dir: Path) -> None:
