@@ -460,7 +460,7 @@ def test_the_trainer_marks_its_checkpoints_and_rotates_only_its_own(
     names = sorted(p.name for p in output_dir.glob("checkpoint-*"))
     assert names == ["checkpoint-1", "checkpoint-6"]  # ours rotated down to 1; theirs kept
     marker = json.loads((output_dir / "checkpoint-6" / CHECKPOINT_MARKER).read_text())
-    assert marker == {"written_by": "sft-pipeline", "step": 6}
+    assert marker == {"written_by": "sft-pipeline", "step": 6, "precision": "fp32"}
     assert (theirs / "notes.txt").read_text() == "another tool's"
 
 
@@ -498,3 +498,18 @@ def test_auto_quantization_is_qlora_on_cuda_and_full_precision_on_cpu(monkeypatc
     # Full fine-tuning never loads 4-bit weights, and an explicit choice is kept.
     assert decided(auto, LoraConfig(enabled=False)) is False
     assert decided(QLORA[0], lora) is True
+
+
+def test_a_resumed_run_trains_in_the_precision_its_checkpoint_ran_in(tmp_path):
+    from types import SimpleNamespace
+
+    from sft_pipeline.finetune import model_setup
+
+    # `auto` may time steps in both precisions; a resumed run must not pick again half-way.
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+    marker = {"written_by": "sft-pipeline", "step": 4, "precision": "bf16"}
+    (checkpoint / CHECKPOINT_MARKER).write_text(json.dumps(marker))
+    job = SimpleNamespace(training=SimpleNamespace(precision="fp32"))
+    assert model_setup.run_precision(job, checkpoint) == "bf16"
+    assert model_setup.run_precision(job, None) == "fp32"  # a fresh run decides for itself

@@ -40,7 +40,7 @@ from pathlib import Path
 from sft_pipeline.common import processes
 from sft_pipeline.common.atomic import write_text
 from sft_pipeline.common.errors import TrainingDivergedError
-from sft_pipeline.finetune import run_state
+from sft_pipeline.finetune import model_setup, run_state
 from sft_pipeline.finetune.job import Result, TrainJob
 from sft_pipeline.model import device, loading
 
@@ -113,8 +113,11 @@ def apply_permissions(prepared: dict) -> None:
     loading.allow_remote_code(bool(prepared.get("trust_remote_code")))
 
 
-def train_in_processes(job: TrainJob, precision: device.Precision) -> Result:
+def train_in_processes(job: TrainJob) -> Result:
     fingerprint, resume_from = run_state.prepare_run(job)
+    # Decided here, once, for every process: `auto` may time steps, and two ranks that timed
+    # differently would train in different precisions and break their collectives.
+    precision = model_setup.run_precision(job, resume_from)
     # One fixed folder, emptied per launch, so launches do not pile up; the fingerprint
     # ignores it.
     work = Path(job.training.output_dir) / ".launch"

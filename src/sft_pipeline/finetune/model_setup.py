@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import json
+from pathlib import Path
+
+from sft_pipeline.common.ownership import CHECKPOINT_MARKER
 from sft_pipeline.finetune.job import TrainJob
 from sft_pipeline.model import device
 
@@ -91,3 +96,16 @@ def step_seconds(job: TrainJob, precision: device.Precision, *, repeats: int = 2
         timings.append(time.perf_counter() - start)
     del model
     return min(timings[1:])
+
+
+def run_precision(job: TrainJob, resume_from: Path | None) -> device.Precision:
+    """The precision a run trains in: the one its checkpoint ran in when it resumes (`auto` may
+    time steps, and a second timing can pick the other precision half-way through a run), else
+    `device.resolve_precision` on this device, with `auto` timed on the job's own steps."""
+    if resume_from is not None and (resume_from / CHECKPOINT_MARKER).is_file():
+        marker = json.loads((resume_from / CHECKPOINT_MARKER).read_text(encoding="utf-8"))
+        if marker.get("precision") in ("bf16", "fp16", "fp32"):
+            return marker["precision"]
+    return device.resolve_precision(
+        job.training.precision, step_cost=functools.partial(step_seconds, job)
+    )

@@ -4,8 +4,8 @@ train(job)
   decide 4-bit for this device       TrainJob.for_this_device    (sft_pipeline.model.device)
   N processes? -> accelerate launch  launch.train_in_processes   (each runs train_here)
   train_here(job)
-    resolve precision                device.resolve_precision (bf16 CPU: timed steps)
     prepare the run (resume)         run_state.prepare_run
+    resolve precision                model_setup.run_precision (the checkpoint's, or decided)
     seed, tokenizer, model           model_setup.build_model
     build the trainer                SFTTrainer(build_sft_config(job, precision), ...)
     train, evaluate the final step
@@ -14,7 +14,6 @@ train(job)
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from collections.abc import Sequence
@@ -62,17 +61,8 @@ def train(job: TrainJob, *, callbacks: Sequence[Any] = ()) -> Result:
     if job.training.num_processes > 1:
         from sft_pipeline.finetune.launch import train_in_processes
 
-        # Decided here, once, for every process: `auto` may time steps, and two ranks that
-        # timed differently would train in different precisions and break their collectives.
-        return train_in_processes(job, resolve_precision(job))
+        return train_in_processes(job)
     return train_here(job, callbacks=callbacks)
-
-
-def resolve_precision(job: TrainJob) -> device.Precision:
-    """The precision this job trains in on this device (`device.resolve_precision`)."""
-    return device.resolve_precision(
-        job.training.precision, step_cost=functools.partial(model_setup.step_seconds, job)
-    )
 
 
 def train_here(
@@ -94,8 +84,8 @@ def train_here(
     from sft_pipeline.model.loading import load_tokenizer_or_processor
     from sft_pipeline.trainer import SFTTrainer
 
-    precision = precision or resolve_precision(job)
     fingerprint, resume_from = prepared or run_state.prepare_run(job)
+    precision = precision or model_setup.run_precision(job, resume_from)
     # Seed before the model is built: LoRA's initial A matrices are random.
     set_seed(job.training.seed, deterministic=device.deterministic_kernels())
     # A vision-language model trains with its processor (saved with the adapter).

@@ -174,7 +174,12 @@ class SFTTrainer(Trainer):
         folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if self.args.should_save:
             folder.mkdir(parents=True, exist_ok=True)
-            marker = {"written_by": "sft-pipeline", "step": self.state.global_step}
+            marker = {
+                "written_by": "sft-pipeline",
+                "step": self.state.global_step,
+                # What the steps so far ran in: a resumed run goes on in the same precision.
+                "precision": "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "fp32",
+            }
             (folder / CHECKPOINT_MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
         limit = self.args.save_total_limit
         self.args.save_total_limit = None
