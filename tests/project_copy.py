@@ -64,10 +64,19 @@ def env() -> dict[str, str]:
     }
 
 
-def run(args: list[str], cwd: Path, timeout: float = 900) -> str:
-    """Run a command; on failure, fail with its whole output (the useful part is at the end)."""
+def run(
+    args: list[str], cwd: Path, timeout: float = 900, extra_env: dict[str, str] | None = None
+) -> str:
+    """Run a command (with `extra_env` added to `env()`); on failure, fail with its whole
+    output (the useful part is at the end)."""
     proc = subprocess.run(
-        args, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout, check=False
+        args,
+        cwd=cwd,
+        env={**env(), **(extra_env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
     output = proc.stdout + proc.stderr
     if proc.returncode != 0:

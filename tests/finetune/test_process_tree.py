@@ -1,30 +1,32 @@
-"""One run, one process tree: SIGKILL of the process that holds the run lock and started
-`accelerate launch` (what the OOM killer does to `kedro run`) leaves no training rank alive, and
-the next run resumes to the adapter of a run that was never interrupted.
+"""One run, one process tree: SIGKILL of the `kedro run` process of a 2-process run (what the OOM
+killer does) leaves no process of the run alive, and the next `kedro run` resumes to the adapter of
+a 2-process `kedro run` that was never interrupted.
 
-The runs are real processes (`train_process.py` holding the project's run lock, as `kedro run`
-does, then `accelerate launch` with two gloo ranks on the CPU). Every rank pauses once it has
-saved checkpoint 4 (a `sitecustomize` in the test's copy of the package, active only in ranks of
-this test), so the kill lands with both ranks alive and a complete checkpoint on disk. The base
-model's manifest asks for remote code and the runs allow it (`model.trust_remote_code`): every
-rank must get that permission, or it refuses to load the model.
+Everything is real: `kedro run --pipeline=sft --to-nodes=train_adapter` in a tiny project copy,
+which holds the run lock and starts `accelerate launch` with two gloo ranks on the CPU. Every rank
+pauses once it has saved checkpoint 4 (a `sitecustomize` in the killed project's `src`, active
+only in ranks started with the test's variable), so the kill lands with both ranks alive and a
+complete checkpoint on disk. The runs allow remote code (`model.trust_remote_code`) and the
+prepared base model records it: every rank must get that permission, or it refuses the model.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.finetune.test_kill_resume import TrainRun, job_files, max_difference, training
+from tests import project_copy as pc
+from tests.finetune.test_kill_resume import max_difference
 
-__all__ = ["job_files"]
-
-# Imported by every Python process of the test (the package copy is on PYTHONPATH); only the
-# training ranks of the killed run (RANK set, SFT_TEST_STOP_AFTER_SAVE set) do anything.
+# Imported by every Python process started with the killed project's `src` on PYTHONPATH; only
+# training ranks (RANK set) of the run with SFT_TEST_STOP_AFTER_SAVE do anything.
 SITECUSTOMIZE = """
 import os
 
@@ -47,6 +49,26 @@ if os.environ.get("SFT_TEST_STOP_AFTER_SAVE") and "RANK" in os.environ:
 
     Trainer._save_checkpoint = _save_then_wait
 """
+TRAINING = {
+    "max_steps": 8,
+    "num_processes": 2,
+    "per_device_train_batch_size": 2,
+    "learning_rate": 2e-2,
+    "logging_steps": 1,
+    "save_steps": 4,
+    "save_total_limit": 2,
+    "precision": "fp32",
+}
+KEDRO_TRAIN = [
+    sys.executable,
+    "-m",
+    "kedro",
+    "run",
+    "--pipeline=sft",
+    "--to-nodes=train_adapter",
+    "--env",
+    pc.TINY_ENV,
+]
 
 
 def alive(processes) -> list:
@@ -62,50 +84,56 @@ def alive(processes) -> list:
     return running
 
 
+def project(root: Path, model_dir: Path | None = None) -> Path:
+    pc.make_project(root, model_dir=model_dir)
+    pc.set_params(root, {"model": {"trust_remote_code": True}, "training": TRAINING})
+    return root
+
+
+def adapter(root: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(root / "data/06_models/adapter/adapter_model.safetensors")
+
+
 @pytest.mark.slow
-def test_sigkill_of_the_launcher_leaves_no_rank_alive_and_the_next_run_resumes_exactly(
-    job_files, tmp_path
-):
+def test_sigkill_of_kedro_run_leaves_no_process_alive_and_the_next_run_resumes_exactly(tmp_path):
     import psutil
 
-    base, code = job_files[0], job_files[3]
-    (code / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    manifest = json.loads((base / "manifest.json").read_text())
-    (base / "manifest.json").write_text(json.dumps({**manifest, "trust_remote_code": True}))
-    project = tmp_path / "project"
-    project.mkdir()
+    straight = project(tmp_path / "straight")
+    pc.run(KEDRO_TRAIN, straight)
 
-    def values(folder: Path) -> dict:
-        return training(folder, max_steps=8, num_processes=2, per_device_train_batch_size=2)
-
-    straight = TrainRun(
-        tmp_path, "straight", job_files, values(tmp_path / "a"), trust_remote_code=True
-    )
-    straight.finish()
-
+    killed = project(tmp_path / "killed", model_dir=straight / pc.TINY_MODEL)
+    (killed / "src" / "sitecustomize.py").write_text(SITECUSTOMIZE)
     marker = tmp_path / "ranks.stopped"
-    killed = TrainRun(
-        tmp_path,
-        "killed",
-        job_files,
-        values(tmp_path / "b"),
-        env={"SFT_TEST_STOP_AFTER_SAVE": "4", "SFT_TEST_MARKER": str(marker)},
-        run_lock=str(project),
-        trust_remote_code=True,
-    )
+    env = {
+        **pc.env(),
+        "PYTHONPATH": str(killed / "src"),
+        "COLUMNS": "400",  # log lines unwrapped
+        "SFT_TEST_STOP_AFTER_SAVE": "4",
+        "SFT_TEST_MARKER": str(marker),
+    }
+    log_path = tmp_path / "killed.log"
+    with log_path.open("w") as log:
+        run = subprocess.Popen(
+            KEDRO_TRAIN, cwd=killed, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
     deadline = time.monotonic() + 600
     ranks = [Path(f"{marker}.{rank}") for rank in (0, 1)]
     while not all(m.exists() for m in ranks):
-        assert killed.proc.poll() is None, killed.output()[-4000:]
-        assert time.monotonic() < deadline, killed.output()[-4000:]
+        output = log_path.read_text(errors="replace")[-4000:]
+        if run.poll() is not None or time.monotonic() > deadline:
+            run.kill()
+            raise AssertionError(f"the run never reached checkpoint 4:\n{output}")
         time.sleep(0.1)
-    tree = psutil.Process(killed.proc.pid).children(recursive=True)
+    assert psutil.Process(run.pid).cmdline()[1:4] == ["-m", "kedro", "run"]
+    tree = psutil.Process(run.pid).children(recursive=True)
     rank_pids = {int(m.read_text()) for m in ranks}
     assert rank_pids <= {p.pid for p in tree}  # accelerate launch and both ranks
     assert len(tree) >= 3
 
-    killed.proc.send_signal(signal.SIGKILL)
-    killed.proc.wait()
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
     started = time.monotonic()
     while alive(tree) and time.monotonic() - started < 20:
         time.sleep(0.1)
@@ -113,23 +141,17 @@ def test_sigkill_of_the_launcher_leaves_no_rank_alive_and_the_next_run_resumes_e
     left = alive(tree)
     for process in left:
         process.kill()
-    print(f"process tree gone {took:.1f} s after SIGKILL of the launcher")
+    print(f"\n  process tree of {len(tree)} gone {took:.1f} s after SIGKILL of `kedro run`")
     assert not left, [p.cmdline() for p in left]
 
-    resumed = TrainRun(
-        tmp_path,
-        "resumed",
-        job_files,
-        values(tmp_path / "b"),
-        run_lock=str(project),
-        trust_remote_code=True,
-    )
-    summary = resumed.finish()
-    assert str(summary["resumed_from"]).endswith("checkpoint-4"), resumed.output()[-4000:]
+    # The next run: same project, no pause; it takes over the lock the killed run left.
+    output = pc.run(KEDRO_TRAIN, killed, extra_env={"COLUMNS": "400"})
+    assert "taking over the run lock left by" in output, output[-4000:]
+    summary = pc.read_json(killed, "data/08_reporting/training_summary.json")
+    assert str(summary["resumed_from"]).endswith("checkpoint-4"), summary
     assert summary["global_step"] == 8 and summary["num_processes"] == 2
-    assert "taking over the run lock left by pid" in resumed.output()
-    difference = max_difference(resumed.adapter(), straight.adapter())
-    print(f"max |resumed - uninterrupted| 2-process adapter difference: {difference:.3g}")
+    difference = max_difference(adapter(killed), adapter(straight))
+    print(f"  max |resumed - uninterrupted| 2-process adapter difference: {difference:.3g}")
     assert difference <= 1e-6
 
 

@@ -8,9 +8,6 @@ most one of:
 - `stop_after_save: N`: once checkpoint-N is complete, create `marker` and wait to be killed;
 - `stop_in_save: N`: while saving checkpoint-N, write half of its trainer_state.json (the last
   file the trainer writes), create `marker` and wait to be killed.
-
-With `run_lock: PROJECT` it holds that project's run lock while it trains, as `kedro run` does;
-with `trust_remote_code: true` it allows remote code, as `model.trust_remote_code` does.
 """
 
 from __future__ import annotations
@@ -73,23 +70,11 @@ def main(spec_path: str) -> None:
         training=TrainingConfig(**spec["training"]),
         max_length=max_row_length(train_tokens, eval_tokens),
     )
-    if spec.get("trust_remote_code"):
-        from sft_pipeline.model.loading import allow_remote_code
-
-        allow_remote_code(True)
-    lock = None
-    if "run_lock" in spec:
-        from sft_pipeline.run.lock import RunLock
-
-        lock = RunLock(spec["run_lock"])
-        lock.acquire()
     artifact, history, summary = workflow.train(job, callbacks=callbacks)
     out = Path(spec["out"])
     artifact.save_pretrained(out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     (out / "history.json").write_text(json.dumps(history, indent=2, default=str))
-    if lock is not None:
-        lock.release()
 
 
 if __name__ == "__main__":
