@@ -198,6 +198,16 @@ def tokenizer_adds_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
+def _mark(value: Any, control: re.Pattern) -> Any:
+    """Wrap the `control` tokens in every string of `value` in transformers' private-use markers
+    (which are removed from the strings first, so data cannot forge a mark)."""
+    from transformers.utils.chat_template_utils import mark_control_tokens
+
+    if value is None:
+        return None
+    return mark_control_tokens(value, control)
+
+
 def special_token_texts(tokenizer) -> list[str]:
     """Texts of special and added tokens, longest first (so `<|end|>` is not read as `<`...)."""
     texts = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
@@ -216,7 +226,9 @@ class Renderer:
         self.specials = special_token_texts(tokenizer)
         self.system_merges = 0
         self._turn_suffix: str | None = None
-        self._control: tuple[re.Pattern, re.Pattern] | None = None
+        # (control tokens, marked control tokens or lone markers) regexes, by what is rendered:
+        # conversations (the template's control tokens) or text records (the special tokens).
+        self._control: dict[bool, tuple[re.Pattern, re.Pattern]] = {}
 
     @property
     def template(self) -> str:
@@ -266,11 +278,12 @@ class Renderer:
         if not messages:
             return self._text_row(text)
         tools = tools or None
-        if not marked and self._holds_control_text(messages, tools):
+        control, markers = self._control_patterns(conversation=True)
+        if not marked and any(control.search(t) for t in _strings([messages, tools])):
             row = self.row(
-                self._mark(messages), text, supervise_from, self._mark(tools), marked=True
+                _mark(messages, control), text, supervise_from, _mark(tools, control), marked=True
             )
-            return _literal_row(row, self._control[1])
+            return _literal_row(row, markers)
         added = _with_system_prompt(messages, self.cfg.system_prompt)
         supervise_from += len(added) - len(messages)
         messages = added
@@ -313,32 +326,21 @@ class Renderer:
             row["images"] = [images.source(p) for p in pictures]
         return row
 
-    def _control_patterns(self, template: str | None) -> tuple[re.Pattern, re.Pattern]:
-        """(control tokens, marked control tokens or lone markers) regexes (module doc)."""
-        if self._control is None:
+    def _control_patterns(self, *, conversation: bool) -> tuple[re.Pattern, re.Pattern]:
+        """(control tokens, marked control tokens or lone markers) regexes (module doc): for
+        conversations the template's control tokens (its special tokens and the added tokens its
+        text writes), for text records the special tokens."""
+        if conversation not in self._control:
             from transformers.utils.chat_template_utils import _get_control_token_patterns
 
-            if template is None:
+            if conversation:
+                tokens = tuple(self.tokenizer._get_control_tokens(self.template))
+            else:
                 tokens = tuple(
                     t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special
                 )
-            else:
-                tokens = tuple(self.tokenizer._get_control_tokens(template))
-            self._control = _get_control_token_patterns(tokens)
-        return self._control
-
-    def _holds_control_text(self, messages: Any, tools: Any) -> bool:
-        control = self._control_patterns(self.template)[0]
-        return any(control.search(t) for t in _strings([messages, tools]))
-
-    def _mark(self, value: Any) -> Any:
-        """Wrap the control tokens in every string of `value` in transformers' private-use
-        markers (which are removed from the strings first, so data cannot forge a mark)."""
-        from transformers.utils.chat_template_utils import mark_control_tokens
-
-        if value is None:
-            return None
-        return mark_control_tokens(value, self._control[0])
+            self._control[conversation] = _get_control_token_patterns(tokens)
+        return self._control[conversation]
 
     def _check_tool_support(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, full: str
@@ -375,10 +377,10 @@ class Renderer:
         # Text that already ends with EOS keeps a single one.
         text = text if text.endswith(eos) else text + eos
         # All of a text record is data, except the EOS we append.
-        control, markers = self._control_patterns(None) if not self._control else self._control
+        control, markers = self._control_patterns(conversation=False)
         body, end = text[: -len(eos)], eos
         if control.search(body):
-            marked = self._mark(body)
+            marked = _mark(body, control)
             return _literal_row(
                 _finish_row([{"text": marked + end, "supervised": True}], self.bos_text, ""),
                 markers,

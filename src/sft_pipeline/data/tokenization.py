@@ -20,11 +20,12 @@ Text inside a record that spells a control token comes from rendering as segment
 decides what becomes of such a row: `literal` (the default) encodes those segments as ordinary
 text, `reject` quarantines the row naming the token, `parse` encodes them as control tokens (the
 behaviour of a plain `tokenizer(text)`, counted in the log). A literal row is encoded piece by
-piece: the text between literal segments as usual, each literal segment with the tokenizer's
-added tokens switched off; a piece after the first is encoded after a newline that is then
-dropped, so SentencePiece does not add the word-start space it adds at the start of an input
-(transformers' `encode_marked_chat` does the same). Offsets stay those of the whole text, so
-labels follow the same character rule. Rows without literal segments are encoded as before.
+piece: the text between literal segments as usual, each literal segment with all of the
+tokenizer's added tokens switched off (special or not); a piece after the first is encoded after
+a newline that is then dropped, so SentencePiece does not add the word-start space it adds at the
+start of an input (transformers' `encode_marked_chat` does the same). Offsets stay those of the
+whole text, so labels follow the same character rule. Rows without literal segments are encoded
+as before.
 
 Rows are truncated keeping their start; a row left without any supervised token is rejected with
 a reason rather than trained on (a batch of such rows would train on a loss of zero, silently).
@@ -116,15 +117,11 @@ def encode_texts(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[lis
     return ids, offsets
 
 
-def _encode(
-    tokenizer, texts: list[str], split_special: bool | None = None
-) -> tuple[list[list[int]], list[list[tuple]]]:
+def _encode(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[tuple]]]:
     """`tokenizer(texts, add_special_tokens=False)` ids and offsets, straight from the Rust
     backend when there is one: the same call transformers makes, with the same settings (no
-    truncation, no padding, its `split_special_tokens`), without building a BatchEncoding.
-    `split_special=True` encodes added tokens' text as ordinary text."""
-    if split_special is None:
-        split_special = bool(getattr(tokenizer, "split_special_tokens", False))
+    truncation, no padding, its `split_special_tokens`), without building a BatchEncoding."""
+    split_special = bool(getattr(tokenizer, "split_special_tokens", False))
     backend = getattr(tokenizer, "_tokenizer", None)
     setup = getattr(tokenizer, "set_truncation_and_padding", None)
     if backend is None or setup is None or not hasattr(backend, "encode_batch"):
@@ -159,7 +156,8 @@ def literal_texts(segments: Sequence[dict[str, Any]]) -> list[str]:
 
 def encode_literal_row(tokenizer, segments: Sequence[dict[str, Any]]) -> tuple[list, list]:
     """(ids, offsets) of a row with literal segments (module doc): the plain pieces as usual,
-    the literal ones as text; offsets into the whole joined text."""
+    the literal ones as text; offsets into the whole joined text (each token of a literal piece
+    spans the whole piece, which is one control-token text in one segment)."""
     pieces: list[tuple[str, bool]] = []
     for seg in segments:
         literal = bool(seg.get("literal"))
@@ -172,23 +170,34 @@ def encode_literal_row(tokenizer, segments: Sequence[dict[str, Any]]) -> tuple[l
     offsets: list[tuple[int, int]] = []
     start = 0
     for k, (text, literal) in enumerate(pieces):
-        if k == 0 and not literal:
+        if literal:
+            piece_ids = encode_as_text(tokenizer, text)
+            piece_offsets = [(0, len(text))] * len(piece_ids)
+        elif k == 0:
             (piece_ids,), (piece_offsets,) = encode_texts(tokenizer, [text])
         else:
-            (piece_ids,), (piece_offsets,) = _encode(tokenizer, ["\n" + text], literal)
+            (piece_ids,), (piece_offsets,) = _encode(tokenizer, ["\n" + text])
             if list(piece_ids[: len(newline_ids)]) == list(newline_ids):
                 piece_ids = piece_ids[len(newline_ids) :]
                 piece_offsets = [(a - 1, b - 1) for a, b in piece_offsets[len(newline_ids) :]]
             else:  # the newline merged with the piece's start: encode it on its own
-                (piece_ids,), (piece_offsets,) = _encode(tokenizer, [text], literal)
+                (piece_ids,), (piece_offsets,) = _encode(tokenizer, [text])
         ids.extend(piece_ids)
         offsets.extend((start + max(a, 0), start + b) for a, b in piece_offsets)
         start += len(text)
     return ids, offsets
 
 
-def _control_ids(tokenizer) -> set[int]:
-    return {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+def encode_as_text(tokenizer, text: str) -> list[int]:
+    """`text` from the middle of a row encoded as plain text: no added token is matched, special
+    or not (a backend's `encode_special_tokens` still matches the non-special ones, such as
+    Qwen's `<tool_call>`), and no word-start space is added (encoded after a newline that is
+    then dropped, as in the module doc)."""
+    encode = tokenizer._encode_without_added_tokens
+    newline_ids, ids = encode("\n"), encode("\n" + text)
+    if ids[: len(newline_ids)] == newline_ids:
+        return ids[len(newline_ids) :]
+    return encode(text)
 
 
 def _require_fast(tokenizer) -> None:
@@ -289,15 +298,13 @@ def _forged(tokenizer, segments, ids, offsets) -> str | None:
         if seg.get("literal"):
             spans.append((pos, pos + len(seg["text"]), seg["text"]))
         pos += len(seg["text"])
-    control = _control_ids(tokenizer)
-    for token_id, (start, _end) in zip(ids, offsets, strict=True):
-        if token_id in control:
-            for a, b, text in spans:
-                if a <= start < b:
-                    return (
-                        f"the tokenizer turns the text {text!r} into its control token even as "
-                        "plain text, so it cannot be trained on literally"
-                    )
+    for a, b, text in spans:
+        token = tokenizer.convert_tokens_to_ids(text)
+        if any(t == token for t, (start, _end) in zip(ids, offsets, strict=True) if a <= start < b):
+            return (
+                f"the tokenizer turns the text {text!r} into its control token even as plain "
+                "text, so it cannot be trained on literally"
+            )
     return None
 
 

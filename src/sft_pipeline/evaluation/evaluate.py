@@ -23,6 +23,7 @@ from sft_pipeline.evaluation.generation import (
     generate,
     generate_with_images,
     image_fields,
+    prompt_for,
 )
 from sft_pipeline.evaluation.metrics import (
     GENERATION_METRICS,
@@ -58,7 +59,11 @@ def evaluate(
     samples = [row for row in eval_texts if row.get("prompt") and row.get("reference")]
     samples = samples[: cfg.max_samples]
     calls = [
-        {**row["tool_call"], "record_id": row.get("record_id")}
+        {
+            **row["tool_call"],
+            "record_id": row.get("record_id"),
+            "encoded": prompt_for(row, row["tool_call"]["prompt"]),
+        }
         for row in eval_texts
         if row.get("tool_call")
     ][: cfg.max_samples]
@@ -91,11 +96,10 @@ def evaluate(
         if processor is not None:
             generated = generate_with_images(model, processor, samples, stop_ids, cfg)
         else:
-            generated = generate(
-                model, tokenizer, [s["prompt"] for s in samples], stop_ids, cfg, desc=name
-            )
+            prompts = [prompt_for(s, s["prompt"]) for s in samples]
+            generated = generate(model, tokenizer, prompts, stop_ids, cfg, desc=name)
         scores = generation_scores(generated, [s["reference"] for s in samples])
-        called = generate(model, tokenizer, [c["prompt"] for c in calls], stop_ids, cfg)
+        called = generate(model, tokenizer, [c["encoded"] for c in calls], stop_ids, cfg)
         scores |= tool_call_scores(called, [c["reference"] for c in calls])
         metrics.update({f"{name}/{k}": v for k, v in {**loss, **scores}.items()})
         outputs[name], outputs[f"{name}_calls"] = generated, called

@@ -7,7 +7,11 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sft_pipeline.common.config import EvaluationConfig
-from sft_pipeline.data.tokenization import encode_texts
+from sft_pipeline.data.tokenization import encode_literal_row, encode_texts
+
+# A prompt: its text, or its rendered segments when some are literal (control-token text inside
+# the record's content, which training encoded as text; see `prompt_for`).
+Prompt = str | list[dict[str, Any]]
 
 
 def batches(rows: Sequence[int], size: int) -> Iterable[list[int]]:
@@ -15,10 +19,44 @@ def batches(rows: Sequence[int], size: int) -> Iterable[list[int]]:
         yield list(rows[start : start + size])
 
 
+def prompt_for(row: dict[str, Any], prompt: str) -> Prompt:
+    """What `generate` should encode for `prompt`, a prefix of the rendered `row`: the prompt
+    text, or the row's segments that make it up when the row has literal segments, so that the
+    prompt is tokenized as training tokenized it (control-token text in content stays text)."""
+    segments = row.get("segments") or []
+    if not any(seg.get("literal") for seg in segments):
+        return prompt
+    pieces, size = [], 0
+    for seg in segments:
+        if size >= len(prompt):
+            break
+        text = seg["text"][: len(prompt) - size]
+        if seg.get("literal") and text != seg["text"]:
+            break  # never cut a control-token text in two
+        pieces.append({**seg, "text": text})
+        size += len(text)
+    return pieces if "".join(p["text"] for p in pieces) == prompt else prompt
+
+
+def _text(prompt: Prompt) -> str:
+    return prompt if isinstance(prompt, str) else "".join(p["text"] for p in prompt)
+
+
+def _encode_prompts(tokenizer, prompts: list[Prompt]) -> list[list[int]]:
+    """Token ids of each prompt, as training encoded it: text in one batch (a leading BOS split
+    off first, as `encode_texts` does), segments with literal pieces one by one."""
+    texts = [p for p in prompts if isinstance(p, str)]
+    plain = iter(encode_texts(tokenizer, texts)[0] if texts else [])
+    return [
+        list(next(plain)) if isinstance(p, str) else encode_literal_row(tokenizer, p)[0]
+        for p in prompts
+    ]
+
+
 def generate(
     model,
     tokenizer,
-    prompts: list[str],
+    prompts: list[Prompt],
     stop_ids: list[int],
     cfg: EvaluationConfig,
     *,
@@ -38,14 +76,13 @@ def generate(
     tokenizer.padding_side = "left"
     stop_set = set(stop_ids)
     # Longest prompts first reduces padding; results go back to the input order.
-    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+    order = sorted(range(len(prompts)), key=lambda i: (-len(_text(prompts[i])), i))
     by_index: dict[int, dict[str, Any]] = {}
     progress = tqdm(total=len(prompts), desc=f"generating {desc}".strip(), unit="prompt")
     with torch.inference_mode(), progress:
         for batch in batches(order, cfg.batch_size):
-            # Tokenized exactly as training tokenized them (a leading BOS split off first, as
-            # `encode_texts` does), then left-padded.
-            ids, _ = encode_texts(tokenizer, [prompts[i] for i in batch])
+            # Tokenized exactly as training tokenized them, then left-padded.
+            ids = _encode_prompts(tokenizer, [prompts[i] for i in batch])
             enc = tokenizer.pad(
                 {"input_ids": ids}, padding=True, padding_side="left", return_tensors="pt"
             ).to(device)
