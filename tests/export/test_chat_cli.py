@@ -85,3 +85,28 @@ def test_prompt_files_take_jsonl_or_text_and_name_a_bad_line(tmp_path):
     bad.write_text('"ok"\n{"question": "no prompt key"}\n')
     with pytest.raises(PromptFileError, match=r"p\.jsonl:2"):
         read_prompts(bad)
+
+
+def test_chat_prompts_with_the_date_the_model_was_trained_with(model_dir, tmp_path):
+    """A merged folder records `template.date`; chat renders date-printing templates with it
+    (whatever today is), and with the default date for a folder that records none."""
+    import datetime
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sft_pipeline.export.merge import MergedModel
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = (
+        "Today Date: {{ date_string }}\n{% for m in messages %}<|im_start|>{{ m.role }}\n"
+        "{{ m.content }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
+    )
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    day = datetime.date(2025, 1, 2)
+    MergedModel(model, tokenizer, "card", template_date=day).save_pretrained(tmp_path / "dated")
+    MergedModel(model, tokenizer, "card").save_pretrained(tmp_path / "undated")
+    question = [{"role": "user", "content": "Hi"}]
+    dated = load_chat_model(tmp_path / "dated").prompt_text(question)
+    assert dated.startswith("Today Date: 02 Jan 2025\n")
+    undated = load_chat_model(tmp_path / "undated").prompt_text(question)
+    assert undated.startswith("Today Date: 26 Jul 2024\n")

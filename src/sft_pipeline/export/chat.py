@@ -85,6 +85,7 @@ class ChatModel:
 
 def load_chat_model(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR) -> ChatModel:
 
+    from sft_pipeline.export.merge import prompting_date
     from sft_pipeline.model.loading import load_generation_config, load_model, load_tokenizer
     from sft_pipeline.model.stop_tokens import stop_token_ids
 
@@ -97,7 +98,8 @@ def load_chat_model(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR) -> ChatMod
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir).eval()
     generation_config = load_generation_config(model_dir)
-    return ChatModel(model, tokenizer, stop_token_ids(tokenizer, generation_config))
+    stop_ids = stop_token_ids(tokenizer, generation_config)
+    return ChatModel(model, tokenizer, stop_ids, prompting_date(model_dir) or DEFAULT_TEMPLATE_DATE)
 
 
 @dataclass

@@ -10,6 +10,7 @@ token, and a model card.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -35,6 +36,11 @@ log = logging.getLogger(__name__)
 # Common names of padding-capable tokens, tried after the tokenizer's own pad and unk tokens.
 
 
+# Beside the merged weights: how this project prompted the model in training, for `kedro sft
+# chat|generate` (the model card says the same in words).
+PROMPTING_FILE = "sft_prompting.json"
+
+
 @dataclass
 class MergedModel:
     """A merged (or passed-through) model ready to be saved as a standalone folder."""
@@ -42,12 +48,28 @@ class MergedModel:
     model: Any
     tokenizer: Any
     model_card: str
+    # `template.date` of the run: the day date-printing chat templates were rendered with.
+    template_date: datetime.date | None = None
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         path = Path(path)
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         (path / "README.md").write_text(self.model_card, encoding="utf-8")
+        if self.template_date is not None:
+            prompting = {"template_date": self.template_date.isoformat()}
+            (path / PROMPTING_FILE).write_text(json.dumps(prompting, indent=2) + "\n")
+
+
+def prompting_date(model_dir: Path) -> datetime.date | None:
+    """The `template.date` a merged folder was trained with (`PROMPTING_FILE`), or None."""
+    path = model_dir / PROMPTING_FILE
+    if not path.is_file():
+        return None
+    try:
+        return datetime.date.fromisoformat(json.loads(path.read_text())["template_date"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f'{path}: expected {{"template_date": "YYYY-MM-DD"}} ({exc})') from exc
 
 
 def adapter_kind(adapter_dir: Path) -> str:
@@ -135,7 +157,12 @@ def merge(
         merged_into=merged_into,
         template_date=template_cfg.date if template_cfg else None,
     )
-    return MergedModel(model=model.eval(), tokenizer=processor or tokenizer, model_card=card)
+    return MergedModel(
+        model=model.eval(),
+        tokenizer=processor or tokenizer,
+        model_card=card,
+        template_date=template_cfg.date if template_cfg else None,
+    )
 
 
 def merge_weights(
