@@ -137,3 +137,52 @@ def test_two_processes_equal_one_process_at_the_same_global_batch(base_dir, tmp_
     diffs = assert_same_training(one, two)
     print(f"1 vs 2 processes: max loss diff {diffs['loss']:.3g}, adapter {diffs['adapter']:.3g}")
     (tmp_path / "diffs.json").write_text(json.dumps(diffs))
+
+
+# Imported by every Python process started with the test's folder on PYTHONPATH; only rank 1 of
+# the launched run does anything: its loss turns NaN at one optimizer step.
+NAN_ON_RANK_1 = """
+import os
+
+if os.environ.get("RANK") == "1" and os.environ.get("SFT_TEST_NAN_AT_STEP"):
+    from sft_pipeline.trainer.sft_trainer import SFTTrainer
+
+    _step = int(os.environ["SFT_TEST_NAN_AT_STEP"])
+    _compute_loss = SFTTrainer.compute_loss
+
+    def compute_loss(self, *args, **kwargs):
+        out = _compute_loss(self, *args, **kwargs)
+        if self.state.global_step + 1 != _step:
+            return out
+        if isinstance(out, tuple):
+            return (out[0] * float("nan"), *out[1:])
+        return out * float("nan")
+
+    SFTTrainer.compute_loss = compute_loss
+"""
+
+
+@pytest.mark.slow
+def test_a_loss_that_turns_nan_on_one_rank_stops_every_rank_and_keeps_the_last_checkpoint(
+    base_dir, tmp_path, monkeypatch
+):
+    import os
+
+    from sft_pipeline.common.errors import TrainingDivergedError
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(NAN_ON_RANK_1)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("SFT_TEST_NAN_AT_STEP", "3")
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDivergedError) as exc:
+        run_training(base_dir, out, per_device_train_batch_size=2, num_processes=2, save_steps=2)
+    message = str(exc.value)
+    # Rank 1's loss is NaN; the reduced gradients are NaN on both ranks.
+    assert "training diverged at optimizer step 3 of 4 (process 0, 1 of 2): loss nan" in message
+    checkpoints = out / "checkpoints"
+    assert f"the last good checkpoint {checkpoints / 'checkpoint-2'} is kept" in message
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (out / "adapter").exists()
+    assert not (checkpoints / ".launch" / "result").exists()

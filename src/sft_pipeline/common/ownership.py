@@ -26,3 +26,21 @@ def is_checkpoint_name(path: Path) -> bool:
 def is_own_checkpoint(path: Path) -> bool:
     """Whether `path` is a `checkpoint-N` folder written by this project's trainer."""
     return is_checkpoint_name(path) and (path / CHECKPOINT_MARKER).is_file()
+
+
+def checkpoint_step(path: Path) -> int:
+    """N of a `checkpoint-N` folder."""
+    return int(CHECKPOINT_RE.match(path.name).group(1))
+
+
+def own_checkpoints(folder: Path) -> list[Path]:
+    """The `checkpoint-N` folders this project's trainer wrote in `folder`, by step."""
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if is_own_checkpoint(p)), key=checkpoint_step)
+
+
+def foreign_checkpoints(folder: Path) -> list[Path]:
+    """`checkpoint-N` folders in `folder` without this project's marker, by step."""
+    found = [p for p in folder.iterdir() if is_checkpoint_name(p) and not is_own_checkpoint(p)]
+    return sorted(found, key=checkpoint_step)

@@ -40,9 +40,9 @@ from typing import Any
 from sft_pipeline.common.atomic import remove_leftovers, write_text
 from sft_pipeline.common.ownership import (
     CHECKPOINT_MARKER,
-    CHECKPOINT_RE,
-    is_checkpoint_name,
-    is_own_checkpoint,
+    checkpoint_step,
+    foreign_checkpoints,
+    own_checkpoints,
 )
 from sft_pipeline.common.paths import UnsafePathError, read_shard_index
 from sft_pipeline.finetune.job import TrainJob
@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 
 FINGERPRINT_FILE = "run_fingerprint.json"
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
-_CHECKPOINT_RE = CHECKPOINT_RE
 TRAINER_STATE = "trainer_state.json"
 # A checkpoint holds its weights in one of these layouts (adapter, whole model, sharded model).
 _WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
@@ -136,21 +135,6 @@ def run_fingerprint(job: TrainJob, manifest: dict[str, Any]) -> dict[str, Any]:
     return {"fingerprint": hashlib.sha256(blob).hexdigest(), "params": params}
 
 
-def _step(checkpoint: Path) -> int:
-    return int(_CHECKPOINT_RE.match(checkpoint.name).group(1))
-
-
-def checkpoints(output_dir: Path) -> list[Path]:
-    """The `checkpoint-N` folders this project's trainer wrote in `output_dir`, by step."""
-    return sorted((p for p in output_dir.iterdir() if is_own_checkpoint(p)), key=_step)
-
-
-def foreign_checkpoints(output_dir: Path) -> list[Path]:
-    """`checkpoint-N` folders in `output_dir` without this project's marker, by step."""
-    found = [p for p in output_dir.iterdir() if is_checkpoint_name(p) and not is_own_checkpoint(p)]
-    return sorted(found, key=_step)
-
-
 def checkpoint_problem(checkpoint: Path) -> str | None:
     """Why `checkpoint` cannot be resumed from, or None when it is complete."""
     state_path = checkpoint / TRAINER_STATE
@@ -160,8 +144,8 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
         state = json.loads(state_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         return f"{TRAINER_STATE} is unreadable or truncated ({exc})"
-    if not isinstance(state, dict) or state.get("global_step") != _step(checkpoint):
-        return f"{TRAINER_STATE} does not record step {_step(checkpoint)}"
+    if not isinstance(state, dict) or state.get("global_step") != checkpoint_step(checkpoint):
+        return f"{TRAINER_STATE} does not record step {checkpoint_step(checkpoint)}"
     weights = [checkpoint / name for name in _WEIGHTS if (checkpoint / name).is_file()]
     if not weights:
         return f"no weights ({' or '.join(_WEIGHTS)})"
@@ -249,7 +233,7 @@ def prepare_output_dir(output_dir: Path, fingerprint: dict[str, Any], resume: st
         log.info("removed %s, left by an interrupted write", leftover)
     stored_path = output_dir / FINGERPRINT_FILE
     same_run = read_fingerprint(stored_path).get("fingerprint") == fingerprint["fingerprint"]
-    found = checkpoints(output_dir)
+    found = own_checkpoints(output_dir)
     for other in foreign_checkpoints(output_dir):
         log.warning(
             "leaving %s alone: it was not written by this project's trainer (no %s); move it "
@@ -282,7 +266,7 @@ def prepare_output_dir(output_dir: Path, fingerprint: dict[str, Any], resume: st
     for checkpoint in found:
         # Without a resume point all go; with one, the later (incomplete) ones, which the
         # trainer would otherwise save over or count towards save_total_limit.
-        if resume_from is None or _step(checkpoint) > _step(resume_from):
+        if resume_from is None or checkpoint_step(checkpoint) > checkpoint_step(resume_from):
             if resume_from is not None:
                 log.info("removing incomplete checkpoint %s", checkpoint)
             shutil.rmtree(checkpoint)

@@ -19,12 +19,13 @@ scaler's business (it skips that step and lowers the scale); the loss is still c
 from __future__ import annotations
 
 import math
-import os
+from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
 from sft_pipeline.common.errors import TrainingDivergedError
+from sft_pipeline.common.ownership import own_checkpoints
 
 
 class StepValues:
@@ -126,8 +127,7 @@ def _grad_norm(model) -> float:
 
 
 def _last_checkpoint(output_dir: str | None) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    if not output_dir or not os.path.isdir(output_dir):
-        return None
-    return get_last_checkpoint(output_dir)
+    """The newest checkpoint this project wrote in `output_dir` (another tool's are not ours to
+    offer), or None."""
+    own = own_checkpoints(Path(output_dir)) if output_dir else []
+    return str(own[-1]) if own else None

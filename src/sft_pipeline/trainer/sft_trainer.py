@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from sft_pipeline.common.ownership import CHECKPOINT_MARKER, is_own_checkpoint
+from sft_pipeline.common.ownership import CHECKPOINT_MARKER, own_checkpoints
 from sft_pipeline.trainer import vision
 from sft_pipeline.trainer.collator import DataCollatorForSFT
 from sft_pipeline.trainer.data_prep import prepare_dataset
@@ -191,10 +191,7 @@ class SFTTrainer(Trainer):
             self._rotate_own_checkpoints(run_dir, limit)
 
     def _rotate_own_checkpoints(self, run_dir: Path, limit: int) -> None:
-        own = sorted(
-            (p for p in run_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if is_own_checkpoint(p)),
-            key=lambda p: int(p.name.rsplit("-", 1)[1]),
-        )
+        own = own_checkpoints(run_dir)
         best = self.state.best_model_checkpoint
         protected = {own[-1]} if own else set()
         if best:
