@@ -22,7 +22,7 @@ from sft_pipeline.common.config import (
 )
 from sft_pipeline.common.ownership import CHECKPOINT_MARKER
 from sft_pipeline.finetune import workflow
-from sft_pipeline.finetune.job import TrainJob, max_row_length, report_integrations
+from sft_pipeline.finetune.job import TrainJob, report_integrations
 from sft_pipeline.finetune.launch import accelerate_command
 from sft_pipeline.finetune.run_state import FINGERPRINT_FILE, prepare_output_dir
 from sft_pipeline.finetune.workflow import PARAMS_FILE
@@ -112,7 +112,7 @@ def train(base, train_tokens, eval_tokens, quant, lora, training, *, callbacks=(
         quantization=quant,
         lora=lora,
         training=training,
-        max_length=max_row_length(train_tokens, eval_tokens),
+        max_length=max(len(ids) for ds in (train_tokens, eval_tokens) for ids in ds["input_ids"]),
     )
     return workflow.train(job, callbacks=callbacks)
 
@@ -150,15 +150,23 @@ def test_bad_training_values_name_the_key():
         parse_section(TrainingConfig, {"optim": "sgd"}, "training")
 
 
-def test_max_length_is_the_longest_row(tokens):
-    train_ds, eval_ds = tokens
-    longest = max(len(ids) for ids in [*train_ds["input_ids"], *eval_ds["input_ids"]])
-    assert max_row_length(train_ds, eval_ds) == longest
+def test_empty_training_data_is_a_user_error_naming_the_parameter(tokens, tmp_path):
+    from sft_pipeline.common.errors import NoTrainingRowsError, UserError
+    from sft_pipeline.finetune.workflow import train
 
-
-def test_empty_training_data_is_an_error(tokens):
-    with pytest.raises(ValueError, match="train_tokens"):
-        max_row_length(tokens[0].select([]))
+    job = TrainJob(
+        base_model_dir=tmp_path / "never-loaded",
+        train_tokens=tokens[0].select([]),
+        eval_tokens=tokens[1],
+        quantization=QuantizationConfig(load_in_4bit=False),
+        lora=LoraConfig(),
+        training=TrainingConfig(output_dir=str(tmp_path / "out")),
+        max_length=64,
+    )
+    with pytest.raises(NoTrainingRowsError, match=r"tokenization\.max_seq_length") as exc:
+        train(job)
+    assert isinstance(exc.value, UserError)
+    assert not (tmp_path / "out").exists()
 
 
 def test_report_to_keeps_only_installed_integrations(caplog):

@@ -31,7 +31,7 @@ def main(spec_path: str) -> None:
 
     from sft_pipeline.common.config import LoraConfig, QuantizationConfig, TrainingConfig
     from sft_pipeline.finetune import workflow
-    from sft_pipeline.finetune.job import TrainJob, max_row_length
+    from sft_pipeline.finetune.job import TrainJob
 
     spec = json.loads(Path(spec_path).read_text())
     marker = Path(spec["marker"])
@@ -68,7 +68,7 @@ def main(spec_path: str) -> None:
         quantization=QuantizationConfig(**spec["quantization"]),
         lora=LoraConfig(**spec["lora"]),
         training=TrainingConfig(**spec["training"]),
-        max_length=max_row_length(train_tokens, eval_tokens),
+        max_length=max(len(ids) for ds in (train_tokens, eval_tokens) for ids in ds["input_ids"]),
     )
     artifact, history, summary = workflow.train(job, callbacks=callbacks)
     out = Path(spec["out"])

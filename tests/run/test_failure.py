@@ -62,3 +62,17 @@ def test_a_bad_parameter_ends_in_one_block_naming_the_key(project: Path) -> None
     assert code == 1
     assert "Traceback" not in output
     assert "trainig" in output and "training" in output
+
+
+@pytest.mark.slow
+def test_a_length_that_leaves_no_training_row_ends_in_one_block_naming_the_key(tmp_path) -> None:
+    root = pc.make_project(tmp_path / "project")
+    pc.set_params(root, {"tokenization": {"max_seq_length": 8}})
+    code, output = kedro_run(root, "--to-nodes=train_adapter")
+    assert code == 1
+    assert "Traceback" not in output and "─ locals ─" not in output
+    assert "Error: train_tokens holds no row to train on" in output
+    assert "tokenization.max_seq_length" in output
+    # What explains it was saved before the run stopped.
+    train = pc.read_json(root, "data/08_reporting/token_stats.json")["splits"]["train"]
+    assert train["rows_kept"] == 0

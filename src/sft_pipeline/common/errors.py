@@ -62,6 +62,10 @@ class RejectedFractionError(UserError, RuntimeError):
     """Validation rejected more records than `validation.max_rejected_fraction` allows."""
 
 
+class NoTrainingRowsError(UserError, ValueError):
+    """Tokenization kept no training row (each was rejected with its reason)."""
+
+
 class TrainingDivergedError(UserError, RuntimeError):
     """A loss or gradient norm became NaN or infinite: training stopped before that optimizer
     step; the message names the step, the numbers, the checkpoint kept and what to try."""

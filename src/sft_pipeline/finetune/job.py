@@ -126,20 +126,6 @@ def _base_is_prequantized(base_model_dir: Path) -> bool:
     return bool(read_manifest(base_model_dir).get("quantization"))
 
 
-def max_row_length(*datasets) -> int:
-    """The longest `input_ids` row over the datasets (the trainer's `max_length` fallback)."""
-    import pyarrow.compute as pc
-
-    longest = 0
-    for ds in datasets:
-        if ds is not None and len(ds):
-            lengths = pc.list_value_length(ds.with_format("arrow")["input_ids"])
-            longest = max(longest, pc.max(lengths).as_py())
-    if longest == 0:
-        raise ValueError("train_tokens: no rows with input_ids to train on (expected >= 1 row)")
-    return longest
-
-
 def report_integrations(report_to: str | list[str]) -> list[str]:
     """`training.report_to` as transformers' `report_to`: integrations that are not installed
     dropped (with a warning), and dvclive left to our own callback (`finetune.tracking`).

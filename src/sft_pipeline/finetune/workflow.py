@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sft_pipeline.common.errors import NoTrainingRowsError
 from sft_pipeline.finetune import model_setup, run_state
 from sft_pipeline.finetune.job import Result, TrainJob, build_sft_config
 from sft_pipeline.model import device
@@ -57,6 +58,14 @@ def train(job: TrainJob, *, callbacks: Sequence[Any] = ()) -> Result:
     `callbacks` are extra `transformers.TrainerCallback`s; they are not carried into
     `accelerate launch` processes.
     """
+    if len(job.train_tokens) == 0:
+        raise NoTrainingRowsError(
+            "train_tokens holds no row to train on: tokenization rejected every training row. "
+            "token_stats (data/08_reporting/token_stats.json) lists each rejected row with its "
+            "reason; the usual one is a prompt as long as tokenization.max_seq_length, which "
+            "leaves no supervised token after truncation: raise tokenization.max_seq_length or "
+            "shorten the prompts"
+        )
     job = job.for_this_device()
     if job.training.num_processes > 1:
         from sft_pipeline.finetune.launch import train_in_processes
