@@ -67,7 +67,7 @@ def test_streamed_validation_and_split_equal_the_in_memory_ones(
 
 
 def test_streamed_tokens_equal_in_memory_ones_as_int32(tiny_tokenizer, tmp_path):
-    from sft_pipeline.data.templating import render_messages
+    from tests.data.rows import render_messages
 
     rows = [
         {

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from sft_pipeline.common.config import TemplateConfig
-from sft_pipeline.data.templating import render_messages
 from tests.conftest import PROJECT_ROOT
+from tests.data.rows import render_messages
 
 # The date logic of Meta's Llama 3.1/3.2/3.3 chat templates, around a ChatML body our tiny
 # tokenizer can tokenize: `date_string` when the caller passes one, else the real clock.

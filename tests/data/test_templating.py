@@ -11,11 +11,9 @@ from sft_pipeline.common.config import TemplateConfig
 from sft_pipeline.data.templating import (
     ChatTemplateError,
     merge_system_into_first_user,
-    render_messages,
-    render_records,
-    render_text,
 )
 from tests.conftest import build_tiny_tokenizer
+from tests.data.rows import render_messages, render_records, render_text
 
 CONVERSATION = [
     {"role": "user", "content": "What is the capital of France?"},
@@ -127,7 +125,7 @@ def test_system_role_merged_when_template_rejects_it(tiny_tokenizer, caplog):
     )
     messages = [{"role": "system", "content": "Be brief."}, *CONVERSATION]
     records = _records([messages])
-    with caplog.at_level("INFO", logger="sft_pipeline.data.templating"):
+    with caplog.at_level("INFO", logger="sft_pipeline.data.rendering"):
         (row,) = render_records(records, tok, TemplateConfig())
     assert (
         "<|im_start|>user\nBe brief.\n\nWhat is the capital of France?<|im_end|>" in row["prompt"]

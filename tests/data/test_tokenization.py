@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from sft_pipeline.common.config import TemplateConfig, TokenizationConfig
-from sft_pipeline.data.templating import render_messages, render_text
 from sft_pipeline.data.tokenization import summarize_token_stats, tokenize_texts
+from tests.data.rows import render_messages, render_text
 
 SYSTEM = "You are a terse geography tutor."
 USERS = ["What is the capital of France?", "And of Spain?", "Which one is further south?"]

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from sft_pipeline.common.config import TemplateConfig, TokenizationConfig
-from sft_pipeline.data.templating import render_messages, render_prompt_completion, trained_template
+from sft_pipeline.data.templating import render_prompt_completion, trained_template
 from sft_pipeline.data.tokenization import tokenize_texts
+from tests.data.rows import render_messages
 from tests.data.test_tokenization import supervised_runs
 
 BASE_TOKENIZERS = ("llama-2", "gpt2", "phi-2")

@@ -58,7 +58,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from jinja2 import TemplateError
 
 from sft_pipeline.common.config import DEFAULT_TEMPLATE_DATE, TemplateConfig
@@ -656,52 +655,7 @@ def _literal_row(row: dict[str, Any], markers: re.Pattern) -> dict[str, Any]:
     return {"segments": _merge_adjacent(segments), **out}
 
 
-def render_messages(messages: list[dict[str, Any]], tokenizer, cfg: TemplateConfig) -> dict:
-    """Render one conversation; plain-text records go through `render_text`."""
-    if not messages:
-        raise ChatTemplateError("no messages to render (use render_text for text records)")
-    renderer = Renderer(tokenizer, cfg)
-    row = renderer.row(messages)
-    if renderer.system_merges:
-        log.info(
-            "%s does not support a system role: merged it into the first user turn", renderer.name
-        )
-    return row
-
-
-def render_text(text: str, tokenizer, cfg: TemplateConfig) -> dict:
-    """Render a plain-text (language-modelling) record: all of it supervised, then EOS."""
-    return Renderer(tokenizer, cfg)._text_row(text)
-
-
 def render_prompt_completion(prompt: str, completion: str, tokenizer) -> dict:
     """Prompt and completion strings joined as they are, with no chat template: BOS (when the
     model uses one) + prompt + completion + EOS, the completion and its EOS supervised."""
     return Renderer(tokenizer, TemplateConfig()).prompt_completion_row(prompt, completion)
-
-
-def render_records(records: pd.DataFrame, tokenizer, cfg: TemplateConfig) -> list[dict]:
-    """Render every canonical record; errors name the record's file and row."""
-    renderer = Renderer(tokenizer, cfg)
-    rows = []
-    for rec in records.itertuples(index=False):
-        try:
-            messages = json.loads(rec.messages)
-            tools = getattr(rec, "tools", "")
-            row = renderer.row(messages, rec.text, tools=json.loads(tools) if tools else None)
-        except (ChatTemplateError, TemplateError, KeyError, TypeError, ValueError) as exc:
-            raise ChatTemplateError(
-                f"{rec.source_file}, row {rec.source_row} (record {rec.record_id}): "
-                f"cannot render with {renderer.name}: {exc}"
-            ) from exc
-        rows.append({"record_id": rec.record_id, **row})
-    if renderer.system_merges:
-        log.info(
-            "%s does not support a system role: merged the system prompt into the first user "
-            "turn of %d of %d records",
-            renderer.name,
-            renderer.system_merges,
-            len(rows),
-        )
-    log.info("rendered %d records with %s", len(rows), renderer.name)
-    return rows
