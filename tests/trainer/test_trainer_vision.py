@@ -240,3 +240,30 @@ def load_model_for(folder):
     from transformers import AutoModelForImageTextToText
 
     return AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def test_images_read_from_a_dataset_undecoded_give_the_rows_of_the_decoded_images(
+    llava, fixtures_dir
+):
+    """A `datasets.Image` column is read as its stored bytes (hashed, decoded once by the
+    processor); the rows equal those of the same PIL images handed over in memory."""
+    from datasets import Dataset
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from sft_pipeline.trainer import SFTConfig
+    from sft_pipeline.trainer.vision import _tokenize_rows
+
+    folder = fixtures_dir / "datasets/llamafactory/mllm_demo_data"
+    pictures = [Image.open(folder / f"{k}.jpg").convert("RGB") for k in (1, 2, 3)]
+    rows = _trl_rows(pictures)
+    processor = AutoProcessor.from_pretrained(llava, backend="pil")
+    args = SFTConfig(output_dir="unused", max_length=None, report_to="none")
+    dataset = Dataset.from_list(rows)
+    assert type(dataset.features["images"].feature).__name__ == "Image"
+    from_dataset = _tokenize_rows(dataset, processor, args, "train_dataset")
+    in_memory = _tokenize_rows(rows, processor, args, "train_dataset")
+    assert len(from_dataset) == len(in_memory) == 3
+    for a, b in zip(from_dataset, in_memory, strict=True):
+        assert a["input_ids"] == b["input_ids"] and a["labels"] == b["labels"]
+        assert a["pixel_values"] == b["pixel_values"]

@@ -63,7 +63,8 @@ def _image_part(value: Any, root: Path | None) -> dict[str, Any]:
         value = value.get("path")
     if hasattr(value, "save") and hasattr(value, "mode"):  # a PIL image
         buffer = io.BytesIO()
-        value.save(buffer, format="PNG")
+        # Lossless either way; level 1 encodes about 3x faster than the default 6.
+        value.save(buffer, format="PNG", compress_level=1)
         data = buffer.getvalue()
         return {
             "type": "image",

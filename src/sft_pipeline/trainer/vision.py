@@ -171,7 +171,7 @@ def _tokenize_rows(dataset, processor, args, name: str) -> list[dict[str, Any]]:
 
     renderer = Renderer(processor.tokenizer, TemplateConfig())
     rendered = []
-    for number, row in enumerate(dataset, 1):
+    for number, row in enumerate(_images_undecoded(dataset), 1):
         schema = "messages" if "messages" in row else "prompt_response"
         _fmt, messages, _text = to_canonical(row, schema)
         try:
@@ -190,6 +190,32 @@ def _tokenize_rows(dataset, processor, args, name: str) -> list[dict[str, Any]]:
     for row in rows:
         row[args.length_column_name] = len(row["input_ids"])
     return rows
+
+
+def _images_undecoded(dataset):
+    """`dataset` with its `datasets.Image` columns read as stored (`{"bytes", "path"}`), not
+    decoded: each row's images are then hashed from their bytes and decoded once, by the
+    processor, instead of decoded here and re-encoded to PNG for the canonical record."""
+    import copy
+
+    from datasets import Features, Image
+
+    def undecoded(feature):
+        if isinstance(feature, Image):
+            return Image(mode=feature.mode, decode=False)
+        if isinstance(feature, dict):
+            return {key: undecoded(value) for key, value in feature.items()}
+        if hasattr(feature, "feature"):  # List, Sequence, LargeList
+            copied = copy.copy(feature)
+            copied.feature = undecoded(feature.feature)
+            return copied
+        return feature
+
+    features = getattr(dataset, "features", None)
+    if not features or not hasattr(dataset, "cast"):
+        return dataset
+    raw = Features({key: undecoded(value) for key, value in features.items()})
+    return dataset if raw == features else dataset.cast(raw)
 
 
 def collate_vision(features: Sequence[dict[str, Any]], longest: int) -> dict[str, torch.Tensor]:
