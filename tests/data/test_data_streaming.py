@@ -18,7 +18,8 @@ from sft_pipeline.data.ingestion import ingest, ingest_to_parquet
 from sft_pipeline.data.splitting import split, split_stream
 from sft_pipeline.data.token_files import tokenize_stream
 from sft_pipeline.data.tokenization import tokenize_texts
-from sft_pipeline.data.validation import validate, validate_stream
+from sft_pipeline.data.validation import validate_stream
+from tests.data.rows import validate
 
 FIXTURE_FILES = [
     "llamafactory/alpaca_en_demo.json",

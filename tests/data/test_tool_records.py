@@ -13,7 +13,7 @@ import pytest
 from sft_pipeline.common.config import DataConfig, ValidationConfig
 from sft_pipeline.data.ingestion import ingest
 from sft_pipeline.data.records import content_id
-from sft_pipeline.data.validation import validate
+from tests.data.rows import validate
 
 WEATHER = {
     "name": "get_weather",

@@ -13,7 +13,8 @@ from sft_pipeline.common.config import DataConfig, ValidationConfig
 from sft_pipeline.common.errors import RejectedFractionError
 from sft_pipeline.data.ingestion import ingest
 from sft_pipeline.data.records import RECORD_COLUMNS
-from sft_pipeline.data.validation import build_schema, check_rejected_fraction, validate
+from sft_pipeline.data.validation import build_schema, check_rejected_fraction
+from tests.data.rows import validate
 
 GOOD = {"prompt": "What is 2+2?", "response": "4"}
 

@@ -369,8 +369,12 @@ def to_canonical(
 
     Images (an `images` column, `<image>` placeholders, image parts) become canonical image
     parts (`sft_pipeline.data.images`); relative image paths are relative to `image_root`."""
-    fmt, turns, text = _to_canonical(row, schema, columns)
-    images_column = resolve_columns(schema, row.keys(), columns)[0].get("images")
+    if schema not in SCHEMAS:
+        raise ValueError(f"unknown schema {schema!r}; expected one of {', '.join(SCHEMAS)}")
+    # A row lacking a field (that other rows have) reads as None, for validation to report.
+    resolved, _missing = resolve_columns(schema, row.keys(), columns)
+    fmt, turns, text = _to_canonical(row, schema, resolved)
+    images_column = resolved.get("images")
     images = row.get(images_column) if images_column else None
     if schema != "text" and has_images(images, turns, placeholders=bool(images_column)):
         turns = attach_images(turns, images, image_root)
@@ -378,13 +382,8 @@ def to_canonical(
 
 
 def _to_canonical(
-    row: Mapping[str, Any], schema: str, columns: Mapping[str, str] | None = None
+    row: Mapping[str, Any], schema: str, resolved: Mapping[str, str]
 ) -> tuple[str, Any, str]:
-    if schema not in SCHEMAS:
-        raise ValueError(f"unknown schema {schema!r}; expected one of {', '.join(SCHEMAS)}")
-    # A row lacking a field (that other rows have) reads as None, for validation to report.
-    resolved, _missing = resolve_columns(schema, row.keys(), columns)
-
     def value(name: str) -> Any:
         return row.get(resolved[name]) if name in resolved else None
 

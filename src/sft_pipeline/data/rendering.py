@@ -204,11 +204,7 @@ def render_stream(records, tokenizer, cfg: TemplateConfig, name: str = "texts"):
         _ = renderer.template
     out = JSONLinesSpool(name)
     progress = Progress(f"render_conversations ({name})", len(records))
-    groups = (
-        # Records made before tools were part of a record have no `tools` column.
-        {c: frame[c].tolist() if c in frame else [""] * len(frame) for c in _COLUMNS}
-        for frame in iter_record_frames(records)
-    )
+    groups = ({c: frame[c].tolist() for c in _COLUMNS} for frame in iter_record_frames(records))
     workers = _workers(-(-len(records) // ROW_GROUP_ROWS))
     merges = 0
     _RENDERER = renderer

@@ -186,15 +186,19 @@ def write_records(data: Any, target: Path) -> None:
 
 
 def iter_record_frames(records: Any) -> Iterator[pd.DataFrame]:
-    """Chunks of records from a RecordTable, a DataFrame or a pyarrow table."""
+    """Chunks of records from a RecordTable, a DataFrame or a pyarrow table. Records written
+    before tools were part of a record get an empty `tools` column."""
     if isinstance(records, RecordTable):
-        yield from records.iter_frames()
+        frames = records.iter_frames()
     elif isinstance(records, pa.Table):
-        for batch in records.to_batches(ROW_GROUP_ROWS):
-            yield batch.to_pandas()
+        frames = (batch.to_pandas() for batch in records.to_batches(ROW_GROUP_ROWS))
     else:
-        for start in range(0, max(len(records), 1), ROW_GROUP_ROWS):
-            yield records.iloc[start : start + ROW_GROUP_ROWS].reset_index(drop=True)
+        frames = (
+            records.iloc[start : start + ROW_GROUP_ROWS].reset_index(drop=True)
+            for start in range(0, max(len(records), 1), ROW_GROUP_ROWS)
+        )
+    for frame in frames:
+        yield frame if "tools" in frame.columns else frame.assign(tools="")
 
 
 def json_line(row: Any) -> str:

@@ -526,8 +526,6 @@ def _validate_chunk(
     records: pd.DataFrame, cfg: ValidationConfig, schema, seen: SeenIds
 ) -> tuple[pd.DataFrame, list[dict[str, Any]], Counter[str]]:
     """One chunk: (valid records, rejected rows with every reason, reason counts)."""
-    if "tools" not in records.columns:  # records made before tools were part of a record
-        records = records.assign(tools="")
     missing = [c for c in RECORD_COLUMNS if c not in records.columns]
     if missing:
         raise ValueError(f"records lack canonical columns {missing}; got {list(records.columns)}")
@@ -604,17 +602,10 @@ def _report(ingested: int, valid: int, rejected: int, counts: Counter[str]) -> d
     return report
 
 
-def validate(
-    records: pd.DataFrame, cfg: ValidationConfig
-) -> tuple[pd.DataFrame, list[dict[str, Any]], dict[str, Any]]:
-    """Split canonical records into (valid, rejected rows with every reason, counts report)."""
-    valid, rejected, counts = _validate_chunk(records, cfg, build_schema(cfg), SeenIds())
-    return valid, rejected, _report(len(records), len(valid), len(rejected), counts)
-
-
 def validate_stream(records, cfg: ValidationConfig):
-    """`validate` chunk by chunk over a `RecordTable` (or DataFrame), the same pandera schema on
-    each chunk: valid records and rejects stream into spool files, so memory stays flat.
+    """Validate canonical records chunk by chunk over a `RecordTable` (or DataFrame), the same
+    pandera schema on each chunk: valid records and rejects stream into spool files, so memory
+    stays flat.
 
     Returns (valid `RecordTable`, rejected `JSONLines`, counts report)."""
     from sft_pipeline.data.streams import JSONLinesSpool, ParquetSpool, Progress, iter_record_frames
