@@ -33,7 +33,7 @@ from sft_pipeline.evaluation.metrics import (
     tool_call_scores,
 )
 from sft_pipeline.evaluation.plots import plot_comparison, plot_token_lengths, plot_training_history
-from sft_pipeline.model.loading import load_model, load_tokenizer, load_tokenizer_or_processor
+from sft_pipeline.model.loading import load_model, load_tokenizer_or_processor
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def evaluate(
         len(eval_texts),
     )
     merged_tokenizer, merged_processor = load_tokenizer_or_processor(merged_dir)
-    stop_ids = _stop_ids(Path(merged_dir))
+    stop_ids = _stop_ids(Path(merged_dir), merged_tokenizer)
     metrics: dict[str, Any] = {
         "num_eval_rows": len(eval_tokens),
         "num_generation_samples": len(samples),
@@ -145,13 +145,13 @@ def evaluate(
     return dict(sorted(metrics.items())), generations, plots
 
 
-def _stop_ids(model_dir: Path) -> list[int]:
+def _stop_ids(model_dir: Path, tokenizer) -> list[int]:
     """The merged model's stop tokens (EOS plus end-of-turn), used for both models alike."""
     from transformers import GenerationConfig
 
     from sft_pipeline.model.stop_tokens import stop_token_ids
 
-    return stop_token_ids(load_tokenizer(model_dir), GenerationConfig.from_pretrained(model_dir))
+    return stop_token_ids(tokenizer, GenerationConfig.from_pretrained(model_dir))
 
 
 def _on_cuda() -> bool:

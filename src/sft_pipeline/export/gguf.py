@@ -206,17 +206,17 @@ class _PlannedTensor:
     ggml_type: Any
 
 
-def _plan_tensors(model_dir: Path, config, family: Family, gguf_type: str) -> list[_PlannedTensor]:
+def _plan_tensors(
+    model_dir: Path, reader, config, family: Family, gguf_type: str
+) -> list[_PlannedTensor]:
     import gguf
-
-    from sft_pipeline.export.shard_merge import read_header
 
     arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == family.arch)
     name_map = gguf.get_tensor_name_map(arch_id, config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     planned: list[_PlannedTensor] = []
     for path in _weight_files(model_dir):
-        for hf_name, entry in read_header(path).items():
+        for hf_name, entry in reader.header(path.name).items():
             if hf_name.endswith(("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")):
                 continue  # buffers llama.cpp recomputes (rotary frequencies, causal masks)
             if tied and hf_name == "lm_head.weight":
@@ -312,7 +312,8 @@ def _write_numpy_gguf(model_dir: Path, target: Path, gguf_type: str) -> Path:
     family = family_of(config)
     tokenizer = load_tokenizer(model_dir)
     generation_config = load_generation_config(model_dir)
-    plan = _plan_tensors(model_dir, config, family, gguf_type)
+    reader = _Reader(model_dir, weight_map(model_dir))
+    plan = _plan_tensors(model_dir, reader, config, family, gguf_type)
 
     writer = gguf.GGUFWriter(str(target), family.arch)
     try:
@@ -329,7 +330,6 @@ def _write_numpy_gguf(model_dir: Path, target: Path, gguf_type: str) -> Path:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        reader = _Reader(model_dir, weight_map(model_dir))
         for t in plan:
             array = reader.get(t.hf_name).to(torch.float32).numpy()
             require_finite(array, t.hf_name, str(t.source))

@@ -255,11 +255,14 @@ class _Reader:
         self.folder, self.mapping = folder, mapping
         self._headers: dict[str, dict[str, _Entry]] = {}
 
-    def entry(self, name: str) -> _Entry:
-        shard = self.mapping[name]
+    def header(self, shard: str) -> dict[str, _Entry]:
+        """The tensors of one shard file, by name (its header, read once)."""
         if shard not in self._headers:
             self._headers[shard] = read_header(self.folder / shard)
-        return self._headers[shard][name]
+        return self._headers[shard]
+
+    def entry(self, name: str) -> _Entry:
+        return self.header(self.mapping[name])[name]
 
     def get(self, name: str):
         import torch

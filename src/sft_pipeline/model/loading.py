@@ -287,16 +287,13 @@ def load_model(
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
-# Submodule names of the vision tower and projector across families (LLaVA, Qwen2-VL,
-# Idefics3/SmolVLM, Gemma-3, ...), plus the output head, which bitsandbytes never quantizes.
-VISION_MODULES = (
-    "vision_tower",
-    "visual",
-    "vision_model",
-    "multi_modal_projector",
-    "connector",
-    "lm_head",
-)
+# Submodule names of the vision tower and of the projector across families (LLaVA, Qwen2-VL,
+# Idefics3/SmolVLM, Gemma-3, ...); Qwen2-VL's `merger` sits inside its `visual` tower.
+VISION_TOWER = ("vision_tower", "visual", "vision_model")
+PROJECTOR = ("multi_modal_projector", "connector", "merger")
+# What bitsandbytes never quantizes in a vision-language model: the tower, the projector and the
+# output head.
+VISION_MODULES = (*VISION_TOWER, *PROJECTOR, "lm_head")
 
 
 def load_generation_config(model_dir: str | os.PathLike):

@@ -47,13 +47,11 @@ import numpy as np
 import torch
 
 from sft_pipeline.data.vision_tokens import SHAPE_SUFFIX, TOKEN_KEYS
+from sft_pipeline.model.loading import PROJECTOR, VISION_TOWER
 from sft_pipeline.trainer.packing import best_fit_decreasing, join_rows
 
 log = logging.getLogger(__name__)
 
-# Submodule names of the vision tower and of the projector across families.
-VISION_TOWER = ("vision_tower", "visual", "vision_model")
-PROJECTOR = ("multi_modal_projector", "connector", "merger")
 # Arrays that carry a batch dimension per row (Idefics3's tiles): padded, then stacked.
 _BATCHED = {"pixel_attention_mask"}
 
@@ -230,27 +228,26 @@ def collate_vision(features: Sequence[dict[str, Any]], longest: int) -> dict[str
             batch[key] = padded
     for shape_key in (k for k in features[0] if k.endswith(SHAPE_SUFFIX)):
         key = shape_key[: -len(SHAPE_SUFFIX)]
-        arrays = [
+        # Per row: its array in its own shape, None for a row without an image.
+        rows = [
             np.asarray(f[key]).reshape([int(d) for d in f[shape_key]])
-            for f in features
             if list(f[shape_key]) != [0]
+            else None
+            for f in features
         ]
+        arrays = [r for r in rows if r is not None]
         if not arrays:
             continue  # no row of the batch has an image
         if key in _BATCHED or arrays[0].ndim == 5:
-            batch[key] = torch.as_tensor(_pad_stack(features, key, shape_key))
+            batch[key] = torch.as_tensor(_pad_stack(rows))
         else:
             batch[key] = torch.as_tensor(np.concatenate(arrays))
     return batch
 
 
-def _pad_stack(features, key: str, shape_key: str) -> np.ndarray:
-    rows = [
-        np.asarray(f[key]).reshape([int(d) for d in f[shape_key]])
-        if list(f[shape_key]) != [0]
-        else None
-        for f in features
-    ]
+def _pad_stack(rows: list[np.ndarray | None]) -> np.ndarray:
+    """Rows' `(1, n, ...)` arrays stacked into `(rows, most n, ...)`, zero-padded (zeros for a
+    row without an image)."""
     sample = next(r for r in rows if r is not None)
     most = max(r.shape[1] for r in rows if r is not None)
     out = np.zeros((len(rows), most, *sample.shape[2:]), dtype=sample.dtype)
