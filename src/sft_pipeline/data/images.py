@@ -26,6 +26,7 @@ The content id of a record with images hashes the image bytes, never where they 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import os
@@ -49,9 +50,10 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _image_part(value: Any, root: Path | None) -> dict[str, Any]:
+def _image_part(value: Any, root: Path | None, digest: bool = True) -> dict[str, Any]:
     """The canonical part of one image value as found in a dataset: a path string, a
-    `{"bytes", "path"}` struct (Parquet/Hub image columns) or a PIL image (in-memory data)."""
+    `{"bytes", "path"}` struct (Parquet/Hub image columns) or a PIL image (in-memory data).
+    `digest=False` leaves an image file unread (`sha256` None): where it is, not what it is."""
     if isinstance(value, Mapping) and value.get("bytes") is not None:
         data = bytes(value["bytes"])
         return {
@@ -76,11 +78,11 @@ def _image_part(value: Any, root: Path | None) -> dict[str, Any]:
     path = Path(os.path.expanduser(value))
     if not path.is_absolute() and root is not None:
         path = root / path
-    try:
-        digest = sha256_bytes(path.read_bytes())
-    except OSError:
-        digest = None  # validation names the missing file
-    return {"type": "image", "path": shown_path(path), "sha256": digest}
+    sha256 = None
+    if digest:
+        with contextlib.suppress(OSError):  # validation names the missing file
+            sha256 = sha256_bytes(path.read_bytes())
+    return {"type": "image", "path": shown_path(path), "sha256": sha256}
 
 
 def _as_list(images: Any) -> list[Any]:
@@ -109,8 +111,9 @@ def has_images(images: Any, turns: Any, placeholders: bool = False) -> bool:
     return False
 
 
-def attach_images(turns: Any, images: Any, root: Path | None) -> Any:
-    """Turns with every image as a canonical part (module doc); other shapes as found."""
+def attach_images(turns: Any, images: Any, root: Path | None, digest: bool = True) -> Any:
+    """Turns with every image as a canonical part (module doc); other shapes as found.
+    `digest=False`: image files are not read (see `_image_part`)."""
     if not isinstance(turns, list):
         return turns
     pending = _as_list(images)
@@ -127,17 +130,17 @@ def attach_images(turns: Any, images: Any, root: Path | None) -> Any:
             parts: list[dict[str, Any]] = []
             for k, piece in enumerate(content.split(PLACEHOLDER)):
                 if k:
-                    parts.append(_next_image(pending, root))
+                    parts.append(_next_image(pending, root, digest))
                 if piece:
                     parts.append({"type": "text", "text": piece})
             out.append({**turn, "content": parts})
         elif isinstance(content, list):
-            out.append({**turn, "content": [_part(p, pending, root) for p in content]})
+            out.append({**turn, "content": [_part(p, pending, root, digest) for p in content]})
         else:
             out.append(turn)
     if pending:
         # Images without a placeholder: kept on the last user turn for validation to report.
-        extra = [{**_image_part(v, root), "placeholder": False} for v in pending]
+        extra = [{**_image_part(v, root, digest), "placeholder": False} for v in pending]
         users = [i for i, t in enumerate(out) if isinstance(t, dict) and t.get("role") == "user"]
         at = users[-1] if users else len(out) - 1
         if at >= 0 and isinstance(out[at], dict):
@@ -147,19 +150,21 @@ def attach_images(turns: Any, images: Any, root: Path | None) -> Any:
     return out
 
 
-def _next_image(pending: list[Any], root: Path | None) -> dict[str, Any]:
+def _next_image(pending: list[Any], root: Path | None, digest: bool) -> dict[str, Any]:
     if not pending:
         return {"type": "image", "path": None, "sha256": None}
-    return _image_part(pending.pop(0), root)
+    return _image_part(pending.pop(0), root, digest)
 
 
-def _part(part: Any, pending: list[Any], root: Path | None) -> Any:
+def _part(part: Any, pending: list[Any], root: Path | None, digest: bool) -> Any:
     if not isinstance(part, dict) or part.get("type") != "image":
         if isinstance(part, dict) and part.get("type") == "text":
             return {"type": "text", "text": part.get("text")}
         return part
     own = next((part[k] for k in ("image", "path", "url") if part.get(k) is not None), None)
-    return _image_part(own, root) if own is not None else _next_image(pending, root)
+    if own is not None:
+        return _image_part(own, root, digest)
+    return _next_image(pending, root, digest)
 
 
 def image_parts(turns: Any) -> list[dict[str, Any]]:

@@ -238,7 +238,7 @@ def _sampled_image_paths(source: Source, cfg: DataConfig) -> list[Path]:
     folder = _image_folder(source)
     paths = []
     for _number, row in head:
-        _fmt, messages, _text = to_canonical(row, schema, resolved, folder)
+        _fmt, messages, _text = to_canonical(row, schema, resolved, folder, digest_images=False)
         parts = images.image_parts(messages)
         paths.extend(Path(p["path"]).resolve() for p in parts if p.get("path"))
     return paths

@@ -364,11 +364,14 @@ def to_canonical(
     schema: str,
     columns: Mapping[str, str] | None = None,
     image_root: Path | None = None,
+    *,
+    digest_images: bool = True,
 ) -> tuple[str, Any, str]:
     """Map one input row to (format, messages, text); `columns` maps our fields to row keys.
 
     Images (an `images` column, `<image>` placeholders, image parts) become canonical image
-    parts (`sft_pipeline.data.images`); relative image paths are relative to `image_root`."""
+    parts (`sft_pipeline.data.images`); relative image paths are relative to `image_root`.
+    `digest_images=False` names image files without reading them (no `sha256`)."""
     if schema not in SCHEMAS:
         raise ValueError(f"unknown schema {schema!r}; expected one of {', '.join(SCHEMAS)}")
     # A row lacking a field (that other rows have) reads as None, for validation to report.
@@ -377,7 +380,7 @@ def to_canonical(
     images_column = resolved.get("images")
     images = row.get(images_column) if images_column else None
     if schema != "text" and has_images(images, turns, placeholders=bool(images_column)):
-        turns = attach_images(turns, images, image_root)
+        turns = attach_images(turns, images, image_root, digest_images)
     return fmt, turns, text
 
 
