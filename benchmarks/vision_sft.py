@@ -32,6 +32,23 @@ FIXTURES = Path(os.environ.get("SFT_PIPELINE_FIXTURES") or ROOT.parent / "shared
 IMAGES = FIXTURES / "datasets" / "llamafactory" / "mllm_demo_data"
 
 
+# The training settings all three share.
+SETTINGS = dict(
+    num_train_epochs=1,
+    per_device_train_batch_size=4,
+    learning_rate=1e-3,
+    report_to="none",
+    save_strategy="no",
+    use_cpu=True,
+    seed=0,
+)
+
+
+def write_result(out: str, tokens: int, seconds: float) -> None:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path(out).write_text(json.dumps({"tokens": tokens, "seconds": seconds, "peak_rss_mib": peak}))
+
+
 def rows(n: int):
     from PIL import Image
 
@@ -68,18 +85,7 @@ def run_one(which: str, model_dir: str, n: int, out: str) -> None:
     start = time.perf_counter()
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(model_dir, backend="pil")
-    args = SFTConfig(
-        output_dir=tempfile.mkdtemp(),
-        num_train_epochs=1,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        report_to="none",
-        save_strategy="no",
-        packing=False,
-        use_cpu=True,
-        seed=0,
-        max_length=None,
-    )
+    args = SFTConfig(**SETTINGS, output_dir=tempfile.mkdtemp(), packing=False, max_length=None)
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -97,11 +103,7 @@ def run_one(which: str, model_dir: str, n: int, out: str) -> None:
 
     trainer.data_collator = counting
     trainer.train()
-    seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    Path(out).write_text(
-        json.dumps({"tokens": tokens[0], "seconds": seconds, "peak_rss_mib": peak})
-    )
+    write_result(out, tokens[0], time.perf_counter() - start)
 
 
 def run_naive(model_dir: str, n: int, out: str) -> None:
@@ -134,26 +136,12 @@ def run_naive(model_dir: str, n: int, out: str) -> None:
         tokens[0] += int(batch["attention_mask"].sum())
         return batch
 
-    args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(),
-        num_train_epochs=1,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        remove_unused_columns=False,
-    )
+    args = TrainingArguments(**SETTINGS, output_dir=tempfile.mkdtemp(), remove_unused_columns=False)
     trainer = Trainer(
         model=model, args=args, train_dataset=Dataset.from_list(rows(n)), data_collator=collate
     )
     trainer.train()
-    seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    Path(out).write_text(
-        json.dumps({"tokens": tokens[0], "seconds": seconds, "peak_rss_mib": peak})
-    )
+    write_result(out, tokens[0], time.perf_counter() - start)
 
 
 def main() -> None:
