@@ -243,7 +243,7 @@ def load_model_for(folder):
 
 
 def test_images_read_from_a_dataset_undecoded_give_the_rows_of_the_decoded_images(
-    llava, fixtures_dir
+    llava, fixtures_dir, tmp_path
 ):
     """A `datasets.Image` column is read as its stored bytes (hashed, decoded once by the
     processor); the rows equal those of the same PIL images handed over in memory."""
@@ -258,7 +258,7 @@ def test_images_read_from_a_dataset_undecoded_give_the_rows_of_the_decoded_image
     pictures = [Image.open(folder / f"{k}.jpg").convert("RGB") for k in (1, 2, 3)]
     rows = _trl_rows(pictures)
     processor = AutoProcessor.from_pretrained(llava, backend="pil")
-    args = SFTConfig(output_dir="unused", max_length=None, report_to="none")
+    args = SFTConfig(output_dir=str(tmp_path), max_length=None, report_to="none")
     dataset = Dataset.from_list(rows)
     assert type(dataset.features["images"].feature).__name__ == "Image"
     from_dataset = _tokenize_rows(dataset, processor, args, "train_dataset")
