@@ -316,3 +316,25 @@ def merged_folder_from(source: Path, target: Path) -> Path:
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target
+
+
+def test_the_export_check_loads_the_merged_model_in_fp32_only_where_it_fits(tmp_path, monkeypatch):
+    """The reference runs use fp32 when it takes at most half the available memory, else the
+    checkpoint's own dtype (a bf16 7B model would need 28 GB in fp32)."""
+    from types import SimpleNamespace
+
+    import psutil
+    from transformers import AutoModelForCausalLM
+
+    from sft_pipeline.export import gguf_check
+
+    merged = merged_folder(tmp_path / "merged")
+    model = AutoModelForCausalLM.from_pretrained(merged).to(torch.bfloat16)
+    model.save_pretrained(merged)
+    stored = sum(p.stat().st_size for p in merged.glob("*.safetensors"))
+    for available, dtype in ((4 * stored, torch.float32), (4 * stored - 1, "auto")):
+        # fp32 is twice the bf16 checkpoint: it fits in half of 4x the checkpoint, not less.
+        monkeypatch.setattr(
+            psutil, "virtual_memory", lambda a=available: SimpleNamespace(available=a)
+        )
+        assert gguf_check._reference_loading(merged) == {"dtype": dtype}

@@ -54,6 +54,7 @@ def reference_runs(model, tokenizer, texts: list[str]) -> list[list[int]]:
     runs = []
     for text in texts:
         ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        ids = ids.to(next(model.parameters()).device)
         with torch.inference_mode():
             out = model.generate(
                 ids,
@@ -79,14 +80,15 @@ def agreement(runs: list[list[int]], predictions: list[list[int | None]]) -> flo
 
 def check_files(merged_dir: Path, files: dict[str, Path]) -> dict[str, dict[str, Any]]:
     """{gguf type: {agreement, positions, by, tokenization}} for each written file."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     from sft_pipeline.export import llamacpp
     from sft_pipeline.model.loading import load_tokenizer
 
     tokenizer = load_tokenizer(merged_dir)
-    model = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(merged_dir), **_reference_loading(merged_dir)
+    ).eval()
     texts = prompt_texts(tokenizer)
     runs = reference_runs(model, tokenizer, texts)
     del model
@@ -120,6 +122,40 @@ def check_files(merged_dir: Path, files: dict[str, Path]) -> dict[str, dict[str,
         }
         log.info("%s: teacher-forced agreement %.3f (%s)", path.name, score, by)
     return results
+
+
+def _reference_loading(merged_dir: Path) -> dict[str, Any]:
+    """How to load the merged model for the reference runs: on CUDA in its own dtype across the
+    GPUs; on a CPU in fp32 when that takes at most half the available memory, else in its own
+    dtype (a 7B model is 28 GB in fp32), said in the log."""
+    import psutil
+    import torch
+
+    from sft_pipeline.model.device import on_cuda
+
+    if on_cuda():
+        return {"dtype": "auto", "device_map": "auto"}
+    stored = sum(p.stat().st_size for p in merged_dir.glob("*.safetensors"))
+    itemsize = _checkpoint_itemsize(merged_dir)
+    fp32 = stored * 4 // itemsize
+    available = psutil.virtual_memory().available
+    if fp32 <= available // 2:
+        return {"dtype": torch.float32}
+    log.info(
+        "export check: the merged model takes %.1f GiB in fp32, over half the %.1f GiB "
+        "available; its reference runs use its own dtype",
+        fp32 / 2**30,
+        available / 2**30,
+    )
+    return {"dtype": "auto"}
+
+
+def _checkpoint_itemsize(merged_dir: Path) -> int:
+    """Bytes per weight as the merged checkpoint stores them (2 for bf16/f16, 4 for fp32)."""
+    from transformers import AutoConfig
+
+    dtype = str(getattr(AutoConfig.from_pretrained(str(merged_dir)), "dtype", "") or "")
+    return 4 if "32" in dtype or not dtype else 2
 
 
 def _transformers_predictions(path: Path, runs: list[list[int]]) -> list[list[int]]:
