@@ -19,6 +19,7 @@ from sft_pipeline.export.ollama import (
     match_layout,
     modelfile,
     probe_conversations,
+    role_tag_layout,
 )
 from tests.conftest import build_tiny_tokenizer, save_tiny_model
 
@@ -234,6 +235,31 @@ def test_alpaca_template_is_recognised():
     )
 
 
+def test_phi3_and_phi4_templates_become_the_same_prompt_in_ollama_syntax(fixtures_dir):
+    """Phi-3-mini's own tokenizer and template, and Phi-4-mini's template on it."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(fixtures_dir / "tokenizers" / "phi-3-mini")
+    templates = fixtures_dir / "tokenizers" / "chat_templates"
+    phi4 = json.loads((templates / "phi-4-mini__tokenizer_config.json").read_text())
+    for template, name in ((tokenizer.chat_template, "phi-3"), (phi4["chat_template"], "phi-4")):
+        tokenizer.chat_template = template
+        layout = match_layout(tokenizer)
+        assert layout is not None and layout.name == name
+        for messages in probe_conversations():
+            expected = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+            assert layout.render(messages) == expected
+    assert (
+        role_tag_layout(newline=True)
+        .go_template()
+        .startswith(
+            '{{ range .Messages }}{{ if eq .Role "system" }}<|system|>\n{{ .Content }}<|end|>\n'
+        )
+    )
+
+
 def test_a_default_system_prompt_becomes_the_modelfile_system(tmp_path):
     tokenizer = build_tiny_tokenizer()
     tokenizer.chat_template = (
@@ -253,15 +279,15 @@ def test_a_default_system_prompt_becomes_the_modelfile_system(tmp_path):
 def test_an_untranslatable_template_says_so_in_the_modelfile(tmp_path):
     tokenizer = build_tiny_tokenizer()
     tokenizer.chat_template = (
-        "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}"
-        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+        "{% for m in messages %}{{ '<turn>' + m['role'] + ': ' + m['content'] + '</turn>' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<turn>assistant: ' }}{% endif %}"
     )
     merged = merged_folder(tmp_path / "merged")
     tokenizer.save_pretrained(merged)
     text, name = modelfile(merged, "model-f16.gguf", [])
     assert name is None
     assert "TEMPLATE" not in text.replace("# No TEMPLATE", "").replace("a TEMPLATE", "")
-    assert "neither ChatML nor Alpaca" in text
+    assert "none of ChatML, Phi-3/Phi-4 and Alpaca" in text
 
 
 def test_export_model_node_follows_merge_adapter():

@@ -8,6 +8,7 @@ with the layout's own rendering; one that renders differently in any probe gets 
 the Modelfile says so (llama.cpp itself still applies the Jinja template from the GGUF).
 
     ChatML:  <|im_start|>{role}\\n{content}<|im_end|>\\n ... <|im_start|>assistant\\n
+    Phi-3:   <|{role}|>\\n{content}<|end|>\\n ... <|assistant|>\\n   (Phi-4: without the newlines)
     Alpaca:  {system}\\n\\n ### Instruction:\\n{user}\\n\\n ### Response:\\n{reply}{eos}\\n\\n ...
              ### Response:\\n
 """
@@ -70,6 +71,17 @@ def chatml_layout() -> TurnLayout:
     )
 
 
+def role_tag_layout(newline: bool) -> TurnLayout:
+    """Phi-3's layout (`<|user|>\\n...<|end|>\\n`), or Phi-4's without the newlines."""
+    nl = "\n" if newline else ""
+    return TurnLayout(
+        name="phi-3" if newline else "phi-4",
+        prefix={r: f"<|{r}|>{nl}" for r in ROLES},
+        suffix={r: f"<|end|>{nl}" for r in ROLES},
+        generation_prompt=f"<|assistant|>{nl}",
+    )
+
+
 def alpaca_layout(eos_token: str) -> TurnLayout:
     """The built-in `alpaca` template (sft_pipeline/data/templates/alpaca.jinja) as a layout."""
     return TurnLayout(
@@ -121,7 +133,7 @@ def match_layout(tokenizer) -> TurnLayout | None:
     rendered = [_render_jinja(tokenizer, p) for p in probes]
     if any(r is None for r in rendered):
         return None
-    candidates = [chatml_layout()]
+    candidates = [chatml_layout(), role_tag_layout(newline=True), role_tag_layout(newline=False)]
     if tokenizer.eos_token:
         candidates.append(alpaca_layout(tokenizer.eos_token))
     for candidate in candidates:
@@ -161,9 +173,9 @@ def modelfile(
     layout = match_layout(tokenizer)
     if layout is None or "{{" in "".join([*layout.prefix.values(), *layout.suffix.values()]):
         lines += [
-            "# No TEMPLATE: this model's chat template is neither ChatML nor Alpaca, the layouts",
-            "# translated into Ollama's template syntax. llama.cpp applies the Jinja template",
-            "# stored in the GGUF; for Ollama, write a TEMPLATE by hand.",
+            "# No TEMPLATE: this model's chat template is none of ChatML, Phi-3/Phi-4 and Alpaca,",
+            "# the layouts translated into Ollama's template syntax. llama.cpp applies the Jinja",
+            "# template stored in the GGUF; for Ollama, write a TEMPLATE by hand.",
         ]
         name = None
     else:
