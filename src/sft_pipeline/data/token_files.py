@@ -87,7 +87,14 @@ def tokenize_stream(
             )
         else:
             table = vision_tokens.tokenize_vision_batch(
-                batch, processor, features, limit, rejected, truncated
+                batch,
+                processor,
+                features,
+                limit,
+                rejected,
+                truncated,
+                cfg.special_tokens_in_content,
+                parsed,
             )
             for column in table.column_names[len(FEATURES) :]:
                 digests["vision"].update(pc.list_flatten(table[column]).to_numpy().tobytes())

@@ -188,6 +188,15 @@ def encode_literal_row(tokenizer, segments: Sequence[dict[str, Any]]) -> tuple[l
     return ids, offsets
 
 
+def content_control_reason(row: dict[str, Any], why: str | None = None) -> str:
+    """The reason a row with control-token text in its content is rejected."""
+    tokens = ", ".join(repr(t) for t in literal_texts(row["segments"]))
+    return f"content holds the control token text {tokens} ({why or TOKEN_REJECT_KEY})"
+
+
+TOKEN_REJECT_KEY = "tokenization.special_tokens_in_content: reject"
+
+
 def encode_as_text(tokenizer, text: str) -> list[int]:
     """`text` from the middle of a row encoded as plain text: no added token is matched, special
     or not (a backend's `encode_special_tokens` still matches the non-special ones, such as
@@ -237,18 +246,11 @@ def _tokenize_batch(
         if not lit:
             ids, offsets = next(plain_rows)
         elif special_tokens_in_content == "reject":
-            tokens = ", ".join(repr(t) for t in literal_texts(row["segments"]))
-            rejected.append(
-                {
-                    "record_id": row["record_id"],
-                    "reason": f"content holds the control token text {tokens} "
-                    "(tokenization.special_tokens_in_content: reject)",
-                }
-            )
+            rejected.append({"record_id": row["record_id"], "reason": content_control_reason(row)})
             continue
         else:
             ids, offsets = encode_literal_row(tokenizer, row["segments"])
-            forged = _forged(tokenizer, row["segments"], ids, offsets)
+            forged = forged_reason(tokenizer, row["segments"], ids, offsets)
             if forged:
                 rejected.append({"record_id": row["record_id"], "reason": forged})
                 continue
@@ -290,7 +292,7 @@ def _tokenize_batch(
     )
 
 
-def _forged(tokenizer, segments, ids, offsets) -> str | None:
+def forged_reason(tokenizer, segments, ids, offsets) -> str | None:
     """Why a literal row still holds a control token inside a literal segment, or None (a
     tokenizer whose plain-text vocabulary produces the control token itself)."""
     spans, pos = [], 0
