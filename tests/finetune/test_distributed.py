@@ -69,6 +69,9 @@ def run_training(base_dir: Path, out: Path, **training):
         "logging_steps": 1,
         "save_steps": 100,
         "per_device_eval_batch_size": 2,
+        # Pinned: `auto` times a step in each precision, and two runs on a busy machine may
+        # time them otherwise.
+        "precision": "fp32",
         **training,
     }
     artifact, history, summary = train_adapter(

@@ -317,8 +317,15 @@ def test_rerun_after_interruption_resumes_from_last_checkpoint(
     steps = [h["step"] for h in history if "loss" in h]
     assert steps == list(range(1, 11))  # logs of steps 1-6 come back from the checkpoint
 
-    # The resumed run ends where an uninterrupted one does.
-    straight = training_config(tmp_path / "straight", max_steps=10, save_steps=3, packing=True)
+    # The resumed run ends where an uninterrupted one does, in the precision the run trained in
+    # (`auto` times a step in each precision, and a busy machine may time them otherwise).
+    straight = training_config(
+        tmp_path / "straight",
+        max_steps=10,
+        save_steps=3,
+        packing=True,
+        precision=summary["precision"],
+    )
     artifact2, history2, _ = train(base, *tokens, quant, lora, straight)
     assert train_losses(history) == pytest.approx(train_losses(history2), rel=1e-4)
     for counter in ("num_tokens", "supervised_tokens"):  # running totals go on after a resume
