@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import chain
 from typing import Any
 
@@ -188,13 +188,49 @@ def encode_literal_row(tokenizer, segments: Sequence[dict[str, Any]]) -> tuple[l
     return ids, offsets
 
 
-def content_control_reason(row: dict[str, Any], why: str | None = None) -> str:
-    """The reason a row with control-token text in its content is rejected."""
-    tokens = ", ".join(repr(t) for t in literal_texts(row["segments"]))
-    return f"content holds the control token text {tokens} ({why or TOKEN_REJECT_KEY})"
-
-
-TOKEN_REJECT_KEY = "tokenization.special_tokens_in_content: reject"
+def encoded_rows(
+    tokenizer,
+    batch: Sequence[dict[str, Any]],
+    special_tokens_in_content: str,
+    rejected: list,
+    parsed: list | None = None,
+    not_literal: Callable[[dict[str, Any]], str | None] | None = None,
+) -> Iterator[tuple[dict[str, Any], str, np.ndarray, list, list]]:
+    """(row, joined text, supervised char mask, ids, offsets) of each row of `batch` that is
+    kept: plain rows encoded in one batch, rows with literal segments as
+    `special_tokens_in_content` says (module doc). Rows rejected for their control-token text go
+    to `rejected`, the ids of rows parsed anyway (`parse`) to `parsed`. `not_literal(row)`: why a
+    row cannot be encoded literally (then `literal` rejects it too), or None."""
+    mode = special_tokens_in_content
+    if parsed is not None and mode == "parse":
+        parsed.extend(row["record_id"] for row in batch if literal_texts(row["segments"]))
+    joined = [supervised_char_mask(row["segments"]) for row in batch]
+    literal = [mode != "parse" and bool(literal_texts(row["segments"])) for row in batch]
+    plain = [text for (text, _), lit in zip(joined, literal, strict=True) if not lit]
+    plain_rows = zip(*encode_texts(tokenizer, plain), strict=True) if plain else iter(())
+    for row, (text, char_mask), lit in zip(batch, joined, literal, strict=True):
+        if not lit:
+            ids, offsets = next(plain_rows)
+        else:
+            cannot = not_literal(row) if not_literal is not None else None
+            if mode == "reject" or cannot:
+                tokens = ", ".join(repr(t) for t in literal_texts(row["segments"]))
+                why = (
+                    "tokenization.special_tokens_in_content: reject" if mode == "reject" else cannot
+                )
+                rejected.append(
+                    {
+                        "record_id": row["record_id"],
+                        "reason": f"content holds the control token text {tokens} ({why})",
+                    }
+                )
+                continue
+            ids, offsets = encode_literal_row(tokenizer, row["segments"])
+            forged = forged_reason(tokenizer, row["segments"], ids, offsets)
+            if forged:
+                rejected.append({"record_id": row["record_id"], "reason": forged})
+                continue
+        yield row, text, char_mask, ids, offsets
 
 
 def encode_as_text(tokenizer, text: str) -> list[int]:
@@ -231,29 +267,10 @@ def _tokenize_batch(
 
     Rows with literal segments follow `special_tokens_in_content` (module doc); the ids of
     those parsed as control tokens anyway (`parse`) are appended to `parsed`."""
-    joined = [supervised_char_mask(row["segments"]) for row in batch]
-    literal = [
-        special_tokens_in_content != "parse" and bool(literal_texts(row["segments"]))
-        for row in batch
-    ]
-    if parsed is not None and special_tokens_in_content == "parse":
-        parsed.extend(row["record_id"] for row in batch if literal_texts(row["segments"]))
-    plain = [text for (text, _), lit in zip(joined, literal, strict=True) if not lit]
-    plain_ids, plain_offsets = encode_texts(tokenizer, plain) if plain else ([], [])
-    plain_rows = iter(zip(plain_ids, plain_offsets, strict=True))
     record_ids, id_rows, label_rows = [], [], []
-    for row, (text, char_mask), lit in zip(batch, joined, literal, strict=True):
-        if not lit:
-            ids, offsets = next(plain_rows)
-        elif special_tokens_in_content == "reject":
-            rejected.append({"record_id": row["record_id"], "reason": content_control_reason(row)})
-            continue
-        else:
-            ids, offsets = encode_literal_row(tokenizer, row["segments"])
-            forged = forged_reason(tokenizer, row["segments"], ids, offsets)
-            if forged:
-                rejected.append({"record_id": row["record_id"], "reason": forged})
-                continue
+    for row, text, char_mask, ids, offsets in encoded_rows(
+        tokenizer, batch, special_tokens_in_content, rejected, parsed
+    ):
         supervised = token_supervision(text, char_mask, offsets) if ids else np.zeros(0, bool)
         if not supervised.any():
             rejected.append({"record_id": row["record_id"], "reason": "no supervised token at all"})

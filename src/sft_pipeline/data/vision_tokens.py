@@ -41,16 +41,7 @@ from datasets import Sequence as HFSequence
 from sft_pipeline.common.labels import IGNORE_INDEX
 from sft_pipeline.data import images
 from sft_pipeline.data.streams import SHAPE_SUFFIX
-from sft_pipeline.data.tokenization import (
-    FEATURES,
-    content_control_reason,
-    encode_literal_row,
-    encode_texts,
-    forged_reason,
-    literal_texts,
-    supervised_char_mask,
-    token_supervision,
-)
+from sft_pipeline.data.tokenization import FEATURES, encoded_rows, token_supervision
 
 log = logging.getLogger(__name__)
 
@@ -156,38 +147,16 @@ def tokenize_vision_batch(
     images cannot be encoded literally (the processor parses the whole text): with `literal` it
     is rejected, naming the text and the `parse` setting that trains on it as control tokens.
     The ids of rows parsed anyway (`parse`) are appended to `parsed`."""
-    tokenizer = processor.tokenizer
-    if parsed is not None and special_tokens_in_content == "parse":
-        parsed.extend(row["record_id"] for row in batch if literal_texts(row["segments"]))
-    kept = []
-    for row in batch:
-        holds = special_tokens_in_content != "parse" and literal_texts(row["segments"])
-        if holds and (special_tokens_in_content == "reject" or row.get("images")):
-            why = None if special_tokens_in_content == "reject" else _WITH_IMAGES
-            rejected.append(
-                {"record_id": row["record_id"], "reason": content_control_reason(row, why)}
-            )
-        else:
-            kept.append(row)
-    batch = kept
-    joined = [supervised_char_mask(row["segments"]) for row in batch]
-    literal = [
-        special_tokens_in_content != "parse" and bool(literal_texts(row["segments"]))
-        for row in batch
-    ]
-    plain = [text for (text, _), lit in zip(joined, literal, strict=True) if not lit]
-    plain_rows = zip(*encode_texts(tokenizer, plain), strict=True) if plain else iter(())
     image_ids = image_token_ids(processor)
     columns: dict[str, list] = {name: [] for name in features}
-    for row, (text, char_mask), lit in zip(batch, joined, literal, strict=True):
-        if lit:  # a row without images: its control-token text encoded as text
-            ids, offsets = encode_literal_row(tokenizer, row["segments"])
-            forged = forged_reason(tokenizer, row["segments"], ids, offsets)
-            if forged:
-                rejected.append({"record_id": row["record_id"], "reason": forged})
-                continue
-        else:
-            ids, offsets = next(plain_rows)
+    for row, text, char_mask, ids, offsets in encoded_rows(
+        processor.tokenizer,
+        batch,
+        special_tokens_in_content,
+        rejected,
+        parsed,
+        not_literal=lambda row: _WITH_IMAGES if row.get("images") else None,
+    ):
         supervised = token_supervision(text, char_mask, offsets) if ids else np.zeros(0, bool)
         extras: dict[str, np.ndarray] = {}
         image_end = 0
