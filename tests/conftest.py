@@ -86,6 +86,16 @@ def tiny_tokenizer():
 FAMILIES = ("llama", "mistral", "gemma", "phi3", "qwen2")
 
 
+# The language-model shape of every tiny test model (vision models' text part included).
+TINY_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
+
 def build_tiny_model(family: str, vocab_size: int, seed: int = 0, **overrides):
     """A random causal LM of `family` with hidden size 32-64, for tests only."""
     import torch
@@ -93,11 +103,7 @@ def build_tiny_model(family: str, vocab_size: int, seed: int = 0, **overrides):
 
     common = dict(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_SHAPE,
         max_position_embeddings=1024,
         tie_word_embeddings=False,
         # Some families default to a pad id past a tiny vocabulary (phi3: 32000).

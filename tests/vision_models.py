@@ -55,14 +55,9 @@ def build_vision_model(family: str, fixtures: Path, seed: int = 0):
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
 
     tokenizers = fixtures / "tokenizers"
-    text = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.2,
-    )
+    from tests.conftest import TINY_SHAPE
+
+    text = dict(**TINY_SHAPE, initializer_range=0.2)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
     if family == "llava":
         from transformers import LlavaProcessor
