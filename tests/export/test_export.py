@@ -357,9 +357,13 @@ def test_the_export_check_loads_the_merged_model_in_fp32_only_where_it_fits(tmp_
     merged = merged_folder(tmp_path / "merged")
     model = AutoModelForCausalLM.from_pretrained(merged).to(torch.bfloat16)
     model.save_pretrained(merged)
-    stored = sum(p.stat().st_size for p in merged.glob("*.safetensors"))
+    from safetensors.torch import load_file
+
+    weights = load_file(merged / "model.safetensors")
+    assert all(t.dtype == torch.bfloat16 for t in weights.values())
+    stored = sum(t.numel() * t.element_size() for t in weights.values())
     for available, dtype in ((4 * stored, torch.float32), (4 * stored - 1, "auto")):
-        # fp32 is twice the bf16 checkpoint: it fits in half of 4x the checkpoint, not less.
+        # fp32 is twice the bf16 weights: it fits in half of 4x the weights, not less.
         monkeypatch.setattr(
             psutil, "virtual_memory", lambda a=available: SimpleNamespace(available=a)
         )

@@ -128,16 +128,21 @@ def _reference_loading(merged_dir: Path) -> dict[str, Any]:
     """How to load the merged model for the reference runs: on CUDA in its own dtype across the
     GPUs; on a CPU in fp32 when that takes at most half the available memory, else in its own
     dtype (a 7B model is 28 GB in fp32), said in the log."""
+    import math
+
     import psutil
     import torch
 
+    from sft_pipeline.export.shard_merge import read_header
     from sft_pipeline.model.device import on_cuda
 
     if on_cuda():
         return {"dtype": "auto", "device_map": "auto"}
-    stored = sum(p.stat().st_size for p in merged_dir.glob("*.safetensors"))
-    itemsize = _checkpoint_itemsize(merged_dir)
-    fp32 = stored * 4 // itemsize
+    fp32 = 4 * sum(
+        math.prod(entry.shape)
+        for path in merged_dir.glob("*.safetensors")
+        for entry in read_header(path).values()
+    )
     available = psutil.virtual_memory().available
     if fp32 <= available // 2:
         return {"dtype": torch.float32}
@@ -148,14 +153,6 @@ def _reference_loading(merged_dir: Path) -> dict[str, Any]:
         available / 2**30,
     )
     return {"dtype": "auto"}
-
-
-def _checkpoint_itemsize(merged_dir: Path) -> int:
-    """Bytes per weight as the merged checkpoint stores them (2 for bf16/f16, 4 for fp32)."""
-    from transformers import AutoConfig
-
-    dtype = str(getattr(AutoConfig.from_pretrained(str(merged_dir)), "dtype", "") or "")
-    return 4 if "32" in dtype or not dtype else 2
 
 
 def _transformers_predictions(path: Path, runs: list[list[int]]) -> list[list[int]]:

@@ -143,6 +143,7 @@ def merge(
         )
         require_finite_model(model, str(adapter_dir))
     eos_ids, pad_id = configure_special_tokens(model, tokenizer)
+    template_date = template_cfg.date if template_cfg else None
     card = model_card(
         manifest,
         kind,
@@ -155,13 +156,13 @@ def merge(
         system_prompt=template_cfg.system_prompt if template_cfg else None,
         trained_template=template,
         merged_into=merged_into,
-        template_date=template_cfg.date if template_cfg else None,
+        template_date=template_date,
     )
     return MergedModel(
         model=model.eval(),
         tokenizer=processor or tokenizer,
         model_card=card,
-        template_date=template_cfg.date if template_cfg else None,
+        template_date=template_date,
     )
 
 
