@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant", "tool")
 
 # A record as the rules see it: {"format": str, "turns": parsed messages, "text": str,
-# "tools": parsed tool definitions or None}.
+# "tools": parsed tool definitions or None, "image_problems": what is wrong with its images,
+# checked once (file, decoding, size limits)}.
 View = dict[str, Any]
 
 
@@ -138,9 +139,9 @@ def _image_count(view: View, _cfg: ValidationConfig) -> list[str]:
     return [f"the conversation has {placeholders} image placeholder(s) but {found} image(s)"]
 
 
-def _image_problems(view: View, cfg: ValidationConfig) -> list[str]:
+def _image_problems(turns: Any, cfg: ValidationConfig) -> list[str]:
     problems = []
-    parts = [p for p in images.image_parts(view["turns"]) if p.get("placeholder", True)]
+    parts = [p for p in images.image_parts(turns) if p.get("placeholder", True)]
     for k, part in enumerate(parts, 1):
         if "given" in part:
             problems.append(f"image {k}: not a path or image ({part['given']})")
@@ -151,12 +152,12 @@ def _image_problems(view: View, cfg: ValidationConfig) -> list[str]:
     return problems
 
 
-def _image_missing(view: View, cfg: ValidationConfig) -> list[str]:
-    return [p for p in _image_problems(view, cfg) if p.endswith(_NOT_FOUND)]
+def _image_missing(view: View, _cfg: ValidationConfig) -> list[str]:
+    return [p for p in view["image_problems"] if p.endswith(_NOT_FOUND)]
 
 
-def _image_unreadable(view: View, cfg: ValidationConfig) -> list[str]:
-    return [p for p in _image_problems(view, cfg) if not p.endswith(_NOT_FOUND)]
+def _image_unreadable(view: View, _cfg: ValidationConfig) -> list[str]:
+    return [p for p in view["image_problems"] if not p.endswith(_NOT_FOUND)]
 
 
 _NOT_FOUND = "no such file"
@@ -489,14 +490,22 @@ def build_schema(cfg: ValidationConfig) -> pa.DataFrameSchema:
     )
 
 
-def _view_frame(records: pd.DataFrame) -> pd.DataFrame:
+def _view_frame(records: pd.DataFrame, cfg: ValidationConfig) -> pd.DataFrame:
     """The canonical columns as stored, plus `record`: the parsed view the rules check."""
-    views = [
-        {"format": fmt, "turns": json.loads(messages), "text": text, "tools": loads_tools(tools)}
-        for fmt, messages, text, tools in zip(
-            records["format"], records["messages"], records["text"], records["tools"], strict=True
+    views = []
+    for fmt, messages, text, tools in zip(
+        records["format"], records["messages"], records["text"], records["tools"], strict=True
+    ):
+        turns = json.loads(messages)
+        views.append(
+            {
+                "format": fmt,
+                "turns": turns,
+                "text": text,
+                "tools": loads_tools(tools),
+                "image_problems": _image_problems(turns, cfg),
+            }
         )
-    ]
     frame = records[["record_id", "source_file", "source_row", "format", "text"]].copy()
     frame["record"] = pd.Series(views, index=records.index, dtype=object)
     return frame
@@ -530,7 +539,7 @@ def _validate_chunk(
     if missing:
         raise ValueError(f"records lack canonical columns {missing}; got {list(records.columns)}")
     records = records[RECORD_COLUMNS].reset_index(drop=True)
-    frame = _view_frame(records)
+    frame = _view_frame(records, cfg)
     failed = _failures(frame, schema)
 
     # Duplicates of records in earlier chunks: the same rule as pandera's within the chunk.
