@@ -259,9 +259,10 @@ def _outermost(paths: Iterable[Path]) -> list[Path]:
     return [p for p in unique if not any(q != p and q in p.parents for q in unique)]
 
 
-def image_locations(cfg: DataConfig) -> list[Path]:
+def image_locations(cfg: DataConfig, sources: list[Source] | None = None) -> list[Path]:
     """The folders (or files) that hold the images records name by path, as DVC tracks them:
-    `data.images` expanded, or found from the data (`auto`, the note above). Absolute."""
+    `data.images` expanded, or found from the data (`auto`, the note above) of `sources`
+    (default: `data.path`'s local files). Absolute."""
     if cfg.images != AUTO_IMAGES:
         found: list[Path] = []
         for entry in as_list(cfg.images):
@@ -269,7 +270,7 @@ def image_locations(cfg: DataConfig) -> list[Path]:
             found.extend(_walk_glob(expanded) if has_magic(expanded) else [Path(expanded)])
         return _outermost(p.resolve() for p in found)
     deps = []
-    for source in _local_sources(cfg):
+    for source in _local_sources(cfg) if sources is None else sources:
         folder = _image_folder(source).resolve()
         for image in _sampled_image_paths(source, cfg):
             dep = _image_dep(image, folder)
@@ -300,9 +301,10 @@ class _TrackedImages:
                         expected="folders (or files, globs) that hold the records' images",
                         hint=f"Paths are relative to {Path.cwd()}",
                     )
-        locations = image_locations(cfg)
+        sources = _local_sources(cfg)
+        locations = image_locations(cfg, sources)
         self.shown = [images.shown_path(p) for p in locations]
-        self.roots = locations + [s.path.resolve() for s in _local_sources(cfg)]
+        self.roots = locations + [s.path.resolve() for s in sources]
 
     def check(self, source: Source, number: int, messages: Any) -> None:
         for part in images.image_parts(messages):
