@@ -95,13 +95,7 @@ def generate(
             )
             new_tokens = out[:, enc["input_ids"].shape[1] :].tolist()
             for i, tokens in zip(batch, new_tokens, strict=True):
-                end = next((k for k, t in enumerate(tokens) if t in stop_set), None)
-                kept = tokens if end is None else tokens[:end]
-                by_index[i] = {
-                    "text": tokenizer.decode(kept, skip_special_tokens=True).strip(),
-                    "stopped": end is not None,
-                    "num_tokens": len(kept) + (end is not None),
-                }
+                by_index[i] = _completion(tokenizer, tokens, stop_set)
             progress.update(len(batch))
     return [by_index[i] for i in range(len(prompts))]
 
@@ -139,16 +133,19 @@ def generate_with_images(
                 pad_token_id=tokenizer.pad_token_id,
             )
             tokens = out[0, enc["input_ids"].shape[1] :].tolist()
-            end = next((k for k, t in enumerate(tokens) if t in stop_set), None)
-            kept = tokens if end is None else tokens[:end]
-            results.append(
-                {
-                    "text": tokenizer.decode(kept, skip_special_tokens=True).strip(),
-                    "stopped": end is not None,
-                    "num_tokens": len(kept) + (end is not None),
-                }
-            )
+            results.append(_completion(tokenizer, tokens, stop_set))
     return results
+
+
+def _completion(tokenizer, tokens: list[int], stop_set: set[int]) -> dict[str, Any]:
+    """{text, stopped, num_tokens} of generated `tokens`, cut at the first stop token."""
+    end = next((k for k, t in enumerate(tokens) if t in stop_set), None)
+    kept = tokens if end is None else tokens[:end]
+    return {
+        "text": tokenizer.decode(kept, skip_special_tokens=True).strip(),
+        "stopped": end is not None,
+        "num_tokens": len(kept) + (end is not None),
+    }
 
 
 THUMBNAIL_PIXELS = 96
