@@ -520,7 +520,7 @@ def test_a_resumed_run_trains_in_the_precision_its_checkpoint_ran_in(tmp_path):
 
     from sft_pipeline.finetune import model_setup
 
-    # `auto` may time steps in both precisions; a resumed run must not pick again half-way.
+    # A run resumed on another machine keeps the numerics it started with.
     checkpoint = tmp_path / "checkpoint-4"
     checkpoint.mkdir()
     marker = {"written_by": "sft-pipeline", "step": 4, "precision": "bf16"}
@@ -528,3 +528,33 @@ def test_a_resumed_run_trains_in_the_precision_its_checkpoint_ran_in(tmp_path):
     job = SimpleNamespace(training=SimpleNamespace(precision="fp32"))
     assert model_setup.run_precision(job, checkpoint) == "bf16"
     assert model_setup.run_precision(job, None) == "fp32"  # a fresh run decides for itself
+
+
+@pytest.mark.parametrize("cpu", ["native-bf16", "emulated-bf16"])
+def test_the_same_command_trains_in_the_same_precision_twice_on_a_busy_machine(
+    cpu, base_model_dir, tokens, tmp_path, monkeypatch
+):
+    import subprocess
+    import sys
+
+    from sft_pipeline.model import device
+
+    # Both branches of the CPU rule, whatever this CPU reports.
+    flags = "fpu avx2 avx512f avx512_bf16" if cpu == "native-bf16" else "fpu avx2"
+    monkeypatch.setattr(device, "_cpu_flags", lambda cpuinfo=None: set(flags.split()))
+    expected = "bf16" if cpu == "native-bf16" else "fp32"
+    busy = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)
+    ]  # both cores loaded while the runs decide
+    try:
+        summaries = []
+        for run in range(2):
+            config = training_config(tmp_path / str(run), max_steps=1, precision="auto")
+            summaries.append(train(base_model_dir(), *tokens, *LORA, config)[2])
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+    assert [s["precision"] for s in summaries] == [expected, expected]
+    basis = summaries[0]["precision_decided_by"]
+    assert basis.startswith("CPU flags") and ("avx512_bf16" in basis) is (expected == "bf16")

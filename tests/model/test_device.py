@@ -39,7 +39,9 @@ def on(monkeypatch):
         cuda = kind.startswith("cuda")
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: kind == "cuda-bf16")
-        monkeypatch.setattr(device, "cpu_bf16_is_faster", lambda: kind == "cpu-native-bf16")
+        monkeypatch.setattr(
+            device, "cpu_has_native_bf16", lambda cpuinfo=None: kind == "cpu-native-bf16"
+        )
 
     return set_device
 
@@ -82,16 +84,6 @@ def test_native_bf16_is_read_from_the_cpu_flags():
     assert device.cpu_has_native_bf16("flags : fpu avx2 avx512f avx512_vnni") is False
 
 
-def test_a_cpu_without_native_bf16_never_measures(monkeypatch):
-    device.cpu_bf16_is_faster.cache_clear()
-    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda cpuinfo=None: False)
-    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: pytest.fail("measured"))
-    try:
-        assert device.cpu_bf16_is_faster() is False
-    finally:
-        device.cpu_bf16_is_faster.cache_clear()
-
-
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("where", ["cpu-native-bf16", "cpu-emulated-bf16"])
 def test_sft_config_runs_what_the_rule_table_says(on, where, tmp_path):
@@ -102,54 +94,13 @@ def test_sft_config_runs_what_the_rule_table_says(on, where, tmp_path):
     assert args.use_cpu
 
 
-@pytest.mark.parametrize(
-    ("fp32_s", "bf16_s", "expected"), [(1.0, 0.5, "bf16"), (1.0, 0.95, "fp32")]
-)
-def test_auto_on_a_bf16_cpu_picks_the_faster_training_step(monkeypatch, fp32_s, bf16_s, expected):
+def test_precision_auto_on_a_cpu_follows_its_flags_not_a_clock(monkeypatch):
+    # Any timing would read this clock, which jumps a second per read: a decision that depended
+    # on a measurement would come out arbitrary. It must follow the flags alone.
+    clock = iter(range(10**6))
+    monkeypatch.setattr("time.perf_counter", lambda: float(next(clock)))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda cpuinfo=None: True)
-    timed = []
-
-    def step_cost(precision):
-        timed.append(precision)
-        return {"fp32": fp32_s, "bf16": bf16_s}[precision]
-
-    assert device.resolve_precision("auto", step_cost=step_cost) == expected
-    assert sorted(timed) == ["bf16", "fp32"]
-
-
-def test_a_cpu_without_native_bf16_never_times_a_step(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda cpuinfo=None: False)
-    step_cost = lambda precision: pytest.fail("a step was timed")  # noqa: E731
-    assert device.resolve_precision("auto", step_cost=step_cost) == "fp32"
-
-
-def test_a_training_step_of_the_real_model_is_timed_in_both_precisions(tiny_model_dir, tmp_path):
-    from datasets import Dataset
-
-    from sft_pipeline.common.config import (
-        LoraConfig,
-        ModelConfig,
-        QuantizationConfig,
-        TrainingConfig,
-    )
-    from sft_pipeline.finetune.job import TrainJob
-    from sft_pipeline.finetune.model_setup import step_seconds
-    from sft_pipeline.model.base_model import prepare_base_model
-
-    prepare_base_model(ModelConfig(name_or_path=str(tiny_model_dir("llama")))).save_pretrained(
-        tmp_path / "base"
-    )
-    rows = Dataset.from_list([{"input_ids": [1, 2, 3, 4], "labels": [-100, 2, 3, 4]}] * 4)
-    job = TrainJob(
-        tmp_path / "base",
-        rows,
-        None,
-        QuantizationConfig(load_in_4bit=False),
-        LoraConfig(r=4, alpha=8),
-        TrainingConfig(per_device_train_batch_size=2, packing=False),
-        16,
-    )
-    for precision in ("fp32", "bf16"):
-        assert step_seconds(job, precision, repeats=1) > 0
+    for flags, expected in (("fpu avx2 avx512f avx512_bf16", "bf16"), ("fpu avx2", "fp32")):
+        monkeypatch.setattr(device, "_cpu_flags", lambda cpuinfo=None, f=flags: set(f.split()))
+        assert {device.resolve_precision("auto") for _ in range(5)} == {expected}
+        assert ("avx512_bf16" in device.precision_basis()) is (expected == "bf16")

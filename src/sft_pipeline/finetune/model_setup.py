@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
@@ -62,50 +61,12 @@ def count_parameters(model) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def step_seconds(job: TrainJob, precision: device.Precision, *, repeats: int = 2) -> float:
-    """Seconds of one forward + backward of the job's model on its batch shape, in `precision`.
-
-    The shape is what the trainer will run: `per_device_train_batch_size` rows of `max_length`
-    tokens when packing, of the mean row length otherwise. One warm-up step is not counted.
-    """
-    import time
-
-    import torch
-    from peft import get_peft_model
-
-    training = job.training
-    lengths = [
-        len(ids)
-        for ids in job.train_tokens.select(range(min(256, len(job.train_tokens))))["input_ids"]
-    ]
-    length = job.max_length if training.packing else max(2, round(sum(lengths) / len(lengths)))
-    model, peft_config = build_model(job, precision)
-    if peft_config is not None:
-        model = get_peft_model(model, peft_config)
-    model.train()
-    vocab = model.get_input_embeddings().num_embeddings
-    ids = torch.randint(0, vocab, (training.per_device_train_batch_size, length))
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-    timings = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        with autocast:
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        timings.append(time.perf_counter() - start)
-    del model
-    return min(timings[1:])
-
-
 def run_precision(job: TrainJob, resume_from: Path | None) -> device.Precision:
-    """The precision a run trains in: the one its checkpoint ran in when it resumes (`auto` may
-    time steps, and a second timing can pick the other precision half-way through a run), else
-    `device.resolve_precision` on this device, with `auto` timed on the job's own steps."""
+    """The precision a run trains in: the one its checkpoint ran in when it resumes (a run
+    resumed on another machine keeps the numerics it started with), else
+    `device.resolve_precision` on what this device reports."""
     if resume_from is not None and (resume_from / CHECKPOINT_MARKER).is_file():
         marker = json.loads((resume_from / CHECKPOINT_MARKER).read_text(encoding="utf-8"))
         if marker.get("precision") in ("bf16", "fp16", "fp32"):
             return marker["precision"]
-    return device.resolve_precision(
-        job.training.precision, step_cost=functools.partial(step_seconds, job)
-    )
+    return device.resolve_precision(job.training.precision)

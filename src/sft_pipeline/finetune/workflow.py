@@ -177,6 +177,13 @@ def summarise(
         "method": job.method,
         # Decided once, by device.resolve_precision, and handed to SFTConfig as it is.
         "precision": precision,
+        "precision_decided_by": (
+            f"checkpoint {resumed_from.name}"
+            if resumed_from is not None
+            else device.precision_basis()
+            if job.training.precision == "auto"
+            else f"training.precision: {job.training.precision}"
+        ),
         "optimizer": args.optim if isinstance(args.optim, str) else args.optim.value,
         "seed": args.seed,
         "train_loss_first": train_losses[0] if train_losses else None,

@@ -8,14 +8,18 @@ kernels) and the model loaders. The rules form one table:
     ----------------+----------------+-------------------+-------------------+-----------
     CUDA, bf16      | bf16           | bf16              | fp16              | yes (LoRA)
     CUDA, no bf16   | fp16           | fp16 (warned)     | fp16              | yes (LoRA)
-    CPU, native bf16| bf16 if faster | bf16              | bf16/fp32 (warned)| no
+    CPU, native bf16| bf16           | bf16              | bf16 (warned)     | no
     CPU, emulated   | fp32           | bf16 (warned)     | fp32 (warned)     | no
 
-"native bf16" means the CPU reports AVX512-BF16 or AMX; "faster" is measured only on such CPUs:
-by timing a training step of the actual model and batch shape in both precisions where the
-caller can give one (`step_cost`: the training workflow does), else by a matmul, once per
-process. bf16 can lose on a CPU that has it (casts between fp32 LoRA weights and a bf16 base,
-padded batches), so only a step of the real shape decides reliably.
+"native bf16" means the CPU reports AVX512-BF16 or AMX in its flags. Every entry is a function of
+what the hardware reports, never of a timing: a pipeline whose outputs are cached by their inputs
+cannot let machine load pick the numerics (a timed choice once trained the same command in bf16,
+then a minute later, on a busier machine, in fp32). Without native bf16 instructions bf16 is
+emulated, about a hundred times slower than fp32 (0.9 against 137 GFLOP/s for a matmul on an
+AVX2 EPYC), so `auto` never picks it there. Where bf16 is native it is the faster of the two for
+matmul-bound steps; a run that must match another machine bit for bit pins `fp32`. The decision
+and the flags behind it are recorded in `training_summary.json` (`precision`,
+`precision_decided_by`).
 
 The 4-bit compute dtype `auto` follows the training precision (bf16 -> bfloat16, fp16 ->
 float16, fp32 -> float32), so the 4-bit matmuls and the rest of the model never disagree.
@@ -25,12 +29,9 @@ bitsandbytes 4-bit works on CPU but is slower there than a full-precision base, 
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
-import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -59,63 +60,36 @@ def deterministic_kernels() -> bool:
     return not on_cuda()
 
 
-def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """True when the CPU reports bf16 instructions (AVX512-BF16 or AMX) in /proc/cpuinfo.
-
-    Without them bf16 is emulated: on an AVX2 EPYC a bf16 matmul ran at 0.9 GFLOP/s against
-    137 in fp32.
-    """
+def _cpu_flags(cpuinfo: str | None = None) -> set[str]:
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
         except OSError:
-            return False
-    flags = set(cpuinfo.split())
+            return set()
+    return set(cpuinfo.split())
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """True when the CPU reports bf16 instructions (AVX512-BF16 or AMX) in /proc/cpuinfo."""
+    flags = _cpu_flags(cpuinfo)
     return any(flag in flags for flag in _CPU_BF16_FLAGS)
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_bf16_is_faster() -> bool:
-    """Whether bf16 autocast beats fp32 on this CPU: ruled out by flags, else measured once.
-
-    CPUs without native bf16 are ruled out by their flags rather than by a timing that a busy
-    machine could skew. On the others a ~0.1 s measurement decides, since how much bf16 gains
-    depends on the chip.
-    """
+def precision_basis(*, cuda: bool | None = None) -> str:
+    """What `precision: auto` was decided by, in words for the run's summary."""
     import torch
 
-    if not torch.backends.mkldnn.is_available() or not cpu_has_native_bf16():
-        return False
-    x = torch.randn(256, 512)
-    weight = torch.randn(512, 512)
-    timings = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a, w = x.to(dtype), weight.to(dtype)
-        torch.nn.functional.linear(a, w)  # warm-up: the first call pays for kernel selection
-        start = time.perf_counter()
-        for _ in range(3):
-            torch.nn.functional.linear(a, w)
-        timings[dtype] = (time.perf_counter() - start) / 3
-    faster = timings[torch.bfloat16] < 0.9 * timings[torch.float32]
-    log.info(
-        "CPU linear 256x512x512: fp32 %.2f ms, bf16 %.2f ms -> %s",
-        timings[torch.float32] * 1e3,
-        timings[torch.bfloat16] * 1e3,
-        "bf16" if faster else "fp32",
-    )
-    return faster
+    if on_cuda() if cuda is None else cuda:
+        name = torch.cuda.get_device_name()
+        return f"{name}: bf16 {'supported' if torch.cuda.is_bf16_supported() else 'unsupported'}"
+    flags = [flag for flag in _CPU_BF16_FLAGS if flag in _cpu_flags()]
+    return f"CPU flags: {', '.join(flags)}" if flags else "CPU flags: no native bf16"
 
 
-def resolve_precision(
-    requested: str,
-    *,
-    cuda: bool | None = None,
-    step_cost: Callable[[Precision], float] | None = None,
-) -> Precision:
+def resolve_precision(requested: str, *, cuda: bool | None = None) -> Precision:
     """The precision that runs for a request (`auto`, `bf16`, `fp16`, `fp32`): the table above.
 
     A request this device cannot honour is replaced by the best one it can, with one warning.
-    `step_cost(precision)` -> seconds of one training step, for `auto` on a CPU with native bf16.
     """
     import torch
 
@@ -130,36 +104,24 @@ def resolve_precision(
             warn_once("bf16 requested but this GPU does not support it; using fp16 instead")
             return "fp16"
         return requested  # type: ignore[return-value]
+    native = cpu_has_native_bf16()
     if requested == "auto":
-        if step_cost is not None and cpu_has_native_bf16():
-            return faster_of_steps(step_cost)
-        return "bf16" if cpu_bf16_is_faster() else "fp32"
+        return "bf16" if native else "fp32"
     if requested == "bf16":
         # bf16 autocast always runs on CPU; it is only slow without native bf16 instructions.
-        if not cpu_bf16_is_faster():
-            warn_once("bf16 autocast is slower than fp32 on this CPU (measured); fp32 is faster")
+        if not native:
+            warn_once(
+                "bf16 requested but this CPU has no native bf16 instructions (AVX512-BF16 or "
+                "AMX): it is emulated, far slower than fp32"
+            )
         return "bf16"
     if requested == "fp16":
-        use_bf16 = cpu_bf16_is_faster()
         warn_once(
             "fp16 was requested but cannot run on a CPU; training in "
-            f"{'bf16 autocast' if use_bf16 else 'fp32'} instead (the faster one here)"
+            f"{'bf16 autocast (native on this CPU)' if native else 'fp32'} instead"
         )
-        return "bf16" if use_bf16 else "fp32"
+        return "bf16" if native else "fp32"
     raise ValueError(f"precision: expected auto, bf16, fp16 or fp32, got {requested!r}")
-
-
-def faster_of_steps(step_cost: Callable[[Precision], float]) -> Precision:
-    """bf16 when a training step in it takes under 0.9x the fp32 step (margin for timing noise)."""
-    seconds = {precision: step_cost(precision) for precision in ("fp32", "bf16")}
-    chosen: Precision = "bf16" if seconds["bf16"] < 0.9 * seconds["fp32"] else "fp32"
-    log.info(
-        "precision auto: one training step took %.3f s in fp32, %.3f s in bf16 -> %s",
-        seconds["fp32"],
-        seconds["bf16"],
-        chosen,
-    )
-    return chosen
 
 
 def torch_dtype(precision: str):
