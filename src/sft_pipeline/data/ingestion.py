@@ -87,7 +87,7 @@ class Source:
 
     path: Path
     shown: str
-    hub: bool = False  # a file of a Hub snapshot, pinned by its revision
+    snapshot: hub.HubSnapshot | None = None  # a file of this Hub snapshot, pinned by its commit
 
 
 def _walk_glob(pattern: str) -> list[Path]:
@@ -139,7 +139,7 @@ def resolve_sources(cfg: DataConfig) -> list[Source]:
     for entry in entries:
         if hub.is_hub_path(entry):
             snapshot = hub.resolve(entry, cfg.split, cfg.subset)
-            found.extend(Source(p, snapshot.shown(p), hub=True) for p in snapshot.files)
+            found.extend(Source(p, snapshot.shown(p), snapshot) for p in snapshot.files)
             continue
         expanded = os.path.expanduser(entry)
         if has_magic(expanded):
@@ -401,18 +401,20 @@ def _check_columns_map(cfg: DataConfig) -> None:
 
 def _canonical(
     source: Source,
-    rows: Iterable[Row],
+    rows: list[Row],
     schema: str,
     resolved,
     tracked: _TrackedImages | None = None,
 ) -> list[dict[str, Any]]:
     shown, image_root = source.shown, _image_folder(source)
+    if source.snapshot is not None:
+        hub.fetch_record_images(source.snapshot, shown, rows, schema, resolved, image_root)
     out = []
     for number, row in rows:
         fmt, messages, text = to_canonical(row, schema, resolved, image_root)
         tools = row_tools(row, schema, resolved)
         with_images = bool(images.image_parts(messages))
-        if with_images and tracked is not None and not source.hub:
+        if with_images and tracked is not None and source.snapshot is None:
             tracked.check(source, number, messages)
         out.append(
             {
