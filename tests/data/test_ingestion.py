@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -382,11 +383,15 @@ def test_corrupt_parquet(tmp_path: Path) -> None:
 def test_unreadable_file(tmp_path: Path, monkeypatch) -> None:
     path = write_jsonl(tmp_path / "locked.jsonl", PAIRS)
 
-    def deny(self: Path, *args, **kwargs):
-        # chmod 000 does not stop root (CI containers), so simulate the permission error.
-        raise PermissionError(13, "Permission denied", str(self))
+    real_open = os.open
 
-    monkeypatch.setattr(Path, "open", deny)
+    def deny(name, *args, **kwargs):
+        # chmod 000 does not stop root (CI containers), so simulate the permission error.
+        if str(name).endswith("locked.jsonl"):
+            raise PermissionError(13, "Permission denied", str(name))
+        return real_open(name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", deny)
     raises_input_error(cfg(path), "locked.jsonl", "cannot be read: Permission denied")
 
 

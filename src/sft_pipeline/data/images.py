@@ -34,6 +34,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from sft_pipeline.data import file_checks
+
 PLACEHOLDER = "<image>"
 SOURCE_KEYS = ("path", "bytes")
 
@@ -80,8 +82,9 @@ def _image_part(value: Any, root: Path | None, digest: bool = True) -> dict[str,
         path = root / path
     sha256 = None
     if digest:
-        with contextlib.suppress(OSError):  # validation names the missing file
-            sha256 = sha256_bytes(path.read_bytes())
+        # Validation names a missing file, or one that is not read (a FIFO, a device, too big).
+        with contextlib.suppress(OSError):
+            sha256 = file_checks.sha256_regular(path, *_image_limit())
     return {"type": "image", "path": shown_path(path), "sha256": sha256}
 
 
@@ -217,7 +220,12 @@ def describe(part: Mapping[str, Any]) -> str:
 def read_bytes(part: Mapping[str, Any]) -> bytes:
     if part.get("bytes"):
         return base64.b64decode(part["bytes"])
-    return Path(part["path"]).read_bytes()
+    return file_checks.read_regular(part["path"], *_image_limit())
+
+
+def _image_limit() -> tuple[int, str]:
+    # Read at call time, so the limit can be changed where the module is used.
+    return file_checks.MAX_IMAGE_FILE_BYTES, "MAX_IMAGE_FILE_BYTES"
 
 
 def open_image(part: Mapping[str, Any]):

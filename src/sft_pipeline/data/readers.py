@@ -7,7 +7,8 @@ endings and blank lines are read with nothing lost, and lines are split on "\\n"
 strings may hold raw U+2028, U+2029 or U+0085 (which `str.splitlines` would cut). Problems stop
 with an `InputFileError` naming the file, the line and what was expected, within seconds: a line
 or a list item over `MAX_RECORD_BYTES`, JSON nested deeper than the parser allows, bytes that
-are not UTF-8 (with their line and byte offset).
+are not UTF-8 (with their line and byte offset). Only regular files are opened, checked
+before any read (`sft_pipeline.data.file_checks`): a FIFO or a device never blocks a run.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from sft_pipeline.common.errors import InputFileError
+from sft_pipeline.data import file_checks
 
 Row = tuple[int, dict[str, Any]]
 
@@ -39,10 +41,14 @@ def json_type(value: Any) -> str:
 
 
 def _open(path: Path, shown: str) -> BinaryIO:
+    """The file opened for reading when it is a regular file (never a FIFO, a device, ...)
+    within `file_checks.MAX_DATA_FILE_BYTES`; checked before anything is read."""
     try:
-        return path.open("rb")
-    except OSError as exc:
-        raise InputFileError(shown, f"cannot be read: {exc.strerror or exc}") from None
+        return file_checks.open_regular(
+            path, file_checks.MAX_DATA_FILE_BYTES, "MAX_DATA_FILE_BYTES"
+        )
+    except file_checks.UnreadableFile as exc:
+        raise InputFileError(shown, exc.problem) from None
 
 
 def _too_long(shown: str, line: int, what: str) -> InputFileError:
@@ -301,23 +307,18 @@ def read_csv(path: Path, shown: str) -> Iterator[Row]:
 def read_parquet(path: Path, shown: str, batch_rows: int) -> Iterator[Row]:
     import pyarrow.parquet as pq
 
-    try:
-        parquet = pq.ParquetFile(path)
-    except OSError as exc:
-        if isinstance(exc, FileNotFoundError | PermissionError):
-            raise InputFileError(shown, f"cannot be read: {exc.strerror or exc}") from None
-        raise InputFileError(
-            shown, f"cannot be read as Parquet: {exc}", expected="a Parquet file"
-        ) from None
-    except Exception as exc:  # pyarrow raises ArrowInvalid and friends for corrupt files
-        raise InputFileError(
-            shown, f"cannot be read as Parquet: {exc}", expected="a Parquet file"
-        ) from None
-    number = 0
-    for batch in parquet.iter_batches(batch_size=batch_rows):
-        for row in batch.to_pylist():
-            number += 1
-            yield number, row
+    with _open(path, shown) as f:
+        try:
+            parquet = pq.ParquetFile(f)
+        except Exception as exc:  # pyarrow raises ArrowInvalid and friends for corrupt files
+            raise InputFileError(
+                shown, f"cannot be read as Parquet: {exc}", expected="a Parquet file"
+            ) from None
+        number = 0
+        for batch in parquet.iter_batches(batch_size=batch_rows):
+            for row in batch.to_pylist():
+                number += 1
+                yield number, row
 
 
 def read_dataset_folder(path: Path, shown: str, batch_rows: int) -> Iterator[Row]:

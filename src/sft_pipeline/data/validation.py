@@ -7,14 +7,11 @@ exactly what is wrong ("empty_content: message 2 (assistant) is empty after stri
 
 from __future__ import annotations
 
-import functools
-import io
 import json
 import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +20,7 @@ import pandera.pandas as pa
 
 from sft_pipeline.common.config import ValidationConfig
 from sft_pipeline.common.errors import RejectedFractionError
-from sft_pipeline.data import images
+from sft_pipeline.data import image_checks, images
 from sft_pipeline.data.records import RECORD_COLUMNS, SCHEMAS, loads_tools
 from sft_pipeline.data.seen_ids import SeenIds
 
@@ -139,59 +136,12 @@ def _image_count(view: View, _cfg: ValidationConfig) -> list[str]:
     return [f"the conversation has {placeholders} image placeholder(s) but {found} image(s)"]
 
 
-def _image_problems(turns: Any, cfg: ValidationConfig) -> list[str]:
-    problems = []
-    parts = [p for p in images.image_parts(turns) if p.get("placeholder", True)]
-    for k, part in enumerate(parts, 1):
-        if "given" in part:
-            problems.append(f"image {k}: not a path or image ({part['given']})")
-        elif any(part.get(key) for key in images.SOURCE_KEYS):
-            problem = _check_image(part, cfg)
-            if problem:
-                problems.append(f"image {k} ({images.describe(part)}): {problem}")
-    return problems
-
-
 def _image_missing(view: View, _cfg: ValidationConfig) -> list[str]:
-    return [p for p in view["image_problems"] if p.endswith(_NOT_FOUND)]
+    return [p for p in view["image_problems"] if image_checks.is_missing(p)]
 
 
 def _image_unreadable(view: View, _cfg: ValidationConfig) -> list[str]:
-    return [p for p in view["image_problems"] if not p.endswith(_NOT_FOUND)]
-
-
-_NOT_FOUND = "no such file"
-
-
-@functools.lru_cache(maxsize=4096)
-def _decode_problem(path: str | None, data: bytes | None):
-    """(problem or None, (bytes, width, height)); cached: a dataset reuses its images."""
-    from PIL import Image, UnidentifiedImageError
-
-    if path is not None and not Path(path).is_file():
-        return _NOT_FOUND, None
-    try:
-        raw = data if data is not None else Path(path).read_bytes()
-        with Image.open(io.BytesIO(raw)) as image:
-            image.load()  # a truncated or damaged file fails here, not at training time
-            return None, (len(raw), image.width, image.height)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        return f"does not decode as an image ({exc})", None
-    except Image.DecompressionBombError as exc:
-        return f"refused by the image decoder ({exc})", None
-
-
-def _check_image(part: dict[str, Any], cfg: ValidationConfig) -> str | None:
-    path = part.get("path")
-    problem, size = _decode_problem(path, None if path else images.read_bytes(part))
-    if problem:
-        return problem
-    nbytes, width, height = size
-    if nbytes > cfg.max_image_bytes:
-        return f"{nbytes} bytes, over validation.max_image_bytes={cfg.max_image_bytes}"
-    if width * height > cfg.max_image_pixels:
-        return f"{width}x{height} pixels, over validation.max_image_pixels={cfg.max_image_pixels}"
-    return None
+    return [p for p in view["image_problems"] if not image_checks.is_missing(p)]
 
 
 def _image_not_in_user_turn(view: View, _cfg: ValidationConfig) -> list[str]:
@@ -503,7 +453,7 @@ def _view_frame(records: pd.DataFrame, cfg: ValidationConfig) -> pd.DataFrame:
                 "turns": turns,
                 "text": text,
                 "tools": loads_tools(tools),
-                "image_problems": _image_problems(turns, cfg),
+                "image_problems": image_checks.problems(turns, cfg),
             }
         )
     frame = records[["record_id", "source_file", "source_row", "format", "text"]].copy()
