@@ -29,12 +29,29 @@ run: setup
 
 # llama.cpp, prebuilt, from npm (node-llama-cpp): the GGUF export checks its files with it and
 # quantizes the k-quant types; its tests skip, saying so, where it cannot be installed.
-llamacpp: tools/llamacpp/node_modules/.installed
+# llama.cpp's own converter (convert_hf_to_gguf.py with its gguf-py), the reference the GGUF
+# export is tested against: from the llama-cpp-python sdist on the package index, pinned here;
+# only the converter's files are kept (git-ignored); its tests skip, saying so, where it is absent.
+LLAMACPP_VERSION := 0.3.36
+LLAMACPP_CONVERT := tools/llamacpp/convert
+LLAMACPP_VENDOR := llama_cpp_python-$(LLAMACPP_VERSION)/vendor/llama.cpp
+
+llamacpp: tools/llamacpp/node_modules/.installed $(LLAMACPP_CONVERT)/.installed-$(LLAMACPP_VERSION)
 
 tools/llamacpp/node_modules/.installed: tools/llamacpp/package.json tools/llamacpp/package-lock.json
 	cd tools/llamacpp && npm install --no-save --omit=optional --ignore-scripts --no-audit --no-fund \
 		&& touch node_modules/.installed \
 		|| echo "llama.cpp client not installed: GGUF files are checked through transformers" >&2
+
+$(LLAMACPP_CONVERT)/.installed-$(LLAMACPP_VERSION): | $(STAMP)
+	rm -rf $(LLAMACPP_CONVERT) && mkdir -p $(LLAMACPP_CONVERT)/sdist
+	( $(BIN)/pip download -q --no-deps --no-binary :all: -d $(LLAMACPP_CONVERT)/sdist \
+			llama-cpp-python==$(LLAMACPP_VERSION) \
+		&& tar -xzf $(LLAMACPP_CONVERT)/sdist/*.tar.gz -C $(LLAMACPP_CONVERT) --strip-components=3 \
+			$(addprefix $(LLAMACPP_VENDOR)/,convert_hf_to_gguf.py conversion gguf-py LICENSE) \
+		&& touch $@ ) \
+		|| echo "llama.cpp's converter not installed: the GGUF reference tests skip" >&2
+	rm -rf $(LLAMACPP_CONVERT)/sdist
 
 # Test files run in parallel, each whole on one worker (tests/conftest.py groups them).
 TEST_WORKERS ?= 2
