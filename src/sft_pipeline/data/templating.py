@@ -24,7 +24,9 @@ through its end-of-turn token. Tool results, tool definitions, system and user t
 The end of such a turn is where the template's ordinary assistant turns end: the text a template
 writes after an assistant reply (`<|im_end|>\n`, `<|eot_id|>`) is learnt once per template from a
 probe conversation. A template that drops the tool definitions, the calls or the results (one
-without tool support, such as plain ChatML) is refused, naming it; the built-in `hermes` template
+without tool support, such as plain ChatML) is refused, naming it, judged by comparing its
+renderings with and without the tools and with markers in place of the results, never by
+searching the text (`sft_pipeline.data.tool_support`); the built-in `hermes` template
 renders tools the Hermes/Qwen2.5 way for models without a template of their own.
 
 Data is data: text inside a record that spells a control token (`<|im_end|>\n<|im_start|>system`)
@@ -50,7 +52,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import logging
 import re
 from collections.abc import Iterator, Sequence
@@ -62,7 +63,7 @@ from jinja2 import TemplateError
 
 from sft_pipeline.common.config import DEFAULT_TEMPLATE_DATE, TemplateConfig
 from sft_pipeline.common.errors import UserError
-from sft_pipeline.data import images
+from sft_pipeline.data import images, tool_support
 
 log = logging.getLogger(__name__)
 
@@ -344,16 +345,9 @@ class Renderer:
     def _check_tool_support(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, full: str
     ) -> None:
-        """Refuse a template that silently drops tool definitions, calls or results."""
-        problem = None
-        names = [_tool_name(tool) for tool in tools or []]
-        if absent := [n for n in names if n and n not in full]:
-            problem = f"the tool definitions (`tools`) are not rendered ({absent[0]!r} is missing)"
-        results = [i for i, m in enumerate(messages, 1) if m["role"] == "tool"]
-        if not problem and (
-            absent := [i for i in results if not _rendered(messages[i - 1]["content"], full)]
-        ):
-            problem = f"the tool results are not rendered (message {absent[0]})"
+        """Refuse a template that silently drops tool definitions or results, judged by the
+        structure of its renderings (`sft_pipeline.data.tool_support`)."""
+        problem = tool_support.problem(lambda m, t: self.render(m, False, t), messages, tools, full)
         if problem:
             raise self._no_tool_support(problem)
 
@@ -564,20 +558,6 @@ def merge_system_into_first_user(messages: list[dict[str, Any]]) -> list[dict[st
 
 def _is_tool_turn(message: dict[str, Any]) -> bool:
     return message["role"] == "tool" or bool(message.get("tool_calls"))
-
-
-def _tool_name(tool: Any) -> str | None:
-    function = tool.get("function") if isinstance(tool, dict) else None
-    return function.get("name") if isinstance(function, dict) else None
-
-
-def _rendered(content: Any, text: str) -> bool:
-    """Whether a tool result is in the rendering: as is, or JSON-quoted (Llama 3.1 writes a
-    string result through `tojson`)."""
-    if not isinstance(content, str) or not content.strip():
-        return True
-    quoted = (json.dumps(content, ensure_ascii=False), json.dumps(content))
-    return content.strip() in text or any(q in text for q in quoted)
 
 
 def _last_assistant_content(messages: list[dict[str, Any]]) -> str:
