@@ -244,3 +244,37 @@ def test_editing_an_image_in_place_invalidates_ingest_records(vision_run):
 
 def _dvc_status(project: Path, dvc: str) -> dict:
     return json.loads(pc.run([dvc, "status", "--json", "ingest_records"], project))
+
+
+def test_a_picture_changed_in_place_trains_again_and_gives_another_adapter(vision_run, tmp_path):
+    from datasets import load_from_disk
+    from PIL import Image, ImageOps
+    from safetensors.numpy import load_file
+
+    family, project = vision_run
+    if family != VISION_FAMILIES[0]:
+        pytest.skip("the run fingerprint is the same code for every family: checked on one")
+    copy = tmp_path / "project"
+    shutil.copytree(project, copy, symlinks=True)
+    kedro = [sys.executable, "-m", "kedro", "run", "--pipeline=sft", "--env", pc.TINY_ENV]
+    # Checkpoints to resume from (the interval is not part of the run's identity); every record
+    # trains, so a changed record id cannot move a row to the eval side and change the ids.
+    same = ["--to-nodes=train_adapter", "--params", "training.save_steps=4,data.eval_fraction=0"]
+    pc.run([*kedro, *same], copy)
+    adapter = "data/06_models/adapter/adapter_model.safetensors"
+    tokens = "data/05_model_input/train_tokens"
+    before = load_file(copy / adapter)
+    ids_before = load_from_disk(str(copy / tokens))["input_ids"]
+    # Same size, so the same image tokens and ids: only the pixels (and the bytes) differ.
+    image = copy / RAW / "mllm_demo_data" / "2.jpg"
+    original = Image.open(image).convert("RGB")
+    ImageOps.invert(original).save(image, format="JPEG")
+    assert Image.open(image).size == original.size
+    output = pc.run([*kedro, *same], copy)
+    assert load_from_disk(str(copy / tokens))["input_ids"] == ids_before
+    assert "resuming from" not in output
+    summary = json.loads((copy / "data/08_reporting/training_summary.json").read_text())
+    assert summary["resumed_from"] is None
+    assert summary["global_step"] == RUN_PARAMS["training"]["max_steps"]
+    after = load_file(copy / adapter)
+    assert max(abs(before[k] - after[k]).max() for k in before) > 0

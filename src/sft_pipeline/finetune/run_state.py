@@ -77,21 +77,47 @@ _LOCATION_KEYS = frozenset({"name", "model_path"})
 
 
 def data_fingerprint(dataset) -> str:
-    """Content hash of a tokenized dataset (ids and labels, row by row, in order)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
+    """Content hash of a tokenized dataset: every column it holds, row by row, in order.
 
+    The columns are the ones present, not a list of known names: ids and labels, and whatever
+    else the collator hands the model (pixel values and their shapes, image grids, token type
+    ids) and `record_id`, the content id of the record, which hashes its images' bytes. A
+    picture changed in place (same size, so the same ids) is another run.
+    """
     digest = hashlib.sha256()
     if dataset is None:
         return digest.hexdigest()
     table = dataset.with_format("arrow")
     for batch in table.iter(batch_size=4096):
-        for column in ("input_ids", "labels"):
-            values = batch[column]
-            digest.update(pc.list_value_length(values).to_numpy().astype("int64").tobytes())
-            flat = pc.list_flatten(values).cast(pa.int64())
-            digest.update(flat.to_numpy(zero_copy_only=False).tobytes())
+        for name in sorted(batch.column_names):
+            digest.update(name.encode() + b"\0")
+            _hash_array(digest, batch[name].combine_chunks())
     return digest.hexdigest()
+
+
+def _hash_array(digest, array) -> None:
+    """Feed an Arrow array's values (nested lists by their lengths, then their values) to
+    `digest`, independent of how the array is chunked or sliced in memory."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kind = array.type
+    digest.update(str(kind).encode() + b"\0")
+    if array.null_count:
+        digest.update(array.is_null().to_numpy(zero_copy_only=False).tobytes())
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        lengths = pc.list_value_length(array).fill_null(0)
+        digest.update(lengths.to_numpy(zero_copy_only=False).astype("int64").tobytes())
+        _hash_array(digest, pc.list_flatten(array))
+    elif pa.types.is_struct(kind):
+        for k in range(kind.num_fields):
+            _hash_array(digest, array.field(k))
+    elif pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind):
+        for value in array.to_pylist():
+            data = b"" if value is None else value.encode() if isinstance(value, str) else value
+            digest.update(len(data).to_bytes(8, "little") + data)
+    else:
+        digest.update(array.to_numpy(zero_copy_only=False).tobytes())
 
 
 def code_fingerprint() -> dict[str, str]:
