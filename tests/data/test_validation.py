@@ -66,6 +66,7 @@ def test_valid_records_pass_unchanged(tmp_path: Path) -> None:
         "rejected": 0,
         "rejected_fraction": 0.0,
         "reasons": {},
+        "dropped_message_keys": {},
     }
     assert valid.equals(records)
 

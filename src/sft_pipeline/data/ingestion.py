@@ -31,6 +31,7 @@ from sft_pipeline.data import hub, images, readers
 from sft_pipeline.data.records import (
     content_id,
     detect_schema,
+    dropped_keys,
     dumps_messages,
     dumps_raw,
     expected_columns,
@@ -427,6 +428,7 @@ def _canonical(
                 "tools": tools,
                 "text": text,
                 "raw": dumps_raw(images.raw_safe(row) if with_images else row),
+                "dropped_keys": dropped_keys(row, schema, resolved),
             }
         )
     return out

@@ -21,6 +21,14 @@ not parse is kept as found, for validation to name. Tool definitions are stored 
 parameters}}]` (bare `{name, description, parameters}` entries, as glaive/LLaMA-Factory write
 them, are wrapped), or "" for a record without tools. A message without tool fields is exactly
 `{role, content}`, and a record without tools has the same content id as before tools existed.
+
+Values are kept or refused, never altered: the per-message keys chat templates read
+(`MESSAGE_KEYS`: a tool result's `tool_call_id`, a speaker's `name`, an assistant's
+`reasoning_content`) are kept on every message; any other key a message carries (a `weight`, an
+export's `id`) is left out of the message and counted in the `dropped_keys` column, which the
+validation report sums. A value JSON cannot hold (`bytes` from a binary column) is stored as a
+tagged object `{"$not_json": "bytes", "repr": "b'Paris'"}`, never as the text of its repr, so
+validation refuses it naming its type.
 """
 
 from __future__ import annotations
@@ -44,10 +52,17 @@ RECORD_COLUMNS = [
     "tools",
     "text",
     "raw",
+    "dropped_keys",
 ]
 _INT_COLUMNS = {"source_row"}
 # Columns a row may leave out (records made before the column existed).
-_DEFAULTS = {"tools": ""}
+_DEFAULTS = {"tools": "", "dropped_keys": ""}
+# Per-message keys that chat templates read, kept as found on any message (module doc).
+MESSAGE_KEYS = ("tool_call_id", "name", "reasoning_content")
+# The keys each message shape consumes itself.
+_OPENAI_KEYS = frozenset({"role", "content", "tool_calls", "function_call", *MESSAGE_KEYS})
+_SHAREGPT_KEYS = frozenset({"from", "value", *MESSAGE_KEYS})
+NOT_JSON = "$not_json"
 
 SCHEMAS = ("prompt_response", "alpaca", "messages", "sharegpt", "text")
 # Auto-detection tries schemas in this order; the first is also the tie-breaker.
@@ -100,13 +115,21 @@ def content_id(messages: Any, text: str, tools: str = "") -> str:
     content: dict[str, Any] = {"messages": messages, "text": text}
     if tools:
         content["tools"] = json.loads(tools)
-    payload = json.dumps(content, sort_keys=True, ensure_ascii=False, default=str)
+    payload = json.dumps(content, sort_keys=True, ensure_ascii=False, default=not_json)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def not_json(value: Any) -> dict[str, str]:
+    """How a value JSON cannot hold is stored: tagged with its type, for validation to refuse
+    (its repr as text would pass as content: `b'Paris'`)."""
+    if isinstance(value, bytearray | memoryview):
+        value = bytes(value)
+    return {NOT_JSON: type(value).__name__, "repr": repr(value)[:80]}
 
 
 def dumps_messages(messages: Any) -> str:
     """Serialize messages for the `messages` column (key order kept: role, content)."""
-    return json.dumps(messages, ensure_ascii=False, default=str)
+    return json.dumps(messages, ensure_ascii=False, default=not_json)
 
 
 def dumps_raw(row: Mapping[str, Any]) -> str:
@@ -257,10 +280,13 @@ def _openai_turn(turn: dict[str, Any]) -> dict[str, Any]:
         # A call without text has content null in OpenAI's format; templates want a string.
         message["content"] = "" if content is None else content
         message["tool_calls"] = tool_calls(calls)
-    elif role == "tool":
-        for key in ("tool_call_id", "name"):
-            if turn.get(key) is not None:
-                message[key] = turn[key]
+    return _keep_keys(turn, message)
+
+
+def _keep_keys(turn: dict[str, Any], message: dict[str, Any]) -> dict[str, Any]:
+    for key in MESSAGE_KEYS:
+        if turn.get(key) is not None:
+            message[key] = turn[key]
     return message
 
 
@@ -272,7 +298,7 @@ def _sharegpt_turn(turn: dict[str, Any]) -> dict[str, Any]:
         return {"role": "assistant", "content": "", "tool_calls": tool_calls(_maybe_json(value))}
     # Unknown ShareGPT roles are kept so validation names them.
     role = SHAREGPT_ROLES.get(source, source) if isinstance(source, str) else source
-    return {"role": role, "content": value}
+    return _keep_keys(turn, {"role": role, "content": value})
 
 
 def _maybe_json(value: Any) -> Any:
@@ -332,7 +358,7 @@ def canonical_tools(value: Any) -> str:
         value = [value]
     if isinstance(value, list):
         value = [_tool_definition(tool) for tool in value]
-    return json.dumps(value, ensure_ascii=False, default=str)
+    return json.dumps(value, ensure_ascii=False, default=not_json)
 
 
 def _tool_definition(tool: Any) -> Any:
@@ -420,6 +446,27 @@ def row_tools(row: Mapping[str, Any], schema: str, columns: Mapping[str, str] | 
         return ""
     resolved, _missing = resolve_columns(schema, row.keys(), columns)
     return canonical_tools(row.get(resolved["tools"])) if "tools" in resolved else ""
+
+
+def dropped_keys(
+    row: Mapping[str, Any], schema: str, columns: Mapping[str, str] | None = None
+) -> str:
+    """The `dropped_keys` column of one input row: JSON `{key: messages}` of the per-message
+    keys its messages carry that no template reads (left out of the messages), "" for none."""
+    if schema not in ("messages", "sharegpt"):
+        return ""
+    resolved, _missing = resolve_columns(schema, row.keys(), columns)
+    field = "messages" if schema == "messages" else "conversations"
+    turns = _maybe_json_list(row.get(resolved[field])) if field in resolved else None
+    counts: dict[str, int] = {}
+    for turn in turns if isinstance(turns, list) else []:
+        if not isinstance(turn, dict):
+            continue
+        known = _OPENAI_KEYS if "role" in turn or "content" in turn else _SHAREGPT_KEYS
+        for key, value in turn.items():
+            if key not in known and value is not None:
+                counts[str(key)] = counts.get(str(key), 0) + 1
+    return json.dumps(dict(sorted(counts.items()))) if counts else ""
 
 
 def make_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:

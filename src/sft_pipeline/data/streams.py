@@ -47,6 +47,7 @@ RECORD_SCHEMA = pa.schema(
         ("tools", pa.string()),
         ("text", pa.string()),
         ("raw", pa.string()),
+        ("dropped_keys", pa.string()),
     ]
 )
 
@@ -187,7 +188,7 @@ def write_records(data: Any, target: Path) -> None:
 
 def iter_record_frames(records: Any) -> Iterator[pd.DataFrame]:
     """Chunks of records from a RecordTable, a DataFrame or a pyarrow table. Records written
-    before tools were part of a record get an empty `tools` column."""
+    before a column existed (`tools`, `dropped_keys`) get it empty."""
     if isinstance(records, RecordTable):
         frames = records.iter_frames()
     elif isinstance(records, pa.Table):
@@ -198,7 +199,8 @@ def iter_record_frames(records: Any) -> Iterator[pd.DataFrame]:
             for start in range(0, max(len(records), 1), ROW_GROUP_ROWS)
         )
     for frame in frames:
-        yield frame if "tools" in frame.columns else frame.assign(tools="")
+        absent = {c: "" for c in ("tools", "dropped_keys") if c not in frame.columns}
+        yield frame.assign(**absent) if absent else frame
 
 
 def json_line(row: Any) -> str:

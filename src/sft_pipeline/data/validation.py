@@ -20,8 +20,8 @@ import pandera.pandas as pa
 
 from sft_pipeline.common.config import ValidationConfig
 from sft_pipeline.common.errors import RejectedFractionError
-from sft_pipeline.data import image_checks, images
-from sft_pipeline.data.records import RECORD_COLUMNS, SCHEMAS, loads_tools
+from sft_pipeline.data import image_checks, images, value_checks
+from sft_pipeline.data.records import NOT_JSON, RECORD_COLUMNS, SCHEMAS, loads_tools
 from sft_pipeline.data.seen_ids import SeenIds
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,8 @@ View = dict[str, Any]
 def _type_name(value: Any) -> str:
     if value is None:
         return "null"
+    if isinstance(value, dict) and NOT_JSON in value:  # stored tagged: bytes, ...
+        return value_checks.type_name(value)
     names = {dict: "object", list: "list", str: "string", bool: "boolean"}
     return names.get(type(value), type(value).__name__)
 
@@ -396,6 +398,7 @@ RULES = (
     Rule("bad_messages", _bad_messages),
     Rule("bad_turn", _bad_turn),
     Rule("content_not_string", _content_not_string),
+    Rule("unsupported_value", value_checks.unsupported_values),
     Rule("empty_content", _empty_content),
     Rule("unknown_role", _unknown_role),
     Rule("not_alternating", _not_alternating),
@@ -572,15 +575,24 @@ def validate_stream(records, cfg: ValidationConfig):
     schema, seen = build_schema(cfg), SeenIds()
     valid_out, rejected_out = ParquetSpool("valid_records"), JSONLinesSpool("rejected_records")
     counts: Counter[str] = Counter()
+    dropped: Counter[str] = Counter()  # per-message keys ingestion left out, by messages
     progress = Progress("validate_records", len(records))
     for chunk in iter_record_frames(records):
         valid, rejected, chunk_counts = _validate_chunk(chunk, cfg, schema, seen)
         valid_out.write(valid)
         rejected_out.write(rejected)
         counts.update(chunk_counts)
+        value_checks.count_dropped(chunk["dropped_keys"], dropped)
         progress.update(len(chunk))
     progress.finish()
     report = _report(progress.done, valid_out.rows, rejected_out.rows, counts)
+    report["dropped_message_keys"] = dict(sorted(dropped.items()))
+    if dropped:
+        log.warning(
+            "per-message keys no chat template reads were left out of the messages (messages "
+            "per key): %s",
+            report["dropped_message_keys"],
+        )
     return valid_out.close(), rejected_out.close(), report
 
 
