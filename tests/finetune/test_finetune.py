@@ -24,7 +24,11 @@ from sft_pipeline.common.ownership import CHECKPOINT_MARKER
 from sft_pipeline.finetune import workflow
 from sft_pipeline.finetune.job import TrainJob, report_integrations
 from sft_pipeline.finetune.launch import accelerate_command
-from sft_pipeline.finetune.run_state import FINGERPRINT_FILE, prepare_output_dir
+from sft_pipeline.finetune.run_state import (
+    FINGERPRINT_FILE,
+    checkpoint_problem,
+    prepare_output_dir,
+)
 from sft_pipeline.finetune.workflow import PARAMS_FILE
 from sft_pipeline.model import device
 
@@ -347,8 +351,44 @@ def test_checkpoints_of_a_different_run_are_not_resumed(base_model_dir, tokens, 
     with caplog.at_level(logging.INFO, logger="sft_pipeline.finetune.run_state"):
         _, history, summary = train(base, *tokens, *LORA, changed)
     assert summary["resumed_from"] is None
-    assert "made for a different run" in caplog.text
+    assert "made for a different run: training.learning_rate 0.02 -> 0.001" in caplog.text
     assert history[0]["step"] == 1
+    # The first run's work is still on disk, whole, and says which run it was.
+    aside = Path(config.output_dir) / "previous_run"
+    assert [p.name for p in sorted(aside.glob("checkpoint-*"))] == ["checkpoint-2", "checkpoint-4"]
+    assert checkpoint_problem(aside / "checkpoint-4") is None
+    assert json.loads((aside / FINGERPRINT_FILE).read_text())["params"]["training"][
+        "learning_rate"
+    ] == pytest.approx(2e-2)
+
+
+def test_a_changed_library_or_code_is_named_and_only_the_last_set_aside_is_kept(tmp_path, caplog):
+    output_dir = tmp_path / "ckpt"
+    params = {
+        "code": {"sources": "a", "transformers": "5.24.0"},
+        "train_data": "x",
+        "training": {"learning_rate": 1e-4},
+    }
+    runs = [
+        {"fingerprint": "one", "params": params},
+        {"fingerprint": "two", "params": {**params, "code": {"sources": "a", "transformers": "6"}}},
+        {
+            "fingerprint": "three",
+            "params": {**params, "code": {"sources": "b", "transformers": "6"}},
+        },
+    ]
+    with caplog.at_level(logging.WARNING, logger="sft_pipeline.finetune.run_state"):
+        for step, run in enumerate(runs, start=1):
+            (output_dir / FINGERPRINT_FILE).parent.mkdir(exist_ok=True)
+            assert prepare_output_dir(output_dir, run, "auto") is None
+            write_checkpoint(output_dir, step * 10)
+    assert "transformers 5.24.0 -> 6" in caplog.text
+    assert "the training code" in caplog.text
+    aside = output_dir / "previous_run"
+    # The set of run two (checkpoint-20); run one's was dropped when run three started.
+    assert [p.name for p in aside.glob("checkpoint-*")] == ["checkpoint-20"]
+    assert json.loads((aside / FINGERPRINT_FILE).read_text())["fingerprint"] == "two"
+    assert [p.name for p in output_dir.glob("checkpoint-*")] == ["checkpoint-30"]
 
 
 def write_checkpoint(output_dir: Path, step: int) -> Path:
@@ -380,6 +420,7 @@ def test_parameters_that_do_not_change_weights_keep_checkpoints(tmp_path):
     assert not (output_dir / "checkpoint-4").exists()
     assert prepare_output_dir(output_dir, fingerprint, "never") is None
     assert not (output_dir / "checkpoint-2").exists()
+    assert (output_dir / "previous_run" / "checkpoint-2").is_dir()  # set aside, not deleted
 
 
 def _truncate(path: Path) -> None:

@@ -11,6 +11,8 @@ The resume protocol::
       checkpoint-7/           no sft_pipeline_checkpoint.json: not written by this project's
                               trainer -> left alone, with a warning (never resumed, never removed)
       .run_fingerprint.json.sft-pipeline-tmp-*   left by a kill inside an atomic write -> removed
+      previous_run/           the checkpoints (and fingerprint) of the last run with another
+                              fingerprint, set aside, never resumed from there
 
 The trainer writes a checkpoint in this order: weights (+ tokenizer, training_args.json),
 optimizer.pt + scheduler.pt, rng_state*.pth, trainer_state.json last; then it rotates out old
@@ -21,9 +23,12 @@ there and whole (readable zip archives; nothing is unpickled to check them). Inc
 skipped with a warning naming them; those after the checkpoint resumed from are removed.
 
 A run resumes from the last complete checkpoint only when `training.resume` is `auto` and the
-stored fingerprint equals its own; otherwise every checkpoint there is removed and training
-starts at step 0. Parameters that do not change the trained weights (logging, save interval,
-report_to, ...) are left out of the fingerprint, so editing them keeps the checkpoints.
+stored fingerprint equals its own; otherwise its checkpoints are moved to `previous_run/`
+(replacing the set put aside before), with a warning naming what changed (the training code, a
+library version, the data, which parameter), and training starts at step 0: hours of training
+are never deleted by a `git pull` or a library upgrade. Parameters that do not change the
+trained weights (logging, save interval, report_to, ...) are left out of the fingerprint, so
+editing them keeps the checkpoints.
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ from sft_pipeline.finetune.job import TrainJob
 log = logging.getLogger(__name__)
 
 FINGERPRINT_FILE = "run_fingerprint.json"
+# Where the checkpoints of the last run with another fingerprint are kept (one set).
+PREVIOUS_RUN = "previous_run"
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
 TRAINER_STATE = "trainer_state.json"
 # A checkpoint holds its weights in one of these layouts (adapter, whole model, sharded model).
@@ -253,12 +260,13 @@ def read_fingerprint(path: Path) -> dict[str, Any]:
 
 
 def prepare_output_dir(output_dir: Path, fingerprint: dict[str, Any], resume: str) -> Path | None:
-    """Return the checkpoint to resume from, or None; clear checkpoints that cannot be resumed."""
+    """Return the checkpoint to resume from, or None; set aside checkpoints of another run."""
     output_dir.mkdir(parents=True, exist_ok=True)
     for leftover in remove_leftovers(output_dir):
         log.info("removed %s, left by an interrupted write", leftover)
     stored_path = output_dir / FINGERPRINT_FILE
-    same_run = read_fingerprint(stored_path).get("fingerprint") == fingerprint["fingerprint"]
+    stored = read_fingerprint(stored_path)
+    same_run = stored.get("fingerprint") == fingerprint["fingerprint"]
     found = own_checkpoints(output_dir)
     for other in foreign_checkpoints(output_dir):
         log.warning(
@@ -268,19 +276,24 @@ def prepare_output_dir(output_dir: Path, fingerprint: dict[str, Any], resume: st
             CHECKPOINT_MARKER,
         )
     resume_from = None
-    if found and resume == "never":
-        log.info(
-            "training.resume is never: removing %d checkpoint(s) in %s",
-            len(found),
-            output_dir,
+    if found and (resume == "never" or not same_run):
+        why = (
+            "training.resume is never"
+            if same_run
+            else "made for a different run: "
+            + "; ".join(fingerprint_changes(stored.get("params"), fingerprint.get("params", {})))
         )
-    elif found and not same_run:
-        log.info(
-            "checkpoints in %s were made for a different run (base model, data or parameters "
-            "changed): removing them and starting from step 0",
+        aside = set_aside(output_dir, found, stored)
+        log.warning(
+            "checkpoints %s in %s are not resumed (%s): moved to %s, training starts from step "
+            "0. Only the last set put aside is kept; to resume that run, undo the change and "
+            "move its checkpoints back",
+            ", ".join(c.name for c in found),
             output_dir,
+            why,
+            aside,
         )
-    else:
+    elif found:
         complete = []
         for checkpoint in found:
             problem = checkpoint_problem(checkpoint)
@@ -289,15 +302,67 @@ def prepare_output_dir(output_dir: Path, fingerprint: dict[str, Any], resume: st
             else:
                 log.warning("skipping incomplete checkpoint %s: %s", checkpoint, problem)
         resume_from = complete[-1] if complete else None
-    for checkpoint in found:
-        # Without a resume point all go; with one, the later (incomplete) ones, which the
-        # trainer would otherwise save over or count towards save_total_limit.
-        if resume_from is None or checkpoint_step(checkpoint) > checkpoint_step(resume_from):
-            if resume_from is not None:
+        for checkpoint in found:
+            # The incomplete ones (after the resume point, or all without one), which the
+            # trainer would otherwise save over or count towards save_total_limit.
+            if resume_from is None or checkpoint_step(checkpoint) > checkpoint_step(resume_from):
                 log.info("removing incomplete checkpoint %s", checkpoint)
-            shutil.rmtree(checkpoint)
+                shutil.rmtree(checkpoint)
     write_text(stored_path, json.dumps(fingerprint, indent=2, sort_keys=True, default=str))
     return resume_from
+
+
+def set_aside(output_dir: Path, checkpoints: list[Path], stored: dict[str, Any]) -> Path:
+    """Move a run's checkpoints (and its fingerprint) to `output_dir/previous_run`.
+
+    The set already there is dropped first, unless it is this same run's (a kill while moving
+    left part of it there): the fingerprint is written before any checkpoint moves, so a
+    second attempt adds the rest to the same set instead of deleting the first part.
+    """
+    aside = output_dir / PREVIOUS_RUN
+    there = read_fingerprint(aside / FINGERPRINT_FILE)
+    if aside.exists() and (not there or there.get("fingerprint") != stored.get("fingerprint")):
+        shutil.rmtree(aside)
+    aside.mkdir(exist_ok=True)
+    write_text(aside / FINGERPRINT_FILE, json.dumps(stored, indent=2, sort_keys=True, default=str))
+    for checkpoint in checkpoints:
+        target = aside / checkpoint.name
+        if target.exists():
+            shutil.rmtree(target)
+        checkpoint.rename(target)
+    return aside
+
+
+def fingerprint_changes(old: Any, new: dict[str, Any]) -> list[str]:
+    """What differs between two runs' fingerprint params, in words a user can act on."""
+    if not isinstance(old, dict) or not old:
+        return ["its fingerprint is missing or unreadable"]
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key), new.get(key)
+        if before == after:
+            continue
+        if key == "code" and isinstance(before, dict) and isinstance(after, dict):
+            for part in sorted(set(before) | set(after)):
+                if before.get(part) != after.get(part):
+                    changes.append(
+                        "the training code (a source file of the training recipe)"
+                        if part == "sources"
+                        else f"{part} {before.get(part)} -> {after.get(part)}"
+                    )
+        elif key in ("train_data", "eval_data"):
+            changes.append(f"the {key.replace('_', ' ')} (tokens artifact content)")
+        elif key == "base_model":
+            changes.append("the base model")
+        elif isinstance(before, dict) and isinstance(after, dict):
+            changes.extend(
+                f"{key}.{name} {before.get(name)!r} -> {after.get(name)!r}"
+                for name in sorted(set(before) | set(after))
+                if before.get(name) != after.get(name)
+            )
+        else:
+            changes.append(f"{key} {before!r} -> {after!r}")
+    return changes
 
 
 def prepare_run(job: TrainJob) -> tuple[dict[str, Any], Path | None]:
