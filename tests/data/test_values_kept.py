@@ -157,3 +157,16 @@ def test_a_kept_per_message_key_that_is_not_text_is_refused(tmp_path, key, value
     records = ingest(DataConfig(path=str(path)))
     _valid, rejected, _report = validate(records, ValidationConfig(max_rejected_fraction=1.0))
     assert _reasons(rejected) == [f"unsupported_value: message 2 (assistant): {expected}"]
+
+
+def test_the_reasoning_a_template_renders_counts_towards_the_length_limit(tmp_path):
+    path = tmp_path / "think.jsonl"
+    messages = [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4", "reasoning_content": "x" * 100},
+    ]
+    path.write_text(json.dumps({"messages": messages}) + "\n")
+    records = ingest(DataConfig(path=str(path)))
+    cfg = ValidationConfig(max_chars=50, max_rejected_fraction=1.0)
+    _valid, rejected, _report = validate(records, cfg)
+    assert _reasons(rejected) == ["too_long: 105 characters, over validation.max_chars=50"]

@@ -235,8 +235,11 @@ def _empty_text(view: View, _cfg: ValidationConfig) -> list[str]:
 
 def _too_long(view: View, cfg: ValidationConfig) -> list[str]:
     turns = view["turns"] if isinstance(view["turns"], list) else []
+    # An assistant's reasoning is rendered too (Qwen3's <think> block).
     chars = len(view["text"]) + sum(
-        len(_text_of(t.get("content")) or "") for t in turns if isinstance(t, dict)
+        len(_text_of(t.get("content")) or "") + len(_text_of(t.get("reasoning_content")) or "")
+        for t in turns
+        if isinstance(t, dict)
     )
     # Tool calls and tool definitions are rendered into the text as well.
     chars += sum(
