@@ -289,11 +289,16 @@ def packed_rope_positions(model, inputs: dict[str, Any], document_ids: torch.Ten
 
 
 def _region(name: str) -> str:
+    """The part of a vision-language model a parameter or module belongs to.
+
+    The projector is looked for first: some families nest it inside the tower (Qwen2-VL's patch
+    merger is `model.visual.merger`), so a name that passes through both is the projector's.
+    """
     parts = name.split(".")
-    if any(p in VISION_TOWER for p in parts):
-        return "vision_tower"
     if any(p in PROJECTOR for p in parts):
         return "projector"
+    if any(p in VISION_TOWER for p in parts):
+        return "vision_tower"
     return "language_model"
 
 
@@ -313,13 +318,23 @@ def lora_target_modules(model, target_modules: str | list[str], regions: set[str
     keeps those names, inside the regions."""
     leaves = set(target_modules) if isinstance(target_modules, list) else None
     names = []
+    with_linear = set()
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or name.split(".")[-1] == "lm_head":
             continue
+        with_linear.add(_region(name))
         if _region(name) not in regions:
             continue
         if leaves is None or name.split(".")[-1] in leaves:
             names.append(name)
+    for region in sorted(regions - with_linear - {"language_model"}):
+        # Gemma-3's projector is a bare weight matrix, no Linear module: LoRA cannot adapt it,
+        # and asking for it must not train nothing in silence.
+        raise ValueError(
+            f"training.train_{region}: the {region.replace('_', ' ')} of this "
+            f"{type(model).__name__} has no linear layer LoRA can adapt; train it with full "
+            "fine-tuning (lora.enabled: false) or set the switch to false"
+        )
     if not names:
         raise ValueError(
             f"lora.target_modules={target_modules!r} matches no linear layer of the "
