@@ -164,12 +164,13 @@ def _weight_files(model_dir: Path) -> list[Path]:
     raise ExportError(f"{model_dir}: no model.safetensors(.index.json) to export")
 
 
-def _tensor_type(gguf_type: str, shape: tuple[int, ...]):
+def _tensor_type(gguf_type: str, shape: tuple[int, ...], gguf_name: str = ""):
     """GGML type of one tensor in a file of `gguf_type` (a numpy-written type)."""
     import gguf
 
     q = gguf.GGMLQuantizationType
-    if len(shape) < 2 or gguf_type == "f32":
+    # Position embeddings (GPT-2) stay f32 in every type, as llama.cpp's converter keeps them.
+    if len(shape) < 2 or gguf_type == "f32" or gguf_name == "position_embd.weight":
         return q.F32
     if gguf_type == "f16":
         return q.F16
@@ -226,7 +227,9 @@ def _plan_tensors(
                 raise ExportError(f"GGUF export: no {family.arch} tensor name for {hf_name!r}")
             shape = family.shape(hf_name, tuple(entry.shape))
             planned.append(
-                _PlannedTensor(path, hf_name, gguf_name, shape, _tensor_type(gguf_type, shape))
+                _PlannedTensor(
+                    path, hf_name, gguf_name, shape, _tensor_type(gguf_type, shape, gguf_name)
+                )
             )
     return planned
 

@@ -1,14 +1,20 @@
 """Does an exported GGUF file still behave like the merged model? Measured, per file.
 
-    held-out chat prompts ──merged tokenizer──> ids ──merged model, greedy──> ids + continuation
+    held-out chat prompts ──training's tokenization──> ids ──merged model, greedy, free──>
+                                                          ids + continuation (up to its stop)
                                                             │
-    for each file:  llama.cpp tokenizes the prompt texts ───┤ must be the same ids
+    for each file:  llama.cpp tokenizes the prompt texts ───┤ must be the ids training used
                     llama.cpp's argmax after each position ─┘ agreement = share of the
                                                               continuation's positions where it
                                                               picks the merged model's token
 
-Teacher-forced: every position sees the merged model's own prefix, so one early flip does not
-cascade into a different text (free-running agreement understates weight fidelity). Where
+The prompt ids are those training gave the same text (`tokenization.encode_texts`: BOS split off
+and the rest tokenized on its own), not a plain `tokenizer(text)` of the whole text, which reads
+SentencePiece's start-of-input "▁" differently. The continuation is generated freely, ending
+where the merged model stops (its stop token counts as a position: the file must stop there
+too), at most NEW_TOKENS. Teacher-forced: every position sees the merged model's own prefix, so
+one early flip does not cascade into a different text (free-running agreement understates
+weight fidelity). Where
 llama.cpp's client is not installed, the file is dequantized by the `gguf` package and loaded
 into transformers instead (`by` says which); where neither can read it, the check says why and
 the agreement is null.
@@ -35,46 +41,51 @@ NEW_TOKENS = 32
 
 
 def prompt_texts(tokenizer) -> list[str]:
-    """The held-out prompts as the merged model sees them (its chat template, if any)."""
+    """The held-out prompts as training renders them: the merged model's chat template (or the
+    prompt and a newline without one), BOS first where training put one."""
+    from sft_pipeline.data.templating import tokenizer_adds_bos
+
+    bos = tokenizer.bos_token if tokenizer_adds_bos(tokenizer) else ""
     if getattr(tokenizer, "chat_template", None):
-        return [
+        texts = [
             tokenizer.apply_chat_template(
                 [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
             )
             for p in HELD_OUT_PROMPTS
         ]
-    bos = tokenizer.bos_token or ""
-    return [f"{bos}{p}\n" for p in HELD_OUT_PROMPTS]
+    else:
+        texts = [f"{p}\n" for p in HELD_OUT_PROMPTS]
+    # As the renderer does: the template may write BOS itself, never twice.
+    return [t if t.startswith(bos) else bos + t for t in texts]
 
 
-def reference_runs(model, tokenizer, texts: list[str]) -> list[list[int]]:
-    """Per text: its ids followed by exactly NEW_TOKENS greedy tokens of the merged model."""
+def reference_runs(model, prompt_ids: list[list[int]]) -> list[list[int]]:
+    """Per prompt: its ids followed by the merged model's greedy continuation, which ends at its
+    stop token (included) or after NEW_TOKENS."""
     import torch
 
     runs = []
-    for text in texts:
-        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-        ids = ids.to(next(model.parameters()).device)
+    device = next(model.parameters()).device
+    for ids in prompt_ids:
         with torch.inference_mode():
             out = model.generate(
-                ids,
+                torch.tensor([ids], device=device),
                 do_sample=False,
                 max_new_tokens=NEW_TOKENS,
-                min_new_tokens=NEW_TOKENS,
-                pad_token_id=tokenizer.pad_token_id,
             )
         runs.append(out[0].tolist())
     return runs
 
 
-def agreement(runs: list[list[int]], predictions: list[list[int | None]]) -> float:
+def agreement(runs: list[list[int]], prompt_ids: list[list[int]], predictions) -> float:
     """Share of continuation positions where the prediction is the reference's next token."""
     same = total = 0
-    for run, predicted in zip(runs, predictions, strict=True):
-        start = len(run) - NEW_TOKENS
-        for position in range(start - 1, len(run) - 1):
+    for run, prompt, predicted in zip(runs, prompt_ids, predictions, strict=True):
+        for position in range(len(prompt) - 1, len(run) - 1):
             same += int(predicted[position] == run[position + 1])
             total += 1
+    if total == 0:
+        raise ExportError("export check: the merged model generated nothing after any prompt")
     return same / total
 
 
@@ -82,6 +93,7 @@ def check_files(merged_dir: Path, files: dict[str, Path]) -> dict[str, dict[str,
     """{gguf type: {agreement, positions, by, tokenization}} for each written file."""
     from transformers import AutoModelForCausalLM
 
+    from sft_pipeline.data.tokenization import encode_texts
     from sft_pipeline.export import llamacpp
     from sft_pipeline.model.loading import load_tokenizer
 
@@ -90,19 +102,20 @@ def check_files(merged_dir: Path, files: dict[str, Path]) -> dict[str, dict[str,
         str(merged_dir), **_reference_loading(merged_dir)
     ).eval()
     texts = prompt_texts(tokenizer)
-    runs = reference_runs(model, tokenizer, texts)
+    prompt_ids = encode_texts(tokenizer, texts)[0]
+    runs = reference_runs(model, prompt_ids)
     del model
-    prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     missing = llamacpp.unavailable()
     results: dict[str, dict[str, Any]] = {}
     for gguf_type, path in files.items():
         if missing is None:
             probed = llamacpp.probe(path, texts, runs)
             if probed["tokens"] != prompt_ids:
+                k = next(i for i, ids in enumerate(prompt_ids) if ids != probed["tokens"][i])
                 raise ExportError(
-                    f"{path.name}: llama.cpp tokenizes the chat prompts differently from the "
-                    f"merged tokenizer (first prompt: {probed['tokens'][0][:24]} vs "
-                    f"{prompt_ids[0][:24]})"
+                    f"{path.name}: llama.cpp tokenizes the chat prompt {texts[k][:60]!r} "
+                    f"differently from training ({probed['tokens'][k][:24]} vs "
+                    f"{prompt_ids[k][:24]})"
                 )
             predictions, by, tokenization = probed["next"], "llama.cpp", "identical"
         else:
@@ -113,10 +126,10 @@ def check_files(merged_dir: Path, files: dict[str, Path]) -> dict[str, dict[str,
                 results[gguf_type] = {"agreement": None, "by": f"unchecked: {exc}"}
                 continue
             by, tokenization = "transformers (dequantized by gguf)", "not checked"
-        score = agreement(runs, predictions)
+        score = agreement(runs, prompt_ids, predictions)
         results[gguf_type] = {
             "agreement": round(score, 4),
-            "positions": NEW_TOKENS * len(runs),
+            "positions": sum(len(r) - len(p) for r, p in zip(runs, prompt_ids, strict=True)),
             "by": by,
             "tokenization": tokenization,
         }

@@ -8,7 +8,13 @@ Two kinds, read from the fast tokenizer's own `tokenizer.json` (what transformer
     SentencePiece BPE (Llama 2, Mistral, Phi-3, Gemma)     tokenizer.ggml.model = "llama"
         tokens ("▁" for spaces, <0xNN> byte tokens), scores (-rank of the merge that makes the
         token: llama.cpp merges the best-scored pair first, as BPE merges the lowest rank),
-        add_space_prefix (the "▁" transformers prepends after each special token)
+        add_space_prefix (whether llama.cpp puts "▁" before text, see `space_prefix`)
+
+Keys are written as llama.cpp's own converter writes them where that tokenizes as training did
+(tests/export/test_gguf_reference.py compares both files): no add_space_prefix where llama.cpp's
+SentencePiece default (prefix on) is right, an added special token typed CONTROL, no
+add_eos_token when it is false. Ours differs on purpose in the scores (the converter gives every
+token of a tokenizer.json vocabulary -1000) and writes add_bos_token from what training did.
 
 llama.cpp applies the Jinja chat template stored next to them, so an exported file tokenizes
 chat prompts exactly as the merged model's tokenizer does.
@@ -88,9 +94,10 @@ def _steps(part: dict[str, Any] | None, key: str) -> list[dict[str, Any]]:
     return list(part.get(key) or []) if part.get("type") == "Sequence" else ([part] if part else [])
 
 
-def sentencepiece_prefix(tok_json: dict[str, Any]) -> bool | None:
-    """For a SentencePiece-style BPE (byte fallback, "▁" for spaces): llama.cpp's
-    add_space_prefix; None for any other tokenizer."""
+def sentencepiece_prefix(tok_json: dict[str, Any]) -> str | None:
+    """For a SentencePiece-style BPE (byte fallback, "▁" for spaces): where transformers puts
+    "▁" before text: "always" (at the start and after every special token), "first" (at the
+    start of the input only) or "never"; None for any other tokenizer."""
     model = tok_json.get("model") or {}
     if model.get("type") != "BPE" or not model.get("byte_fallback"):
         return None
@@ -103,15 +110,39 @@ def sentencepiece_prefix(tok_json: dict[str, Any]) -> bool | None:
     if not metaspace and not replaces_space:
         return None
     if any(m.get("prepend_scheme") == "never" for m in metaspace):
-        return False
-    # llama.cpp prepends "▁" to the text and after every special token when add_space_prefix is
-    # set, never when it is not. transformers' legacy Prepend normalizer and Metaspace "always"
-    # do the former; Metaspace "first" prepends only when the text begins with plain text, so
-    # it matches llama.cpp without the prefix on every text that begins with a special token:
-    # every chat prompt (BOS or a role marker first).
+        return "never"
     if any(n.get("type") == "Prepend" and n.get("prepend") == "\u2581" for n in normalizers):
-        return True
-    return any(m.get("prepend_scheme", "always") == "always" for m in metaspace)
+        return "always"
+    if any(m.get("prepend_scheme", "always") == "always" for m in metaspace):
+        return "always"
+    return "first"
+
+
+def space_prefix(tokenizer, scheme: str) -> bool:
+    """llama.cpp's add_space_prefix for a SentencePiece tokenizer with prefix `scheme`.
+
+    llama.cpp puts "▁" before the text and after every special token when the flag is on,
+    never when it is off. "always" and "never" map onto it. "first" (how transformers 5 runs
+    Llama-2, Mistral and Phi-3) puts it only at the start of the input, and training tokenizes
+    a row as BOS + the rest on its own, so the text right after BOS gets it:
+
+        <s>### Instruction:\n...        training ▁### ...  -> on  (llama.cpp: <s> ▁### ...)
+        <|user|>\nWhat ...   (no BOS)   training What ...  -> off (llama.cpp: <|user|> What ...)
+
+    Decided by the merged model's prompt (its chat template, as the export check renders it):
+    on when the text after training's BOS begins with plain text, off when with a special
+    token. Plain text after a later special token (`</s>\n\n### Instruction` of a second turn)
+    gets no "▁" in training and one in llama.cpp with the flag on: no flag says "first".
+    """
+    if scheme != "first":
+        return scheme == "always"
+    from sft_pipeline.data.tokenization import encode_texts
+    from sft_pipeline.export.gguf_check import prompt_texts
+
+    ids = encode_texts(tokenizer, prompt_texts(tokenizer)[:1])[0][0]
+    if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id:
+        ids = ids[1:]
+    return bool(ids) and ids[0] not in tokenizer.added_tokens_decoder
 
 
 def check_tokenizer(tokenizer) -> str:
@@ -131,7 +162,7 @@ class GGUFVocab:
     pre: str
     model: str = "gpt2"
     scores: list[float] | None = None
-    add_space_prefix: bool = False
+    add_space_prefix: bool = True
 
 
 def gguf_vocab(tokenizer, vocab_size: int) -> GGUFVocab:
@@ -198,8 +229,10 @@ def sentencepiece_vocab(tokenizer, tok_json: dict[str, Any], vocab_size: int) ->
             types[token_id] = int(gguf.TokenType.BYTE)
         elif text == unk:
             types[token_id] = int(gguf.TokenType.UNKNOWN)
-    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id < vocab_size:
-        types[tokenizer.unk_token_id] = int(gguf.TokenType.UNKNOWN)
+    unk_id = tokenizer.unk_token_id
+    if unk_id is not None and unk_id < vocab_size and unk_id not in tokenizer.added_tokens_decoder:
+        # An added special <unk> stays CONTROL, as llama.cpp's converter types it.
+        types[unk_id] = int(gguf.TokenType.UNKNOWN)
     for token_id in tokenizer.added_tokens_decoder:
         if token_id < vocab_size:
             scores[token_id] = -1000.0
@@ -210,7 +243,7 @@ def sentencepiece_vocab(tokenizer, tok_json: dict[str, Any], vocab_size: int) ->
         "default",
         model="llama",
         scores=scores,
-        add_space_prefix=bool(sentencepiece_prefix(tok_json)),
+        add_space_prefix=space_prefix(tokenizer, sentencepiece_prefix(tok_json)),
     )
 
 
@@ -246,7 +279,9 @@ def add_tokenizer_metadata(writer, tokenizer, generation_config, vocab_size: int
     writer.add_token_types(vocab.token_types)
     if vocab.scores is not None:
         writer.add_token_scores(vocab.scores)
-        writer.add_add_space_prefix(vocab.add_space_prefix)
+        if not vocab.add_space_prefix:
+            # Absent is on, llama.cpp's SentencePiece default (and its converter's file).
+            writer.add_add_space_prefix(False)
     if vocab.merges:
         writer.add_token_merges(vocab.merges)
     if tokenizer.bos_token_id is not None:
@@ -261,7 +296,7 @@ def add_tokenizer_metadata(writer, tokenizer, generation_config, vocab_size: int
     if tokenizer.pad_token_id is not None:
         writer.add_pad_token_id(tokenizer.pad_token_id)
     writer.add_add_bos_token(tokenizer_adds_bos(tokenizer))
-    writer.add_add_eos_token(False)
+    # No add_eos_token: absent is false for both vocabulary types, as in the converter's file.
     template = _chat_template(tokenizer)
     if template:
         writer.add_chat_template(template)
