@@ -196,8 +196,8 @@ def reproduced_project(tmp_path_factory) -> tuple[Path, str, dict[str, bytes]]:
     return _SHARED["project"], _SHARED["output"], _SHARED["snapshot"]  # type: ignore[return-value]
 
 
-# What a test may edit in the shared project, and the training checkpoints (a persistent,
-# uncached DVC out that `dvc checkout` cannot restore); everything else is a cached DVC output.
+# What a test may edit in the shared project, and the training checkpoints (no DVC out, so
+# `dvc checkout` cannot restore them); everything else is a cached DVC output.
 EDITABLE = ("conf", "data/01_raw", "src", "dvc.yaml", "dvc.lock", "data/06_models/checkpoints")
 
 

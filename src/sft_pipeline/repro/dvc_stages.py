@@ -63,11 +63,11 @@ HEADER = (
 #   evaluation_plots:
 #     metadata:
 #       dvc: {role: images}      # a folder of PNGs that `dvc plots show` embeds
-#   adapter:
-#     metadata:
-#       dvc: {persist_param: training.output_dir}   # the stage also keeps this folder across
-#                                                   # runs, uncached (resumable checkpoints)
 #
+# The trainer's checkpoints (`training.output_dir`) are no DVC out at all: they are a means to the
+# adapter, not an artifact. Declared (even persistent and uncached), a folder that a fresh clone
+# never has would make `dvc status` report the stage changed after `dvc pull`, and `dvc repro`
+# train again. Undeclared, DVC never touches it, so it survives across runs for resuming.
 # Reports stay in the DVC cache (DVC's default) because data/ is git-ignored: an uncached metric
 # would be missing from every experiment commit, and `dvc exp show` would print "!" for it.
 ROLES = ("out", "metrics", "plot", "images")
@@ -296,7 +296,6 @@ def build_stage(node: Any, project: Project, graph: CodeGraph) -> dict[str, Any]
     outs: list[Any] = []
     metrics: list[Any] = []
     plots: list[Any] = []
-    persistent = []
     for name in outputs:
         path = dataset_path(name, project.catalog)
         meta = dvc_metadata(name, project.catalog)
@@ -310,9 +309,6 @@ def build_stage(node: Any, project: Project, graph: CodeGraph) -> dict[str, Any]
             live = param_value(project.params, meta["live_param"])
             metrics.append(f"{live}/metrics.json")
             plots.append({f"{live}/plots/metrics": {"x": "step"}})
-        if "persist_param" in meta:
-            persistent.append(param_value(project.params, meta["persist_param"]))
-    outs.extend({folder: {"persist": True, "cache": False}} for folder in persistent)
     for key, value in (("outs", outs), ("metrics", metrics), ("plots", plots)):
         if value:
             stage[key] = value
