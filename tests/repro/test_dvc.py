@@ -522,10 +522,7 @@ def test_a_run_pushed_from_one_clone_is_pulled_into_a_fresh_clone_with_nothing_t
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps("What is the capital of France?") + "\n")
     answers = tmp_path / "answers.jsonl"
-    pc.run(
-        ["kedro", "sft", "generate", "--model", "data/06_models/merged"]
-        + ["--prompts", str(prompts), "-o", str(answers), "--max-new-tokens", "4"],
-        b,
-    )
+    model = ["--model", "data/06_models/merged", "--max-new-tokens", "4"]
+    pc.run(["kedro", "sft", "generate", *model, "--prompts", str(prompts), "-o", str(answers)], b)
     rows = [json.loads(line) for line in answers.read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["num_tokens"] >= 1
