@@ -53,7 +53,7 @@ from datasets import Dataset, IterableDataset
 
 from sft_pipeline.common.labels import IGNORE_INDEX
 from sft_pipeline.trainer.formatting import Formatter
-from sft_pipeline.trainer.packing import pack_rows
+from sft_pipeline.trainer.packing import pack_by_strategy
 from sft_pipeline.trainer.sft_config import SFTConfig
 
 log = logging.getLogger(__name__)
@@ -90,10 +90,12 @@ def prepare_dataset(
         raise ValueError(f"{name} is empty")
     encoder = RowEncoder(tokenizer, args, formatting_func, name, dataset.column_names, dataset[0])
     ids, labels = encoder.encode(dataset)
-    ids, labels = _truncate_and_check(ids, labels, args.max_length, name)
+    ids, labels = _truncate_and_check(
+        ids, labels, _row_limit(args, packing), name, trim=encoder.kind != PRETOKENIZED
+    )
     if packing:
         capacity = args.max_length or max(len(row) for row in ids)
-        packed = pack_rows(ids, labels, capacity)
+        packed = pack_by_strategy(ids, labels, capacity, args.packing_strategy)
         log.info(
             "%s: packed %d rows into %d rows of up to %d tokens (%.1f%% filled)",
             name,
@@ -106,9 +108,21 @@ def prepare_dataset(
     return Dataset.from_dict(_columns(ids, labels, args, packing=False))
 
 
+def _row_limit(args: SFTConfig, packing: bool) -> int | None:
+    """Where rows are truncated: 'bfd_split' and 'wrapped' packing keep every token."""
+    if packing and args.packing_strategy != "bfd":
+        return None
+    return args.max_length
+
+
 def _columns(ids: list, labels: list, args: SFTConfig, packing: bool) -> dict[str, list]:
     if packing:
-        return pack_rows(ids, labels, args.max_length) if ids else _empty_packed()
+        if not ids:
+            return _empty_packed()
+        packed = pack_by_strategy(ids, labels, args.max_length, args.packing_strategy)
+        # Every chunk of a stream has the same columns, whichever strategy packed it.
+        packed.setdefault("seq_lengths", [[len(row)] for row in packed["input_ids"]])
+        return packed
     return {"input_ids": ids, "labels": labels, args.length_column_name: [len(r) for r in ids]}
 
 
@@ -138,7 +152,14 @@ def _prepare_stream(
             dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)
         ]
         ids, labels = encoder.encode(rows)
-        ids, labels = _truncate_and_check(ids, labels, args.max_length, name, streaming=True)
+        ids, labels = _truncate_and_check(
+            ids,
+            labels,
+            _row_limit(args, packing),
+            name,
+            streaming=True,
+            trim=encoder.kind != PRETOKENIZED,
+        )
         return _columns(ids, labels, args, packing)
 
     log.info(
@@ -175,7 +196,7 @@ class RowEncoder:
 
     def __init__(self, tokenizer, args: SFTConfig, formatting_func, name, columns, first):
         from sft_pipeline.common.config import TemplateConfig
-        from sft_pipeline.data.templating import Renderer
+        from sft_pipeline.trainer.rendering import RowRenderer
 
         self.tokenizer, self.args, self.name = tokenizer, args, name
         self.kind = dataset_type(columns, first, formatting_func)
@@ -189,7 +210,9 @@ class RowEncoder:
             log.warning("%s is already tokenized (input_ids): formatting_func is ignored", name)
         self._format = Formatter(formatting_func, first) if formatting_func else None
         # Pre-tokenized rows are never rendered (and may come with a minimal tokenizer).
-        self.renderer = None if self.kind == PRETOKENIZED else Renderer(tokenizer, TemplateConfig())
+        self.renderer = (
+            None if self.kind == PRETOKENIZED else RowRenderer(tokenizer, TemplateConfig())
+        )
         self.every_token = self._trains_every_token()
         log.info(
             "%s: %s data%s; loss on %s",
@@ -256,7 +279,8 @@ class RowEncoder:
         rendered = []
         for index, row in enumerate(rows):
             try:
-                segments = self._render(row, None if texts is None else texts[index])
+                with self.renderer.row_kwargs(row, self.name, index):
+                    segments = self._render(row, None if texts is None else texts[index])
             except (ValueError, TypeError, KeyError) as exc:
                 what = f"a {self.schema} conversation" if self.schema else f"{self.kind} data"
                 raise ValueError(
@@ -346,8 +370,13 @@ def _truncate_and_check(
     max_length: int | None,
     name: str,
     streaming: bool = False,
+    trim: bool = True,
 ) -> tuple[list, list]:
-    """Keep each row's start up to `max_length`; drop (loudly) rows with nothing to learn."""
+    """Keep each row's start up to `max_length`; drop (loudly) rows with nothing to learn.
+
+    `trim`: end rendered rows at their last supervised token. Pre-tokenized rows are the
+    user's own tokens and keep them all (TRL stores them so too).
+    """
     kept_ids, kept_labels, empty, truncated = [], [], [], 0
     for index, (row_ids, row_labels) in enumerate(zip(ids, labels, strict=True)):
         if len(row_ids) != len(row_labels):
@@ -365,7 +394,8 @@ def _truncate_and_check(
             continue
         # Tokens after the last supervised one (a template's newline after <|im_end|>) predict
         # nothing that is trained: dropping them saves compute.
-        row_ids, row_labels = row_ids[: supervised[-1] + 1], row_labels[: supervised[-1] + 1]
+        if trim:
+            row_ids, row_labels = row_ids[: supervised[-1] + 1], row_labels[: supervised[-1] + 1]
         kept_ids.append(row_ids)
         kept_labels.append(row_labels)
     # A stream reports per chunk, and row numbers restart in each: keep that out of the warnings.

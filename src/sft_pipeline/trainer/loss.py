@@ -35,8 +35,19 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def is_prompt_learning(model: nn.Module) -> bool:
+    """A PEFT prompt-learning model (prompt tuning, prefix tuning, p-tuning): its virtual tokens
+    live in the PEFT wrapper's forward, which the chunked path would skip."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
 def chunkable_head(model: nn.Module) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None] | None:
     """(decoder, lm_head weight, bias) when the chunked loss applies to `model`, else None."""
+    if is_prompt_learning(model):
+        return None
     base = unwrap(model)
     head = base.get_output_embeddings()
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
@@ -59,20 +70,39 @@ def causal_lm_loss(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     chunked: bool = True,
     unflatten: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    dft: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sum of NLL, correct argmax count, supervised token count) of one batch.
 
     The chunked LM head where it applies (`chunked` and a plain linear head), else the model's
-    own logits (soft-capped or scaled heads). `unflatten` restores (batch, length, ...) when
-    the forward ran on one flattened row.
+    own logits (soft-capped or scaled heads, prompt learning). `unflatten` restores (batch,
+    length, ...) when the forward ran on one flattened row. `dft`: each token's NLL weighted by
+    its detached probability (Dynamic Fine-Tuning).
     """
     head = chunkable_head(model) if chunked else None
     if head is not None:
         decoder, weight, bias = head
         hidden = decoder(**model_inputs).last_hidden_state
-        return supervised_cross_entropy(unflatten(hidden), shift_labels, weight, bias, chunk_size)
-    logits = model(**model_inputs).logits
-    return logits_cross_entropy(unflatten(logits), shift_labels)
+        return supervised_cross_entropy(
+            unflatten(hidden), shift_labels, weight, bias, chunk_size, dft=dft
+        )
+    logits = model_logits(model, model_inputs, unflatten, shift_labels.shape[1])
+    return logits_cross_entropy(logits, shift_labels, dft=dft)
+
+
+def model_logits(
+    model: nn.Module,
+    model_inputs: dict[str, Any],
+    unflatten: Callable[[torch.Tensor], torch.Tensor],
+    length: int,
+) -> torch.Tensor:
+    """The model's own logits for the `length` positions of the batch.
+
+    Prompt tuning and p-tuning put their virtual tokens in front of the sequence, and the logits
+    come back with them: those positions predict nothing of the data and are cut off.
+    """
+    logits = unflatten(model(**model_inputs).logits)
+    return logits[:, -length:] if logits.shape[1] > length else logits
 
 
 def shift(labels: torch.Tensor) -> torch.Tensor:
@@ -84,7 +114,7 @@ class _SupervisedLinearCrossEntropy(torch.autograd.Function):
     """Sum of token NLLs of `hidden @ weight.T (+ bias)` against `targets`, chunked."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, compute_dtype, want_grads):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, compute_dtype, want_grads, dft):
         want_hidden, want_weight, want_bias = want_grads
         w = weight.to(compute_dtype)
         b = None if bias is None else bias.to(compute_dtype)
@@ -98,13 +128,18 @@ class _SupervisedLinearCrossEntropy(torch.autograd.Function):
             t = targets[start : start + chunk_size]
             logits = F.linear(h, w, b).float()
             lse = torch.logsumexp(logits, dim=-1)
-            loss_sum += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            nll = lse - logits.gather(1, t[:, None]).squeeze(1)
+            # DFT weighs each token by its probability, a constant for the gradient.
+            weight_t = torch.exp(-nll) if dft else None
+            loss_sum += (nll if weight_t is None else nll * weight_t).sum()
             correct += (logits.argmax(dim=-1) == t).sum()
             if not any(want_grads):
                 continue
             # d(sum NLL)/d(logits) = softmax - one_hot, computed in place over the logits buffer.
             dlogits = logits.sub_(lse[:, None]).exp_()
             dlogits[torch.arange(t.numel(), device=t.device), t] -= 1.0
+            if weight_t is not None:
+                dlogits.mul_(weight_t[:, None])
             d = dlogits.to(compute_dtype)
             if want_hidden:
                 grad_hidden[start : start + chunk_size] = (d @ w).to(hidden.dtype)
@@ -128,7 +163,7 @@ class _SupervisedLinearCrossEntropy(torch.autograd.Function):
                 continue
             g = next(saved) * grad_loss
             grads.append(g if dtype is None else g.to(dtype))
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def supervised_cross_entropy(
@@ -137,6 +172,8 @@ def supervised_cross_entropy(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    *,
+    dft: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return (sum of NLL, correct argmax count, supervised token count) for one batch.
 
@@ -156,18 +193,22 @@ def supervised_cross_entropy(
     )
     with torch.autocast(hidden.device.type, enabled=False):
         loss_sum, correct = _SupervisedLinearCrossEntropy.apply(
-            selected, weight, bias, targets, chunk_size, compute_dtype, want_grads
+            selected, weight, bias, targets, chunk_size, compute_dtype, want_grads, dft
         )
     return loss_sum, correct, torch.tensor(targets.numel(), device=hidden.device)
 
 
 def logits_cross_entropy(
-    logits: torch.Tensor, shift_labels: torch.Tensor
+    logits: torch.Tensor, shift_labels: torch.Tensor, *, dft: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The same triple from full logits: the fallback for heads the chunked path cannot take."""
     selected, targets = _supervised_rows(logits, shift_labels)
     selected = selected.float()
-    loss_sum = F.cross_entropy(selected, targets, reduction="sum")
+    if dft:
+        nll = F.cross_entropy(selected, targets, reduction="none")
+        loss_sum = (nll * torch.exp(-nll.detach())).sum()
+    else:
+        loss_sum = F.cross_entropy(selected, targets, reduction="sum")
     correct = (selected.detach().argmax(dim=-1) == targets).sum()
     return loss_sum, correct, torch.tensor(targets.numel(), device=logits.device)
 

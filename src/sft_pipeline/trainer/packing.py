@@ -71,3 +71,56 @@ def pack_rows(
         packed["labels"].append(labs)
         packed["seq_lengths"].append(lengths)
     return packed
+
+
+def split_long_rows(
+    input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], capacity: int
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Rows longer than `capacity` cut into pieces of at most `capacity` tokens (`bfd_split`).
+
+    Each piece is then packed as a sequence of its own, so a piece does not attend to the piece
+    before it: nothing of a long row is dropped, but its later pieces lose their context.
+    """
+    out_ids: list[list[int]] = []
+    out_labels: list[list[int]] = []
+    for row_ids, row_labels in zip(input_ids, labels, strict=True):
+        for start in range(0, len(row_ids), capacity):
+            out_ids.append(list(row_ids[start : start + capacity]))
+            out_labels.append(list(row_labels[start : start + capacity]))
+    return out_ids, out_labels
+
+
+def wrap_rows(
+    input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], capacity: int
+) -> dict[str, list[Any]]:
+    """Rows joined end to end and cut every `capacity` tokens (`wrapped`), in dataset order.
+
+    Unlike `pack_rows`, the pieces are plain rows: a token attends to the rows before it in its
+    piece, and a row may continue in the next piece. The first token of every row is still not
+    a training target (it would be predicted from the previous row's end).
+    """
+    ids: list[int] = []
+    labs: list[int] = []
+    for row_ids, row_labels in zip(input_ids, labels, strict=True):
+        ids.extend(row_ids)
+        labs.append(IGNORE_INDEX)
+        labs.extend(row_labels[1:])
+    chunks = range(0, len(ids), capacity)
+    return {
+        "input_ids": [ids[s : s + capacity] for s in chunks],
+        "labels": [labs[s : s + capacity] for s in chunks],
+    }
+
+
+def pack_by_strategy(
+    input_ids: Sequence[Sequence[int]],
+    labels: Sequence[Sequence[int]],
+    capacity: int,
+    strategy: str = "bfd",
+) -> dict[str, list[Any]]:
+    """Pack with `SFTConfig.packing_strategy`: 'bfd', 'bfd_split' or 'wrapped'."""
+    if strategy == "wrapped":
+        return wrap_rows(input_ids, labels, capacity)
+    if strategy == "bfd_split":
+        input_ids, labels = split_long_rows(input_ids, labels, capacity)
+    return pack_rows(input_ids, labels, capacity)

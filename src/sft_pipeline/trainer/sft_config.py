@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers import TrainingArguments
@@ -23,6 +23,13 @@ log = logging.getLogger(__name__)
 @dataclass
 class SFTConfig(TrainingArguments):
     """Training arguments for `SFTTrainer`; every `TrainingArguments` field is accepted too."""
+
+    # Dict fields a command line may give as JSON strings.
+    _VALID_DICT_FIELDS: ClassVar[list[str]] = [
+        *TrainingArguments._VALID_DICT_FIELDS,
+        "model_init_kwargs",
+        "dataset_kwargs",
+    ]
 
     max_length: int | None = field(
         default=1024,
@@ -90,6 +97,40 @@ class SFTConfig(TrainingArguments):
         default=None,
         metadata={"help": "Keyword arguments for `from_pretrained` when `model` is a path."},
     )
+    loss_type: str = field(
+        default="nll",
+        metadata={
+            "help": "'nll': mean token cross-entropy over the supervised tokens. 'dft': each "
+            "token's cross-entropy weighted by the model's (detached) probability of it, Dynamic "
+            "Fine-Tuning. 'chunked_nll' is TRL's older name of 'nll' (ours is always chunked).",
+            "choices": ["nll", "dft", "chunked_nll"],
+        },
+    )
+    packing_strategy: str = field(
+        default="bfd",
+        metadata={
+            "help": "'bfd': best-fit-decreasing bins of whole rows (truncated to max_length), kept "
+            "apart in attention. 'bfd_split': the same, a row longer than max_length is split "
+            "into pieces instead of truncated. 'wrapped': rows joined end to end and cut every "
+            "max_length tokens, attending across row boundaries (TRL's 'wrapped').",
+            "choices": ["bfd", "bfd_split", "wrapped"],
+        },
+    )
+    dataset_kwargs: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "Dataset preparation options; {'skip_prepare_dataset': True} hands the "
+            "datasets to the collator as they are (they must hold input_ids, and labels unless "
+            "every token trains)."
+        },
+    )
+    chat_template_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A .jinja file, or a tokenizer folder or Hub id, whose chat template replaces "
+            "the tokenizer's before the data is rendered."
+        },
+    )
     train_sampling_strategy: str = field(
         default="group_by_length",
         metadata={
@@ -105,6 +146,16 @@ class SFTConfig(TrainingArguments):
         self.max_seq_length = self.max_length
         if self.eval_packing is None:
             self.eval_packing = self.packing
+        if self.loss_type == "chunked_nll":
+            self.loss_type = "nll"
+        for name, allowed in (
+            ("loss_type", ("nll", "dft")),
+            ("packing_strategy", ("bfd", "bfd_split", "wrapped")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"SFTConfig.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}"
+                )
         if self.loss_chunk_size <= 0:
             raise ValueError(f"SFTConfig.loss_chunk_size must be > 0, got {self.loss_chunk_size}")
         if (

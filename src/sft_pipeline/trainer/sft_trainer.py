@@ -17,27 +17,29 @@ What it adds to `Trainer`:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset, IterableDataset
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
-from transformers.trainer import TRAINING_ARGS_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from sft_pipeline.common.ownership import CHECKPOINT_MARKER, own_checkpoints
+from sft_pipeline.trainer import inputs as checks
 from sft_pipeline.trainer import vision
+from sft_pipeline.trainer.checkpoints import OwnCheckpoints
 from sft_pipeline.trainer.collator import DataCollatorForSFT
 from sft_pipeline.trainer.data_prep import prepare_dataset
 from sft_pipeline.trainer.guard import NonFiniteGuard
-from sft_pipeline.trainer.loss import causal_lm_loss, shift, unwrap
+from sft_pipeline.trainer.loss import (
+    causal_lm_loss,
+    logits_cross_entropy,
+    model_logits,
+    shift,
+    unwrap,
+)
 from sft_pipeline.trainer.running_metrics import RunningMetrics
 from sft_pipeline.trainer.sampling import SeededLengthGroupedSampler, row_lengths
 from sft_pipeline.trainer.sft_config import SFTConfig
@@ -47,7 +49,7 @@ log = logging.getLogger(__name__)
 
 # Config attributes that change logits after the LM head; with any of them set, the loss goes
 # through the model's own forward (full logits) instead of the chunked head.
-class SFTTrainer(Trainer):
+class SFTTrainer(OwnCheckpoints, Trainer):
     """Supervised fine-tuning trainer; accepts what users of TRL's `SFTTrainer` write."""
 
     def __init__(
@@ -71,6 +73,7 @@ class SFTTrainer(Trainer):
         if model is None:
             raise ValueError("SFTTrainer needs `model`: a model object or a name/path to load")
         args = _sft_args(args, model)
+        checks.check_train_dataset(train_dataset)
         eval_follows_train = args.eval_packing == args.packing
         overrides = {
             "dataset_text_field": dataset_text_field,
@@ -81,6 +84,7 @@ class SFTTrainer(Trainer):
             if value is not None:
                 setattr(args, key, value)
         args.max_seq_length = args.max_length
+        checks.check_padding_free(args)
         if packing is not None and eval_follows_train:
             args.eval_packing = packing
         # Our prepared datasets hold only what the collator needs; Trainer's column pruning by
@@ -104,23 +108,28 @@ class SFTTrainer(Trainer):
         if text_tokenizer.pad_token_id is None:
             # Only pads input_ids: labels are padded with -100, so EOS labels are never erased.
             text_tokenizer.pad_token = text_tokenizer.eos_token
+        if args.chat_template_path is not None:
+            model = checks.apply_chat_template_path(
+                model, processing_class, args.chat_template_path
+            )
         if peft_config is not None:
             model = _apply_peft(model, peft_config, args)
         if args.gradient_checkpointing and hasattr(model, "peft_config"):
             # Frozen embeddings give checkpointed blocks inputs without grad.
             model.enable_input_require_grads()
 
-        if train_dataset is not None:
-            train_dataset = prepare_dataset(
-                train_dataset,
-                processing_class,
-                args,
-                formatting_func,
-                "train_dataset",
-                args.packing,
+        self._formatting_func = formatting_func
+        self._prepared: list = []  # what this trainer prepared (evaluate() leaves those as is)
+        if checks.skips_preparation(args):
+            named = (
+                eval_dataset if isinstance(eval_dataset, dict) else {"eval_dataset": eval_dataset}
             )
-        if eval_dataset is not None:
-            eval_dataset = _map_eval(eval_dataset, processing_class, args, formatting_func)
+            checks.check_unprepared({"train_dataset": train_dataset, **named})
+        else:
+            checks.check_preparable(train_dataset, "train_dataset")
+            train_dataset = self._prepare(train_dataset, processing_class, args, "train_dataset")
+            if eval_dataset is not None:
+                eval_dataset = self._prepare_eval(eval_dataset, processing_class, args)
         if data_collator is None:
             data_collator = DataCollatorForSFT(
                 pad_token_id=text_tokenizer.pad_token_id,
@@ -145,6 +154,36 @@ class SFTTrainer(Trainer):
         self._eval_prefix = "eval"
         self._guard = NonFiniteGuard(self)
         self.add_callback(self._guard)
+        # No Mixture-of-Experts load-balancing loss is added to ours (TRL's public flag, for
+        # code that reads it).
+        self.aux_loss_enabled = False
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(list(checks.MODEL_TAGS))
+
+    # ------------------------------------------------------------------ data
+
+    def _prepare(self, dataset, processing_class, args: SFTConfig, name: str, packing=None):
+        if any(dataset is done for done in self._prepared):
+            return dataset
+        checks.check_preparable(dataset, name)
+        packing = args.packing if packing is None else packing
+        prepared = prepare_dataset(
+            dataset, processing_class, args, self._formatting_func, name, packing
+        )
+        self._prepared.append(prepared)
+        return prepared
+
+    def _prepare_eval(self, eval_dataset, processing_class, args: SFTConfig):
+        if isinstance(eval_dataset, dict):
+            return {
+                key: self._prepare(
+                    ds, processing_class, args, f"eval_dataset[{key}]", args.eval_packing
+                )
+                for key, ds in eval_dataset.items()
+            }
+        return self._prepare(
+            eval_dataset, processing_class, args, "eval_dataset", args.eval_packing
+        )
 
     # ------------------------------------------------------------------ data order
 
@@ -161,57 +200,6 @@ class SFTTrainer(Trainer):
             row_lengths(train_dataset, self.args.length_column_name),
             seed,
         )
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """Mark the checkpoint folder as ours before anything goes in, and rotate only ours.
-
-        Trainer's own rotation deletes the oldest `checkpoint-*` folders in `output_dir`,
-        whoever wrote them; ours deletes only folders holding `CHECKPOINT_MARKER`.
-        """
-        run_dir = Path(self._get_output_dir(trial=trial))
-        folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        if self.args.should_save:
-            folder.mkdir(parents=True, exist_ok=True)
-            marker = {
-                "written_by": "sft-pipeline",
-                "step": self.state.global_step,
-                # What the steps so far ran in: a resumed run goes on in the same precision.
-                "precision": "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "fp32",
-            }
-            (folder / CHECKPOINT_MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
-        limit = self.args.save_total_limit
-        self.args.save_total_limit = None
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit = limit
-        if self.args.should_save and limit and limit > 0:
-            self._rotate_own_checkpoints(run_dir, limit)
-
-    def _rotate_own_checkpoints(self, run_dir: Path, limit: int) -> None:
-        own = own_checkpoints(run_dir)
-        best = self.state.best_model_checkpoint
-        protected = {own[-1]} if own else set()
-        if best:
-            protected.add(Path(best))
-        for checkpoint in own[: max(0, len(own) - max(limit, len(protected)))]:
-            if checkpoint not in protected:
-                log.info("deleting older checkpoint %s (save_total_limit %d)", checkpoint, limit)
-                shutil.rmtree(checkpoint, ignore_errors=True)
-
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        super()._save(output_dir, state_dict)
-        # Trainer pickles its arguments next to the weights; nothing reads them back on resume.
-        # Keep them as JSON (tokens redacted by to_json_string) so no checkpoint file needs
-        # unpickling to inspect.
-        folder = output_dir if output_dir is not None else self.args.output_dir
-        pickled = os.path.join(folder, TRAINING_ARGS_NAME)
-        if os.path.exists(pickled):
-            os.remove(pickled)
-            with open(os.path.join(folder, TRAINING_ARGS_JSON), "w", encoding="utf-8") as f:
-                f.write(self.args.to_json_string())
 
     # ------------------------------------------------------------------ loss
 
@@ -248,6 +236,11 @@ class SFTTrainer(Trainer):
         return total
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, _logits = self._loss(model, inputs, num_items_in_batch)
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _loss(self, model, inputs, num_items_in_batch=None, with_logits: bool = False):
+        """(loss, the model's logits when `with_logits` else None); the token metrics noted."""
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         shift_labels = inputs.pop("shift_labels", None)
@@ -255,15 +248,23 @@ class SFTTrainer(Trainer):
             shift_labels = shift(labels)
         document_ids = inputs.pop("document_ids", None)
         model_inputs, unflatten = self._model_inputs(model, inputs, document_ids)
-        loss_sum, correct, count = causal_lm_loss(
-            model,
-            model_inputs,
-            shift_labels,
-            chunk_size=self.args.loss_chunk_size,
-            # A model wrapped for distribution (DDP, FSDP) syncs gradients in its own forward.
-            chunked=model is self.model,
-            unflatten=unflatten,
-        )
+        dft = self.args.loss_type == "dft"
+        logits = None
+        if with_logits:
+            # For compute_metrics: one forward with full-vocabulary logits, the loss from them.
+            logits = model_logits(model, model_inputs, unflatten, shift_labels.shape[1])
+            loss_sum, correct, count = logits_cross_entropy(logits, shift_labels, dft=dft)
+        else:
+            loss_sum, correct, count = causal_lm_loss(
+                model,
+                model_inputs,
+                shift_labels,
+                chunk_size=self.args.loss_chunk_size,
+                # A model wrapped for distribution (DDP, FSDP) syncs gradients in its own forward.
+                chunked=model is self.model,
+                unflatten=unflatten,
+                dft=dft,
+            )
         denominator = num_items_in_batch if num_items_in_batch is not None else count
         loss = loss_sum / torch.clamp(torch.as_tensor(denominator, device=loss_sum.device), min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -275,7 +276,7 @@ class SFTTrainer(Trainer):
             real_tokens = inputs["attention_mask"].sum()
         window = self._sft_metrics["train" if model.training else "eval"]
         window.add(loss_sum.detach(), correct, count, real_tokens)
-        return (loss, {"loss": loss}) if return_outputs else loss
+        return loss, logits
 
     def _model_inputs(self, model, inputs: dict, document_ids: torch.Tensor | None):
         """Forward kwargs that keep packed sequences apart on the model's attention backend."""
@@ -325,18 +326,28 @@ class SFTTrainer(Trainer):
         # With a dict of eval sets, Trainer evaluates each under "eval_<name>": our token
         # metrics must carry the same prefix as its loss.
         self._eval_prefix = metric_key_prefix
+        if eval_dataset is not None and not isinstance(eval_dataset, str):
+            # A raw dataset passed here is prepared as the one given at construction was.
+            if checks.skips_preparation(self.args):
+                named = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
+                checks.check_unprepared(named)
+            else:
+                eval_dataset = self._prepare_eval(eval_dataset, self.processing_class, self.args)
         try:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         finally:
             self._eval_prefix = "eval"
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        # Never return logits: gathering full-vocabulary logits over the eval set is the
-        # classic eval OOM; metrics come from compute_loss.
+        # Logits only when a metric asks for them (Trainer passes prediction_loss_only=False
+        # when compute_metrics is set): full-vocabulary logits over the eval set are the classic
+        # eval OOM, and the loss and token metrics need none (the chunked head).
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            if prediction_loss_only:
+                return self.compute_loss(model, inputs).detach(), None, None
+            loss, logits = self._loss(model, inputs, with_logits=True)
+        return loss.detach(), logits, inputs["labels"]
 
     # ------------------------------------------------------------------ logging
 
@@ -362,9 +373,6 @@ class SFTTrainer(Trainer):
         # In place: `evaluate()` returns this same dict to its caller.
         logs.update(window.flush(prefix=prefix if is_eval else ""))
         super().log(logs, start_time)
-
-
-TRAINING_ARGS_JSON = "training_args.json"
 
 
 def _sft_args(args: TrainingArguments | None, model) -> SFTConfig:
@@ -412,16 +420,3 @@ def _apply_peft(model: nn.Module, peft_config, args: SFTConfig) -> nn.Module:
             model, "all-linear", {"language_model"}
         )
     return get_peft_model(model, peft_config)
-
-
-def _map_eval(eval_dataset, tokenizer, args: SFTConfig, formatting_func):
-    if isinstance(eval_dataset, dict):
-        return {
-            key: prepare_dataset(
-                ds, tokenizer, args, formatting_func, f"eval_dataset[{key}]", args.eval_packing
-            )
-            for key, ds in eval_dataset.items()
-        }
-    return prepare_dataset(
-        eval_dataset, tokenizer, args, formatting_func, "eval_dataset", args.eval_packing
-    )
