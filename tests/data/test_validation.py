@@ -13,7 +13,7 @@ from sft_pipeline.common.config import DataConfig, ValidationConfig
 from sft_pipeline.common.errors import RejectedFractionError
 from sft_pipeline.data.ingestion import ingest
 from sft_pipeline.data.records import RECORD_COLUMNS
-from sft_pipeline.data.validation import build_schema, check_rejected_fraction
+from sft_pipeline.data.validation import CANONICAL, RULES, check_rejected_fraction
 from tests.data.rows import validate
 
 GOOD = {"prompt": "What is 2+2?", "response": "4"}
@@ -188,9 +188,14 @@ def test_all_rejected_gives_empty_typed_frame(tmp_path: Path) -> None:
     assert report["valid"] == 0
 
 
-def test_validation_uses_pandera_and_rejects_malformed_artifacts() -> None:
-    schema = build_schema(ValidationConfig())
-    assert "duplicate" in [c.name for c in schema.columns["record_id"].checks]
+def test_every_rule_has_a_unique_code_and_a_description() -> None:
+    codes = [rule.code for rule in RULES]
+    assert len(set(codes)) == len(codes) and "duplicate" not in codes
+    assert all(rule.description for rule in RULES)
+
+
+def test_pandera_checks_the_canonical_table_and_stops_on_a_malformed_artifact() -> None:
+    assert {"record_id", "source_row", "format"} <= set(CANONICAL.columns)
     frame = pd.DataFrame({c: ["x"] for c in RECORD_COLUMNS})
     frame["record_id"] = 1  # an int where a string belongs: a broken artifact, not a bad record
     frame["source_row"] = 1

@@ -38,6 +38,22 @@ class SeenIds:
                     found[k] = (self.files[files[at_ok[k]]], int(rows[at_ok[k]]))
         return found
 
+    def first_and_add(
+        self, keys: np.ndarray, files: list[str], rows: np.ndarray
+    ) -> list[tuple[str, int] | None]:
+        """Where each record of a chunk was first seen, in an earlier chunk or earlier in this
+        one (None: first seen here); then remembers the chunk's first sightings."""
+        found = self.first(keys)
+        new = np.array([where is None for where in found], dtype=bool)
+        _unique, first_at, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        first_here = first_at[inverse.reshape(-1)]
+        for k in np.flatnonzero(new & (first_here != np.arange(len(keys)))):
+            at = first_here[k]
+            found[k] = (files[at], int(rows[at]))
+        firsts = np.sort(first_at[new[first_at]])
+        self.add(keys[firsts], [files[p] for p in firsts], rows[firsts])
+        return found
+
     def add(self, keys: np.ndarray, files: list[str], rows: np.ndarray) -> None:
         if not len(keys):
             return
