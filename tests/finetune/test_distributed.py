@@ -189,3 +189,109 @@ def test_a_loss_that_turns_nan_on_one_rank_stops_every_rank_and_keeps_the_last_c
     assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-2"]
     assert not (out / "adapter").exists()
     assert not (checkpoints / ".launch" / "result").exists()
+
+
+@pytest.fixture(scope="module")
+def one_process(base_dir, tmp_path_factory):
+    return run_training(base_dir, tmp_path_factory.mktemp("one"), per_device_train_batch_size=4)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first", ["main", "worker"])
+def test_two_machines_on_loopback_started_in_either_order_equal_one_process(
+    base_dir, one_process, tmp_path, first
+):
+    """docs/distributed.md's recipe, with two launchers on one host standing in for two
+    machines (loopback rendezvous, a shared output_dir): the main machine runs the pipeline's
+    training, the worker machine the documented `accelerate launch ... --wait` command."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from sft_pipeline.model.loading import load_tokenizer
+
+    config = tmp_path / "accelerate_multinode.yaml"
+    config.write_text(
+        "distributed_type: MULTI_GPU\nnum_machines: 2\nmain_process_ip: 127.0.0.1\n"
+        f"main_process_port: {_free_port()}\n"
+    )
+    tokenizer = load_tokenizer(base_dir)
+    tokenized(tokenizer, 4).save_to_disk(tmp_path / "train")
+    tokenized(tokenizer, 1).save_to_disk(tmp_path / "eval")
+    output_dir = tmp_path / "checkpoints"
+    spec = {
+        "base_model_dir": str(base_dir),
+        "train_tokens": str(tmp_path / "train"),
+        "eval_tokens": str(tmp_path / "eval"),
+        "quantization": {"load_in_4bit": False},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "training": {
+            "output_dir": str(output_dir),
+            "max_steps": 4,
+            "learning_rate": 1e-2,
+            "lr_scheduler_type": "constant",
+            "warmup_ratio": 0.0,
+            "logging_steps": 1,
+            "save_steps": 100,
+            "per_device_eval_batch_size": 2,
+            "precision": "fp32",
+            "per_device_train_batch_size": 2,
+            "num_processes": 2,  # the total over both machines
+            "accelerate_config": str(config),
+        },
+        "max_length": 96,  # as run_training's
+        "out": str(tmp_path / "two-machines"),
+        "marker": str(tmp_path / "unused"),
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    # On a CPU accelerate joins the ranks with gloo when told so (the main machine's launch
+    # sets it itself).
+    env |= {"ACCELERATE_USE_CPU": "true", "SFT_PIPELINE_LAUNCH_WAIT_S": "240"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    worker = ["--module", "sft_pipeline.finetune.worker", "--wait", str(output_dir / ".launch")]
+    commands = {
+        "main": [sys.executable, str(Path(__file__).with_name("train_process.py")), "spec.json"],
+        "worker": [*launch, "--num_processes", "2", "--machine_rank", "1", *worker],
+    }
+    order = [first, "worker" if first == "main" else "main"]
+    started = {}
+    logs = {name: (tmp_path / f"{name}.log").open("w") for name in order}
+    try:
+        for name in order:
+            started[name] = subprocess.Popen(
+                commands[name],
+                cwd=tmp_path,
+                env=env,
+                stdout=logs[name],
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            time.sleep(8)  # the other machine starts well after this one
+        for name, process in started.items():
+            assert process.wait(timeout=400) == 0, (tmp_path / f"{name}.log").read_text()[-4000:]
+    finally:
+        for process in started.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+        for log in logs.values():
+            log.close()
+    # Nothing of either launch is left behind.
+    for process in started.values():
+        with pytest.raises(ProcessLookupError):
+            os.killpg(process.pid, 0)
+    history = json.loads((tmp_path / "two-machines" / "history.json").read_text())
+    summary = json.loads((tmp_path / "two-machines" / "summary.json").read_text())
+    assert summary["num_processes"] == 2
+    diffs = assert_same_training(one_process, (history, summary, tmp_path / "two-machines"))
+    print(f"2 machines ({first} first) vs 1 process: {diffs}")

@@ -1,9 +1,9 @@
 """One training run in its own process, for tests that kill it: `python train_process.py SPEC`.
 
 SPEC is a JSON file: `base_model_dir`, `train_tokens` and `eval_tokens` (`save_to_disk`
-folders), the `quantization`, `lora` and `training` sections, `out` (where the adapter and
-`summary.json` go) and `marker` (a file this process creates when it stops to be killed). At
-most one of:
+folders), the `quantization`, `lora` and `training` sections, optionally `max_length`, `out`
+(where the adapter and `summary.json` go) and `marker` (a file this process creates when it
+stops to be killed). At most one of:
 
 - `stop_after_save: N`: once checkpoint-N is complete, create `marker` and wait to be killed;
 - `stop_in_save: N`: while saving checkpoint-N, write half of its trainer_state.json (the last
@@ -68,7 +68,8 @@ def main(spec_path: str) -> None:
         quantization=QuantizationConfig(**spec["quantization"]),
         lora=LoraConfig(**spec["lora"]),
         training=TrainingConfig(**spec["training"]),
-        max_length=max(len(ids) for ds in (train_tokens, eval_tokens) for ids in ds["input_ids"]),
+        max_length=spec.get("max_length")
+        or max(len(ids) for ds in (train_tokens, eval_tokens) for ids in ds["input_ids"]),
     )
     artifact, history, summary = workflow.train(job, callbacks=callbacks)
     out = Path(spec["out"])

@@ -17,7 +17,7 @@ picks accelerate's one-process launcher), so the processes are started the same 
 `ACCELERATE_USE_CPU=true`, which makes accelerate join them with gloo. A user's config file
 (FSDP2, DeepSpeed, several machines) is passed through; only the process count comes from
 `training.num_processes`. Worker machines of a multi-node run start `worker` with `--wait` (see
-docs/distributed.md): they wait for this machine's job folder.
+docs/distributed.md): their ranks train the job this machine's launch names.
 
 One run, one process tree (`sft_pipeline.common.processes`): `accelerate launch` is SIGKILLed by
 the kernel when the process that started it ends, each rank when `accelerate launch` ends, and
@@ -34,6 +34,7 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,8 +116,8 @@ def apply_permissions(prepared: dict) -> None:
 
 def train_in_processes(job: TrainJob) -> Result:
     fingerprint, resume_from = run_state.prepare_run(job)
-    # Decided here, once, for every process: `auto` may time steps, and two ranks that timed
-    # differently would train in different precisions and break their collectives.
+    # Decided here, once, for every process: ranks on machines with other CPU flags or GPUs
+    # would otherwise decide differently and break their collectives.
     precision = model_setup.run_precision(job, resume_from)
     # One fixed folder, emptied per launch, so launches do not pile up; the fingerprint
     # ignores it.
@@ -124,12 +125,17 @@ def train_in_processes(job: TrainJob) -> Result:
     shutil.rmtree(work, ignore_errors=True)
     job.save(work)
     prepared = {
+        # This launch's name: the ranks of every machine agree on it with rank 0 and train the
+        # job that carries it (sft_pipeline.finetune.worker.join_launch).
+        "launch_id": uuid.uuid4().hex,
         "fingerprint": fingerprint,
         "resume_from": str(resume_from) if resume_from else None,
         "precision": precision,
         **permissions(),
     }
-    # Written last and atomically: worker machines start training when it appears.
+    # Written last and atomically, before the launch: a rank of any machine starts only after
+    # the rendezvous with this machine's launch, so the job is there (or on its way through a
+    # shared filesystem) when it looks.
     write_text(work / PREPARED_FILE, json.dumps(prepared, indent=2))
     command = accelerate_command(work, job.training.num_processes, job.training.accelerate_config)
     log.info("launching: %s", " ".join(command))
