@@ -1,4 +1,6 @@
-"""Project CLI commands: `kedro dvc generate|check` and `kedro sft chat|generate`.
+"""Project CLI commands: `kedro dvc generate|check`, `kedro sft chat|generate`, and `kedro run`
+with clean errors. Only the command wiring lives here: what `dvc.yaml` should hold and whether
+it is current is `sft_pipeline.repro.dvc_check`'s answer.
 
 Registered through the `kedro.project_commands` entry point in pyproject.toml, so they run
 inside the bootstrapped project like `kedro run`.
@@ -7,7 +9,6 @@ inside the bootstrapped project like `kedro run`.
 from __future__ import annotations
 
 import difflib
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,72 +17,15 @@ import click
 import yaml
 
 from sft_pipeline.export.chat_cli import sft
-from sft_pipeline.repro import dvc_stages
-
-DVC_YAML = "dvc.yaml"
-
-
-def load_project(project_path: Path, env: str) -> tuple[Any, dvc_stages.Project]:
-    """The `sft` pipeline from the pipelines registry and config from the project's loader."""
-    from kedro.framework.project import pipelines, settings
-    from kedro.framework.startup import bootstrap_project
-
-    project_path = project_path.resolve()
-    metadata = bootstrap_project(project_path)
-    conf_source = project_path / settings.CONF_SOURCE
-    loader_args = dict(settings.CONFIG_LOADER_ARGS)
-    base_env = loader_args.get("base_env") or "base"
-    loader = settings.CONFIG_LOADER_CLASS(conf_source=str(conf_source), env=env, **loader_args)
-    catalog = {k: v for k, v in loader["catalog"].items() if not k.startswith("_")}
-    envs = [base_env] if env == base_env else [base_env, env]
-    conf_dir = Path(settings.CONF_SOURCE).as_posix()
-    project = dvc_stages.Project(
-        root=project_path,
-        package=metadata.package_name,
-        source_dir=metadata.source_dir,
-        env=env,
-        catalog=catalog,
-        params=loader["parameters"],
-        param_files=dvc_stages.read_config_files(project_path, conf_dir, envs, "parameters"),
-        catalog_files=dvc_stages.read_config_files(project_path, conf_dir, envs, "catalog"),
-    )
-    if dvc_stages.PIPELINE_NAME not in pipelines:
-        raise click.ClickException(
-            f"pipeline {dvc_stages.PIPELINE_NAME!r} is not registered (pipeline_registry.py)"
-        )
-    return pipelines[dvc_stages.PIPELINE_NAME], project
+from sft_pipeline.repro import dvc_check, dvc_stages
+from sft_pipeline.repro.dvc_check import DVC_YAML
 
 
-def generate_text(project_path: Path, env: str) -> str:
-    pipeline, project = load_project(project_path, env)
+def _generate_text(project_path: Path, env: str) -> str:
     try:
-        content = dvc_stages.build_dvc_yaml(pipeline, project)
+        return dvc_check.generate_text(project_path, env)
     except dvc_stages.DvcGenerationError as exc:
         raise click.ClickException(str(exc)) from exc
-    return dvc_stages.render(content, env)
-
-
-def check_current(project_path: Path, env: str, stage: str) -> None:
-    """Inside a DVC stage: stop before any work when dvc.yaml is not what `kedro dvc generate`
-    writes now (a parameter names other files, a node or catalog entry changed): DVC would run
-    with the old deps and cache a result under the wrong key."""
-    target = project_path / DVC_YAML
-    if not target.is_file():
-        return
-    expected = generate_text(project_path, env)
-    if target.read_text(encoding="utf-8") != expected:
-        args = "" if env == "base" else f" --env {env}"
-        raise dvc_stages.StaleDvcYamlError(
-            f"{DVC_YAML} is stale (DVC stage {stage!r}): the pipeline, the catalog or the files "
-            f"the parameters name changed since it was generated; run `kedro dvc generate{args}`"
-            " and then `dvc repro` again"
-        )
-
-
-def env_of(dvc_yaml_text: str) -> str | None:
-    """The Kedro environment an existing dvc.yaml was generated for (from its commands)."""
-    match = re.search(r"--env=(\S+)", dvc_yaml_text)
-    return match.group(1) if match else None
 
 
 @click.group(name="sft_pipeline")
@@ -112,7 +56,7 @@ def generate(metadata, env: str, output: str | None) -> None:
     from sft_pipeline.common.atomic import write_text
 
     project_path = Path(metadata.project_path)
-    text = generate_text(project_path, env)
+    text = _generate_text(project_path, env)
     target = Path(output) if output else project_path / DVC_YAML
     write_text(target, text)
     stages = len(yaml.safe_load(text)["stages"])
@@ -134,8 +78,8 @@ def check(metadata, env: str | None) -> None:
     project_path = Path(metadata.project_path)
     target = project_path / DVC_YAML
     current = target.read_text(encoding="utf-8") if target.is_file() else ""
-    env = env or env_of(current) or "base"
-    expected = generate_text(project_path, env)
+    env = env or dvc_check.env_of(current) or "base"
+    expected = _generate_text(project_path, env)
     if current == expected:
         click.echo(f"{DVC_YAML} is up to date (env {env})")
         return
@@ -146,8 +90,35 @@ def check(metadata, env: str | None) -> None:
         f"{DVC_YAML} (generated)",
     )
     click.echo("".join(diff), err=True)
-    args = "" if env == "base" else f" --env {env}"
-    raise click.ClickException(f"{DVC_YAML} is stale: run `kedro dvc generate{args}`")
+    raise click.ClickException(dvc_check.stale_message(env))
+
+
+@dvc.command()
+@click.option("--env", "-e", default="local", show_default=True, help="Where credentials.yml is.")
+@click.pass_obj
+def credentials(metadata, env: str) -> None:
+    """Give DVC the remotes' credentials of conf/<env>/credentials.yml (`dvc_remotes`)."""
+    from kedro.framework.project import settings
+
+    from sft_pipeline.repro import remotes
+
+    project_path = Path(metadata.project_path)
+    conf_source = project_path / settings.CONF_SOURCE
+    loader = settings.CONFIG_LOADER_CLASS(
+        conf_source=str(conf_source), env=env, **dict(settings.CONFIG_LOADER_ARGS)
+    )
+    source = f"{Path(settings.CONF_SOURCE).as_posix()}/{env}/credentials.yml"
+    try:
+        found = loader["credentials"]
+    except KeyError:
+        found = {}
+    try:
+        names = remotes.apply_credentials(project_path, found, source)
+    except remotes.RemoteCredentialsError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not names:
+        raise click.ClickException(f"{source}: no `{remotes.SECTION}` section to apply")
+    click.echo(f"credentials of {', '.join(names)} written to .dvc/config.local and checked")
 
 
 def _run_with_clean_errors(traceback: bool, **kwargs: Any) -> Any:

@@ -59,6 +59,19 @@ def test_a_misspelt_top_level_section_is_named_with_the_nearest_valid_one():
     assert "trainig" in msg and "did you mean `training`?" in msg
 
 
+def test_a_misspelt_data_columns_key_is_named_with_the_nearest_field():
+    from sft_pipeline.common.config import validate_parameters
+
+    with pytest.raises(ConfigError) as exc:
+        validate_parameters({"data": {"columns": {"respnse": "answer", "prompt": "question"}}})
+    msg = str(exc.value)
+    assert "data.columns.respnse" in msg and "did you mean `response`?" in msg
+    assert "prompt" not in msg.split("did you mean")[1]  # only the bad key is reported
+    assert validate_parameters({"data": {"columns": {"response": "answer"}}}).data.columns == {
+        "response": "answer"
+    }
+
+
 def test_a_misspelt_nested_key_is_named_with_its_section_and_nearest_key():
     from sft_pipeline.common.config import validate_parameters
 

@@ -14,12 +14,12 @@ from sft_pipeline.artifact_io import ArrowDataset
 from sft_pipeline.common.config import DataConfig, TokenizationConfig, ValidationConfig
 from sft_pipeline.common.errors import InputFileError
 from sft_pipeline.data import readers, streams
-from sft_pipeline.data.ingestion import ingest, ingest_to_parquet
-from sft_pipeline.data.splitting import split, split_stream
+from sft_pipeline.data.ingestion import ingest_to_parquet
+from sft_pipeline.data.splitting import split_stream
 from sft_pipeline.data.token_files import tokenize_stream
 from sft_pipeline.data.tokenization import tokenize_texts
 from sft_pipeline.data.validation import validate_stream
-from tests.data.rows import validate
+from tests.data.rows import ingest, split, validate
 
 FIXTURE_FILES = [
     "llamafactory/alpaca_en_demo.json",
@@ -176,7 +176,7 @@ def test_symlink_loops_under_a_double_star_glob_read_each_file_once(tmp_path):
 
 @pytest.mark.parametrize("pattern", ["data/*/**", "data/*/**/*.jsonl", "data/*/*/*.jsonl"])
 def test_symlink_loops_under_any_glob_are_read_once_and_never_hang(tmp_path, monkeypatch, pattern):
-    from sft_pipeline.data.ingestion import local_data_files
+    from sft_pipeline.data.sources import local_data_files
 
     # Two links to the parent: Python's glob walks 2^depth paths until the path is too long.
     data = tmp_path / "data"

@@ -24,8 +24,7 @@ from PIL import Image
 from sft_pipeline.common.config import DataConfig, ValidationConfig
 from sft_pipeline.common.errors import InputFileError
 from sft_pipeline.data import file_checks
-from sft_pipeline.data.ingestion import ingest
-from tests.data.rows import validate
+from tests.data.rows import ingest, validate
 
 HANG_S = 10.0  # far above what a check takes; only a read that blocks reaches it
 MEMORY = 2 * 2**30  # what the child may allocate beyond what it has at the fork

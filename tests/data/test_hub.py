@@ -21,8 +21,7 @@ import pytest
 from sft_pipeline.common.config import DataConfig, ValidationConfig
 from sft_pipeline.common.errors import InputFileError
 from sft_pipeline.data import hub
-from sft_pipeline.data.ingestion import ingest
-from tests.data.rows import validate
+from tests.data.rows import ingest, validate
 
 COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
 REPO = "owner/multi"

@@ -12,7 +12,8 @@ from PIL import Image
 
 from sft_pipeline.common.config import DataConfig
 from sft_pipeline.common.errors import InputFileError
-from sft_pipeline.data import ingestion
+from sft_pipeline.data import image_deps
+from tests.data.rows import ingest
 
 
 def _image(path: Path, colour=(200, 30, 30)) -> None:
@@ -52,10 +53,10 @@ def project(tmp_path: Path) -> Path:
 
 def test_image_folders_of_the_records_are_the_deps_and_text_data_has_none(project: Path) -> None:
     cfg = DataConfig(path=["data/raw/vqa.jsonl", "data/raw/text.jsonl"])
-    deps = ingestion.local_image_files(cfg, project)
+    deps = image_deps.local_image_files(cfg, project)
     outside = (project.parent / "elsewhere/pics").resolve().as_posix()
     assert deps == ["data/raw/img", "data/raw/3.jpg", outside]
-    assert ingestion.local_image_files(DataConfig(path="data/raw/text.jsonl"), project) == []
+    assert image_deps.local_image_files(DataConfig(path="data/raw/text.jsonl"), project) == []
 
 
 def test_an_image_past_the_sampled_records_outside_their_folders_stops_ingestion(
@@ -66,19 +67,19 @@ def test_an_image_past_the_sampled_records_outside_their_folders_stops_ingestion
     _write(raw / "late.jsonl", [_row("img/cats/1.jpg", 0), _row("img/cats/1.jpg", 1)])
     with (raw / "late.jsonl").open("a") as f:
         f.write(json.dumps(_row("late/5.jpg", 2)) + "\n")
-    monkeypatch.setattr(ingestion, "DETECT_ROWS", 2)
+    monkeypatch.setattr(image_deps, "DETECT_ROWS", 2)
     with contextlib.chdir(project):
         cfg = DataConfig(path="data/raw/late.jsonl")
-        assert ingestion.local_image_files(cfg, project) == ["data/raw/img"]
+        assert image_deps.local_image_files(cfg, project) == ["data/raw/img"]
         with pytest.raises(InputFileError) as caught:
-            ingestion.ingest(cfg)
+            ingest(cfg)
         message = str(caught.value)
         assert "data/raw/late.jsonl, line 3" in message and "image data/raw/late/5.jpg" in message
         assert "data.images" in message and "kedro dvc generate" in message
         # Named explicitly, the folders are the deps and every image is tracked.
         named = DataConfig(path="data/raw/late.jsonl", images=["data/raw/img", "data/raw/late"])
-        assert ingestion.local_image_files(named, project) == ["data/raw/img", "data/raw/late"]
-        assert len(ingestion.ingest(named)) == 3
+        assert image_deps.local_image_files(named, project) == ["data/raw/img", "data/raw/late"]
+        assert len(ingest(named)) == 3
 
 
 def test_a_data_images_entry_that_matches_nothing_is_an_error_naming_the_parameter(
@@ -87,7 +88,7 @@ def test_a_data_images_entry_that_matches_nothing_is_an_error_naming_the_paramet
     with contextlib.chdir(project):
         cfg = DataConfig(path="data/raw/vqa.jsonl", images="data/raw/pictures")
         with pytest.raises(InputFileError, match=r"data\.images.*'data/raw/pictures'.*no file"):
-            ingestion.ingest(cfg)
+            ingest(cfg)
 
 
 def test_records_hash_the_image_bytes_so_an_edited_image_changes_the_record(
@@ -95,7 +96,7 @@ def test_records_hash_the_image_bytes_so_an_edited_image_changes_the_record(
 ) -> None:
     with contextlib.chdir(project):
         cfg = DataConfig(path="data/raw/vqa.jsonl")
-        before = ingestion.ingest(cfg)["record_id"].tolist()
+        before = ingest(cfg)["record_id"].tolist()
         _image(project / "data/raw/img/cats/1.jpg", colour=(30, 200, 30))
-        after = ingestion.ingest(cfg)["record_id"].tolist()
+        after = ingest(cfg)["record_id"].tolist()
     assert after[0] != before[0] and after[1:] == before[1:]

@@ -7,15 +7,22 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pandas as pd
 import pytest
 
-from sft_pipeline.common.config import ConfigError, DataConfig
+from sft_pipeline.common.config import (
+    COLUMN_KEYS,
+    ConfigError,
+    DataConfig,
+    SchemaName,
+    parse_section,
+)
 from sft_pipeline.common.errors import InputFileError
-from sft_pipeline.data.ingestion import ingest
+from sft_pipeline.data import schemas
 from sft_pipeline.data.records import RECORD_COLUMNS, content_id, detect_schema, to_canonical
+from tests.data.rows import ingest
 
 
 def write_jsonl(path: Path, rows: list[Any]) -> Path:
@@ -171,10 +178,18 @@ def test_to_canonical_is_reusable_on_raw_rows() -> None:
     assert (fmt, msgs, text) == ("prompt_response", conv("x", "y"), "")
 
 
-def test_unknown_columns_key_is_a_config_error(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "d.jsonl", PAIRS)
-    with pytest.raises(ConfigError, match="promt"):
-        ingest(cfg(path, columns={"promt": "prompt"}))
+def test_unknown_columns_key_is_a_config_error_before_any_file_is_read(tmp_path: Path) -> None:
+    values = {"path": str(tmp_path / "never_read.jsonl"), "columns": {"promt": "prompt"}}
+    with pytest.raises(ConfigError, match=r"data\.columns\.promt.*did you mean `prompt`"):
+        parse_section(DataConfig, values, "data")
+
+
+def test_the_parameter_check_allows_exactly_the_fields_of_the_input_formats() -> None:
+    # The registry of formats is the source; the parameter check keeps a copy it can import.
+    assert set(COLUMN_KEYS) == set(schemas.COLUMN_KEYS)
+    assert set(get_args(SchemaName)) == {"auto", *schemas.FORMATS}
+    for fmt in schemas.FORMATS.values():
+        assert set(fmt.fields) <= set(COLUMN_KEYS), fmt.name
 
 
 def test_record_level_problems_are_not_ingest_errors(tmp_path: Path) -> None:

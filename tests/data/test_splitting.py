@@ -9,7 +9,8 @@ import pytest
 
 from sft_pipeline.common.config import DataConfig
 from sft_pipeline.data.records import RECORD_COLUMNS, content_id, dumps_messages, make_frame
-from sft_pipeline.data.splitting import split, split_score
+from sft_pipeline.data.splitting import split_score
+from tests.data.rows import split
 
 
 def frame(n: int, start: int = 0) -> pd.DataFrame:

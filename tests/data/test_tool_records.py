@@ -11,9 +11,8 @@ from typing import Any
 import pytest
 
 from sft_pipeline.common.config import DataConfig, ValidationConfig
-from sft_pipeline.data.ingestion import ingest
 from sft_pipeline.data.records import content_id
-from tests.data.rows import validate
+from tests.data.rows import ingest, validate
 
 WEATHER = {
     "name": "get_weather",

@@ -16,11 +16,11 @@ import pandas as pd
 import pytest
 
 from sft_pipeline.common.config import TemplateConfig, TokenizationConfig
-from sft_pipeline.data.ingestion import ingest
 from sft_pipeline.data.rendering import render_stream
 from sft_pipeline.data.templating import ChatTemplateError, Renderer
 from sft_pipeline.data.tokenization import tokenize_texts
 from tests.conftest import build_tiny_tokenizer
+from tests.data.rows import ingest
 from tests.data.test_tool_records import WEATHER
 
 TOOLS = [{"type": "function", "function": WEATHER}]

@@ -11,10 +11,9 @@ import pytest
 
 from sft_pipeline.common.config import DataConfig, ValidationConfig
 from sft_pipeline.common.errors import RejectedFractionError
-from sft_pipeline.data.ingestion import ingest
 from sft_pipeline.data.records import RECORD_COLUMNS
 from sft_pipeline.data.validation import CANONICAL, RULES, check_rejected_fraction
-from tests.data.rows import validate
+from tests.data.rows import ingest, validate
 
 GOOD = {"prompt": "What is 2+2?", "response": "4"}
 

@@ -13,10 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from sft_pipeline.common.config import DataConfig, TemplateConfig, ValidationConfig
-from sft_pipeline.data.ingestion import ingest
 from sft_pipeline.data.templating import Renderer
 from tests.conftest import build_tiny_tokenizer
-from tests.data.rows import render_records, validate
+from tests.data.rows import ingest, render_records, validate
 from tests.data.test_tool_templates import _fixture_template, _gpt2
 
 

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 from sft_pipeline.common.config import DataConfig
-from sft_pipeline.data import ingestion
+from sft_pipeline.data import sources
 from sft_pipeline.repro import dvc_stages
 from sft_pipeline.repro.dvc_stages import CodeGraph, ConfigFile, DvcGenerationError, Project
 from tests import project_copy as pc
@@ -171,7 +171,7 @@ def test_files_named_by_params_are_deps_of_the_node_that_reads_them(fake_src: Pa
     (fake_src / "fakepkg" / "alpha.py").write_text("from fakepkg.data import ingestion\n")
     # The real resolver of `data.path`, standing in for the fake package's reader.
     reader = dvc_stages.FileParam(
-        "data", DataConfig, ingestion.local_data_files, reader="fakepkg.data.ingestion"
+        "data", DataConfig, sources.local_data_files, reader="fakepkg.data.ingestion"
     )
     project = _fake_project(fake_src, file_params=[reader])
     pipeline = SimpleNamespace(
@@ -188,7 +188,7 @@ def test_files_named_by_params_are_deps_of_the_node_that_reads_them(fake_src: Pa
 def test_a_reader_module_that_no_longer_exists_fails_generation(fake_src: Path) -> None:
     # A renamed or deleted reader must not silently drop its files from the deps.
     gone = dvc_stages.FileParam(
-        "data", DataConfig, ingestion.local_data_files, reader="fakepkg.renamed_away"
+        "data", DataConfig, sources.local_data_files, reader="fakepkg.renamed_away"
     )
     project = _fake_project(fake_src, file_params=[gone])
     pipeline = SimpleNamespace(nodes=[_node("read", "node_a", ["params:data"], ["raw"])])
@@ -215,7 +215,7 @@ def test_every_reader_of_the_real_project_is_a_module_its_node_runs(real_stages)
 
 
 def test_a_local_model_folder_is_a_dep_of_prepare_base_model(tmp_path: Path) -> None:
-    from sft_pipeline.cli import load_project
+    from sft_pipeline.repro.dvc_check import load_project
 
     root = pc.make_project(tmp_path / "project", with_model=False)
     (root / pc.TINY_MODEL).mkdir(parents=True)
@@ -239,7 +239,7 @@ def test_memory_dataset_between_nodes_is_an_error(fake_src: Path) -> None:
 
 @pytest.fixture(scope="module")
 def real_stages() -> dict:
-    from sft_pipeline.cli import load_project
+    from sft_pipeline.repro.dvc_check import load_project
 
     pipeline, project = load_project(pc.PROJECT_ROOT, "base")
     return pipeline, dvc_stages.build_dvc_yaml(pipeline, project)["stages"]

@@ -1,4 +1,5 @@
-"""The package layout keeps its promises: folders by stage, no import cycle between modules."""
+"""The package layout keeps its promises: folders by stage, imports pointing down the layers, no
+import cycle between modules."""
 
 from __future__ import annotations
 
@@ -28,10 +29,41 @@ FOLDERS = {
     "pipelines",
 }
 
+# The folders from the bottom up: a module imports only from its own folder or one listed before
+# it (the root modules, which Kedro and conf/ name, sit above them all).
+LAYERS = (
+    "common",
+    "data",
+    "model",
+    "trainer",
+    "repro",
+    "finetune",
+    "evaluation",
+    "export",
+    "run",
+    "pipelines",
+)
+
 
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imported_by_name(node: ast.AST) -> bool:
+    """`importlib.import_module("sft_pipeline...")`: an import all the same (a run hook loads
+    the dvc.yaml check so, to keep it out of every stage's code deps)."""
+    if not isinstance(node, ast.Call) or not node.args:
+        return False
+    func = node.func
+    name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+    first = node.args[0]
+    return (
+        name == "import_module"
+        and isinstance(first, ast.Constant)
+        and isinstance(first.value, str)
+        and first.value.startswith("sft_pipeline.")
+    )
 
 
 def _imports() -> dict[str, set[str]]:
@@ -47,6 +79,8 @@ def _imports() -> dict[str, set[str]]:
                     found.add(sub if sub in modules else node.module)
             elif isinstance(node, ast.Import):
                 found |= {a.name for a in node.names if a.name.startswith("sft_pipeline.")}
+            elif _imported_by_name(node):
+                found.add(node.args[0].value)  # type: ignore[attr-defined]
         graph[name] = {m for m in found if m in modules and m != name}
     return graph
 
@@ -62,6 +96,23 @@ def test_tests_mirror_the_package_folders() -> None:
     tests = Path(__file__).resolve().parents[1]
     mirrored = {p.name for p in tests.iterdir() if p.is_dir() and p.name != "__pycache__"}
     assert FOLDERS - {"pipelines"} <= mirrored
+
+
+def _layer(module: str) -> int:
+    folder = module.split(".")[1] if "." in module else ""
+    return LAYERS.index(folder) if folder in LAYERS else len(LAYERS)  # a root module: the top
+
+
+def test_imports_point_down_the_layers() -> None:
+    assert set(LAYERS) == FOLDERS
+    upward = sorted(
+        f"{module} -> {target}"
+        for module, targets in _imports().items()
+        for target in targets
+        # The package itself runs before any of its modules: importing it points nowhere.
+        if target != PACKAGE.name and _layer(target) > _layer(module)
+    )
+    assert upward == []
 
 
 def test_no_import_cycle_between_modules() -> None:

@@ -86,14 +86,32 @@ class _Section(BaseModel):
 
 
 SchemaName = Literal["auto", "prompt_response", "alpaca", "messages", "sharegpt", "text"]
+# The fields of the input formats that `data.columns` may map to a dataset column. The registry
+# of formats (sft_pipeline.data.schemas.FORMATS) is their source; this copy lets the parameter
+# check name a typo's nearest key without the bottom layer importing the data half, and a test
+# keeps the two equal (as it keeps `data.schema`'s names equal to the formats).
+COLUMN_KEYS = (
+    "prompt",
+    "response",
+    "completion",
+    "system",
+    "images",
+    "instruction",
+    "output",
+    "input",
+    "messages",
+    "tools",
+    "conversations",
+    "text",
+)
+ColumnKey = Literal[COLUMN_KEYS]  # type: ignore[valid-type]
 
 
 class DataConfig(_Section):
     path: str | list[str] = "data/01_raw/demo_sft.jsonl"
     schema_: SchemaName = Field("auto", alias="schema")
-    # Maps our field names (prompt, response, instruction, input, output, system, messages,
-    # conversations, text) to the dataset's column names.
-    columns: dict[str, str] = Field(default_factory=dict)
+    # Maps our field names (`COLUMN_KEYS`) to the dataset's column names.
+    columns: dict[ColumnKey, str] = Field(default_factory=dict)
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     seed: int = Field(42, ge=0, le=SEED_MAX)
     # For hf://datasets/<owner>/<name> paths: which split, and which config of the dataset.
@@ -254,10 +272,42 @@ class MergeConfig(_Section):
     base_model: str | None = None
 
 
+class BenchmarksConfig(_Section):
+    # lm-evaluation-harness task names: the local task YAMLs in `task_dir` first, then lm-eval's
+    # own tasks (their data read from the local datasets cache). Empty: no benchmark.
+    tasks: list[str] = Field(default_factory=list)
+    task_dir: str = Field("conf/base/benchmarks", min_length=1)
+    # Items per task (the first ones, lm-eval's `limit`); null: all of them.
+    limit: int | None = Field(None, gt=0, le=COUNT_MAX)
+    # Few-shot examples per item; null: each task's own setting (0 where it has none).
+    num_fewshot: int | None = Field(None, ge=0, le=COUNT_MAX)
+    # Requests per forward pass; "auto": lm-eval finds the largest that fits (GPU memory; on a
+    # CPU it runs batches as long as the model's context to find out, which takes minutes).
+    batch_size: int | Literal["auto"] = Field(16)
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive_batch(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 0 < value <= LENGTH_MAX:
+            raise ValueError(f"a batch size in 1..{LENGTH_MAX} or 'auto', got {value}")
+        return value
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_tasks(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value) or not all(value):
+            raise ValueError(f"each task once, by a non-empty name, got {value}")
+        return value
+
+
 class EvaluationConfig(_Section):
     max_samples: int = Field(50, ge=0, le=COUNT_MAX)
     max_new_tokens: int = Field(64, gt=0, le=LENGTH_MAX)
     batch_size: int = Field(8, gt=0, le=LENGTH_MAX)
+    benchmarks: BenchmarksConfig = Field(default_factory=BenchmarksConfig)
+    # Fail the run when a benchmark score of the tuned model is worse than the base's by more
+    # than this (in the metric's own units) and by more than two standard errors; null: never.
+    max_regression: float | None = Field(None, ge=0)
 
 
 GGUFType = Literal["f32", "f16", "bf16", "q8_0", "q5_0", "q4_0", "Q6_K", "Q5_K_M", "Q4_K_M"]

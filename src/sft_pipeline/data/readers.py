@@ -16,7 +16,7 @@ from __future__ import annotations
 import codecs
 import csv
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -33,6 +33,8 @@ _BOM = b"\xef\xbb\xbf"
 # The JSON type a document starting with this character has (for "the document is a JSON ...").
 _KINDS = {"{": "object", '"': "string", "t": "boolean", "f": "boolean", "n": "null"}
 SUPPORTED = ".json (a list of objects), .jsonl, .csv, .parquet or a datasets.save_to_disk folder"
+_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv"}
+_SUFFIXES |= {".parquet": "parquet", ".pq": "parquet"}
 
 
 def json_type(value: Any) -> str:
@@ -345,3 +347,40 @@ def read_dataset_folder(path: Path, shown: str, batch_rows: int) -> Iterator[Row
         for row in batch.to_pylist():
             number += 1
             yield number, row
+
+
+def is_dataset_folder(path: Path) -> bool:
+    """A `datasets.save_to_disk` folder (what `read_dataset_folder` reads)."""
+    return path.is_dir() and any(
+        (path / name).is_file() for name in ("state.json", "dataset_dict.json")
+    )
+
+
+def iter_rows(path: Path, shown: str, batch_rows: int = 10_000) -> Iterator[Row]:
+    """(1-based line/row, original object) of one file or dataset folder, streamed by the
+    reader its suffix names."""
+    if path.is_dir():
+        if not is_dataset_folder(path):
+            raise InputFileError(
+                shown,
+                "is a folder but not a datasets.save_to_disk folder (no state.json)",
+                expected=SUPPORTED,
+                hint=f"To read the files inside, use a glob such as {shown}/*.jsonl",
+            )
+        return read_dataset_folder(path, shown, batch_rows)
+    kind = _SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise InputFileError(
+            shown, f"unsupported file type {path.suffix or '(none)'!r}", expected=SUPPORTED
+        )
+    if kind == "parquet":
+        return read_parquet(path, shown, batch_rows)
+    return {"jsonl": read_jsonl, "json": read_json, "csv": read_csv}[kind](path, shown)
+
+
+def union_columns(rows: Iterable[Row]) -> list[str]:
+    """The keys of `rows`, in first-seen order (a file's columns, from its first records)."""
+    seen: dict[str, None] = {}
+    for _number, row in rows:
+        seen.update(dict.fromkeys(row))
+    return list(seen)

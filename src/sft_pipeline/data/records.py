@@ -2,25 +2,10 @@
 
 The mapping keeps content and roles exactly as found (a number where a string belongs, an unknown
 role): deciding what is acceptable is validation's job, so a bad record is reported with its
-reasons instead of being dropped or crashing ingestion.
-
-Agent data (tool definitions, tool calls, tool results) maps to the OpenAI shape that chat
-templates take (`apply_chat_template(messages, tools=...)`), whatever the input format:
-
-    {"role": "assistant", "content": "",                   OpenAI `tool_calls`, ShareGPT
-     "tool_calls": [{"type": "function",                   `function_call` turns (value:
-                     "function": {"name": "get_weather",     {"name", "arguments"} or a list)
-                                  "arguments": {"city": "Paris"}},
-                     "id": "call_1"}]}                     (`id` only where the data has one)
-    {"role": "tool", "content": "{\"temp\": 21}",          OpenAI `tool` (legacy `function`)
-     "tool_call_id": "call_1", "name": "get_weather"}      messages, ShareGPT `observation`
-
-Arguments given as a JSON string are parsed into the object templates expect; a string that does
-not parse is kept as found, for validation to name. Tool definitions are stored in their own
-`tools` column as a JSON string of `[{"type": "function", "function": {name, description,
-parameters}}]` (bare `{name, description, parameters}` entries, as glaive/LLaMA-Factory write
-them, are wrapped), or "" for a record without tools. A message without tool fields is exactly
-`{role, content}`, and a record without tools has the same content id as before tools existed.
+reasons instead of being dropped or crashing ingestion. Each format's fields and conversion live
+in its entry of `sft_pipeline.data.schemas.FORMATS`; messages and tools take the canonical shape
+of `sft_pipeline.data.turns` (OpenAI's, whatever the input's), and a record without tools has the
+same content id as before tools existed.
 
 Values are kept or refused, never altered: the per-message keys chat templates read
 (`MESSAGE_KEYS`: a tool result's `tool_call_id`, a speaker's `name`, an assistant's
@@ -43,6 +28,7 @@ import pandas as pd
 
 from sft_pipeline.data.images import attach_images, has_images
 from sft_pipeline.data.schemas import (
+    FORMATS,
     SCHEMAS,
     detect_schema,
     expected_columns,
@@ -50,13 +36,25 @@ from sft_pipeline.data.schemas import (
     resolve_columns,
     schema_keys,
 )
+from sft_pipeline.data.turns import (
+    MESSAGE_KEYS,
+    NOT_JSON,
+    SHAREGPT_ROLES,
+    canonical_tools,
+    dropped_message_keys,
+    loads_tools,
+    normalize_turns,
+    not_json,
+    tool_calls,
+)
 
-# Importers of the record mapping also find the schema functions here.
+# Importers of the record mapping also find the format and turn functions here.
 __all__ = [
     "MESSAGE_KEYS",
     "NOT_JSON",
     "RECORD_COLUMNS",
     "SCHEMAS",
+    "SHAREGPT_ROLES",
     "canonical_tools",
     "content_id",
     "detect_schema",
@@ -88,24 +86,6 @@ RECORD_COLUMNS = [
 _INT_COLUMNS = {"source_row"}
 # Columns a row may leave out (records made before the column existed).
 _DEFAULTS = {"tools": "", "dropped_keys": ""}
-# Per-message keys that chat templates read, kept as found on any message (module doc).
-MESSAGE_KEYS = ("tool_call_id", "name", "reasoning_content")
-# The keys each message shape consumes itself.
-_OPENAI_KEYS = frozenset({"role", "content", "tool_calls", "function_call", *MESSAGE_KEYS})
-_SHAREGPT_KEYS = frozenset({"from", "value", *MESSAGE_KEYS})
-NOT_JSON = "$not_json"
-
-SHAREGPT_ROLES = {
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "system": "system",
-    # LLaMA-Factory's agent turns (glaive): the assistant's call and the tool's answer.
-    "function_call": "assistant",
-    "observation": "tool",
-    "tool": "tool",
-}
 
 
 def content_id(messages: Any, text: str, tools: str = "") -> str:
@@ -120,14 +100,6 @@ def content_id(messages: Any, text: str, tools: str = "") -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
-def not_json(value: Any) -> dict[str, str]:
-    """How a value JSON cannot hold is stored: tagged with its type, for validation to refuse
-    (its repr as text would pass as content: `b'Paris'`)."""
-    if isinstance(value, bytearray | memoryview):
-        value = bytes(value)
-    return {NOT_JSON: type(value).__name__, "repr": repr(value)[:80]}
-
-
 def dumps_messages(messages: Any) -> str:
     """Serialize messages for the `messages` column (key order kept: role, content)."""
     return json.dumps(messages, ensure_ascii=False, default=not_json)
@@ -136,154 +108,6 @@ def dumps_messages(messages: Any) -> str:
 def dumps_raw(row: Mapping[str, Any]) -> str:
     """The original record as JSON, for the rejects report (non-JSON values become strings)."""
     return json.dumps(dict(row), ensure_ascii=False, default=str)
-
-
-def _maybe_json_list(value: Any) -> Any:
-    # CSV and some Parquet exports store conversations as JSON strings; decode when it is a list.
-    if isinstance(value, str) and value.lstrip().startswith("["):
-        try:
-            decoded = json.loads(value)
-        except json.JSONDecodeError:
-            return value
-        return decoded if isinstance(decoded, list) else value
-    return value
-
-
-def normalize_turns(turns: Any) -> Any:
-    """Map each turn to {role, content} (+ tool fields, module doc); `from`/`value` turns use
-    ShareGPT role names.
-
-    Anything that is not a list of objects is returned as found, for validation to reject.
-    """
-    turns = _maybe_json_list(turns)
-    if not isinstance(turns, list):
-        return turns
-    normalized: list[Any] = []
-    for turn in turns:
-        if not isinstance(turn, dict):
-            normalized.append(turn)
-        elif "role" in turn or "content" in turn:
-            normalized.append(_openai_turn(turn))
-        else:
-            normalized.append(_sharegpt_turn(turn))
-    return normalized
-
-
-def _openai_turn(turn: dict[str, Any]) -> dict[str, Any]:
-    role, content = turn.get("role"), turn.get("content")
-    if role == "function":  # OpenAI's legacy name for a tool result
-        role = "tool"
-    message: dict[str, Any] = {"role": role, "content": content}
-    calls = turn.get("tool_calls")
-    if calls is None and turn.get("function_call") is not None:  # legacy single call
-        calls = [turn["function_call"]]
-    if role == "assistant" and calls is not None and calls != []:
-        # A call without text has content null in OpenAI's format; templates want a string.
-        message["content"] = "" if content is None else content
-        message["tool_calls"] = tool_calls(calls)
-    return _keep_keys(turn, message)
-
-
-def _keep_keys(turn: dict[str, Any], message: dict[str, Any]) -> dict[str, Any]:
-    for key in MESSAGE_KEYS:
-        if turn.get(key) is not None:
-            message[key] = turn[key]
-    return message
-
-
-def _sharegpt_turn(turn: dict[str, Any]) -> dict[str, Any]:
-    source, value = turn.get("from"), turn.get("value")
-    if source == "function_call":
-        # The value is the call as JSON ({"name", "arguments"}, or a list of them); one that does
-        # not parse is kept as a string for validation to name.
-        return {"role": "assistant", "content": "", "tool_calls": tool_calls(_maybe_json(value))}
-    # Unknown ShareGPT roles are kept so validation names them.
-    role = SHAREGPT_ROLES.get(source, source) if isinstance(source, str) else source
-    return _keep_keys(turn, {"role": role, "content": value})
-
-
-def _maybe_json(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            return value
-    return value
-
-
-def tool_calls(calls: Any) -> Any:
-    """Calls in the OpenAI shape `[{"type": "function", "function": {name, arguments}}]`.
-
-    Takes OpenAI calls, bare `{"name", "arguments"|"parameters"}` objects (ShareGPT, Llama 3) or
-    one such object; arguments given as a JSON string are parsed. Anything else is returned as
-    found, for validation to reject with its reason."""
-    if isinstance(calls, dict):
-        calls = [calls]
-    if not isinstance(calls, list):
-        return calls
-    return [_tool_call(call) for call in calls]
-
-
-def _tool_call(call: Any) -> Any:
-    if not isinstance(call, dict):
-        return call
-    function = call.get("function") if isinstance(call.get("function"), dict) else call
-    # Llama 3 writes `parameters` where OpenAI writes `arguments`.
-    arguments = function["arguments"] if "arguments" in function else function.get("parameters")
-    out: dict[str, Any] = {
-        "type": "function",
-        "function": {"name": function.get("name"), "arguments": _maybe_json(arguments)},
-    }
-    if call.get("id") is not None:
-        out["id"] = call["id"]
-    return out
-
-
-def canonical_tools(value: Any) -> str:
-    """The `tools` column: JSON of the tool definitions in the OpenAI shape, "" for none.
-
-    A JSON string that does not parse is stored as a JSON string literal (validation names it);
-    entries that are not function definitions are kept as found."""
-    if hasattr(value, "tolist"):  # a list column read from Parquet or Arrow
-        value = value.tolist()
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return ""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, list) and not value:
-        return ""
-    if isinstance(value, dict):
-        value = [value]
-    if isinstance(value, list):
-        value = [_tool_definition(tool) for tool in value]
-    return json.dumps(value, ensure_ascii=False, default=not_json)
-
-
-def _tool_definition(tool: Any) -> Any:
-    if isinstance(tool, dict) and "function" not in tool and "name" in tool:
-        return {"type": "function", "function": tool}
-    return tool
-
-
-def loads_tools(value: str) -> Any:
-    """The tool definitions of a `tools` column value, or None for a record without tools."""
-    return json.loads(value) if value else None
-
-
-def _is_blank(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and not value.strip())
-
-
-def _alpaca_prompt(instruction: Any, extra: Any) -> Any:
-    if _is_blank(extra):
-        return instruction
-    if isinstance(instruction, str) and isinstance(extra, str):
-        return f"{instruction}\n\n{extra}"
-    # A non-string part cannot be joined without hiding it; keep both so validation reports it.
-    return {"instruction": instruction, "input": extra}
 
 
 def to_canonical(
@@ -299,46 +123,27 @@ def to_canonical(
     Images (an `images` column, `<image>` placeholders, image parts) become canonical image
     parts (`sft_pipeline.data.images`); relative image paths are relative to `image_root`.
     `digest_images=False` names image files without reading them (no `sha256`)."""
-    if schema not in SCHEMAS:
+    if schema not in FORMATS:
         raise ValueError(f"unknown schema {schema!r}; expected one of {', '.join(SCHEMAS)}")
     # A row lacking a field (that other rows have) reads as None, for validation to report.
     resolved, _missing = resolve_columns(schema, row.keys(), columns)
-    fmt, turns, text = _to_canonical(row, schema, resolved)
-    images_column = resolved.get("images")
-    images = row.get(images_column) if images_column else None
-    if schema != "text" and has_images(images, turns, placeholders=bool(images_column)):
-        turns = attach_images(turns, images, image_root, digest_images)
-    return fmt, turns, text
 
-
-def _to_canonical(
-    row: Mapping[str, Any], schema: str, resolved: Mapping[str, str]
-) -> tuple[str, Any, str]:
     def value(name: str) -> Any:
         return row.get(resolved[name]) if name in resolved else None
 
-    system = value("system")
-    prefix = [] if _is_blank(system) else [{"role": "system", "content": system}]
+    turns, text = FORMATS[schema].convert(value)
     if schema == "text":
-        text = value("text")
-        return schema, [], text if isinstance(text, str) else ""
-    if schema == "prompt_response":
-        turns = [
-            {"role": "user", "content": value("prompt")},
-            {"role": "assistant", "content": value("response")},
-        ]
-        return schema, prefix + turns, ""
-    if schema == "alpaca":
-        turns = [
-            {"role": "user", "content": _alpaca_prompt(value("instruction"), value("input"))},
-            {"role": "assistant", "content": value("output")},
-        ]
-        return schema, prefix + turns, ""
-    field = "messages" if schema == "messages" else "conversations"
-    turns = normalize_turns(value(field))
-    if prefix and isinstance(turns, list):
-        turns = prefix + turns
-    return schema, turns, ""
+        return schema, turns, text
+    system = value("system")
+    if isinstance(turns, list) and not (
+        system is None or (isinstance(system, str) and not system.strip())
+    ):
+        turns = [{"role": "system", "content": system}, *turns]
+    images_column = resolved.get("images")
+    images = row.get(images_column) if images_column else None
+    if has_images(images, turns, placeholders=bool(images_column)):
+        turns = attach_images(turns, images, image_root, digest_images)
+    return schema, turns, text
 
 
 def row_tools(row: Mapping[str, Any], schema: str, columns: Mapping[str, str] | None = None) -> str:
@@ -354,20 +159,12 @@ def dropped_keys(
 ) -> str:
     """The `dropped_keys` column of one input row: JSON `{key: messages}` of the per-message
     keys its messages carry that no template reads (left out of the messages), "" for none."""
-    if schema not in ("messages", "sharegpt"):
+    field = FORMATS[schema].turns_field
+    if field is None:
         return ""
     resolved, _missing = resolve_columns(schema, row.keys(), columns)
-    field = "messages" if schema == "messages" else "conversations"
-    turns = _maybe_json_list(row.get(resolved[field])) if field in resolved else None
-    counts: dict[str, int] = {}
-    for turn in turns if isinstance(turns, list) else []:
-        if not isinstance(turn, dict):
-            continue
-        known = _OPENAI_KEYS if "role" in turn or "content" in turn else _SHAREGPT_KEYS
-        for key, value in turn.items():
-            if key not in known and value is not None:
-                counts[str(key)] = counts.get(str(key), 0) + 1
-    return json.dumps(dict(sorted(counts.items()))) if counts else ""
+    counts = dropped_message_keys(row.get(resolved[field])) if field in resolved else {}
+    return json.dumps(counts) if counts else ""
 
 
 def make_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:

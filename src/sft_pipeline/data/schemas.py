@@ -1,63 +1,145 @@
-"""Input schemas: which columns make which format, and which column holds each of our fields.
+"""The input formats: one entry per format, with everything the project knows about it.
 
-Each schema names its required and optional fields; each field answers to the `data.columns`
-keys that may rename it and to its usual dataset column names (Alpaca's `output` also to
-`response`). A file's format is detected from its columns (`detect_schema`), or named with
-`data.schema`; a format that cannot be detected names the nearest one and its missing columns.
+An `InputFormat` names its required and optional fields, the `data.columns` keys that may rename
+each field and the usual dataset column names of each (Alpaca's `output` also answers to
+`response`), and how one row becomes the canonical record's turns or text. Everything else is
+derived from `FORMATS`: the allowed `data.columns` keys (`COLUMN_KEYS`: the parameter check of
+`sft_pipeline.common.config` refuses any other, naming the nearest), detection from a file's
+columns (`detect_schema`), the column resolution of a file (`file_format`), the descriptions in
+messages. Adding a format is adding one entry.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
-SCHEMAS = ("prompt_response", "alpaca", "messages", "sharegpt", "text")
-# Auto-detection tries schemas in this order; the first is also the tie-breaker.
+from sft_pipeline.common.config import DataConfig
+from sft_pipeline.common.errors import InputFileError
+from sft_pipeline.data.turns import normalize_turns
+
+# Records whose columns decide a JSON file's format (CSV and Parquet files declare theirs).
+DETECT_ROWS = 1000
+
+
+@dataclass(frozen=True)
+class Field:
+    """One of our fields: the `data.columns` keys that may rename it, and its usual columns."""
+
+    keys: tuple[str, ...]
+    columns: tuple[str, ...]
+
+
+def _field(*names: str) -> Field:
+    return Field(names, names)
+
+
+# Every format but text also takes a system prompt and images (paths, `{"bytes", "path"}`
+# structs or PIL images); text takes a system column that it does not render.
+_SYSTEM = _field("system")
+_IMAGES = Field(("images",), ("images", "image"))
+_TOOLS = _field("tools")
+Value = Callable[[str], Any]  # our field -> the row's value (None when the row lacks it)
+
+
+@dataclass(frozen=True)
+class InputFormat:
+    """A format: its fields, and `convert(value) -> (turns, text)` from a row's field values
+    (turns before the system prompt is put in front)."""
+
+    name: str
+    required: dict[str, Field]
+    convert: Callable[[Value], tuple[Any, str]]
+    optional: dict[str, Field] = field(default_factory=dict)
+    turns_field: str | None = None  # the field holding messages as found (dropped keys)
+
+    @property
+    def fields(self) -> dict[str, Field]:
+        """Every field of the format, required first."""
+        fields = {**self.required, **self.optional, "system": _SYSTEM}
+        if self.name != "text":
+            fields["images"] = _IMAGES
+        return fields
+
+
+def _is_blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _alpaca_prompt(instruction: Any, extra: Any) -> Any:
+    if _is_blank(extra):
+        return instruction
+    if isinstance(instruction, str) and isinstance(extra, str):
+        return f"{instruction}\n\n{extra}"
+    # A non-string part cannot be joined without hiding it; keep both so validation reports it.
+    return {"instruction": instruction, "input": extra}
+
+
+def _exchange(prompt: Any, response: Any) -> tuple[Any, str]:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], ""
+
+
+def _text(value: Value) -> tuple[Any, str]:
+    text = value("text")
+    return [], text if isinstance(text, str) else ""
+
+
+# In the order messages list them; `_DETECTION_ORDER` below decides detection.
+FORMATS = {
+    fmt.name: fmt
+    for fmt in (
+        InputFormat(
+            "prompt_response",
+            {"prompt": _field("prompt"), "response": _field("response", "completion")},
+            lambda value: _exchange(value("prompt"), value("response")),
+        ),
+        InputFormat(
+            "alpaca",
+            {"instruction": _field("instruction"), "output": _field("output", "response")},
+            lambda value: _exchange(
+                _alpaca_prompt(value("instruction"), value("input")), value("output")
+            ),
+            optional={"input": _field("input")},
+        ),
+        InputFormat(
+            "messages",
+            {"messages": _field("messages")},
+            lambda value: (normalize_turns(value("messages")), ""),
+            optional={"tools": _TOOLS},
+            turns_field="messages",
+        ),
+        InputFormat(
+            "sharegpt",
+            {"conversations": _field("conversations")},
+            lambda value: (normalize_turns(value("conversations")), ""),
+            optional={"tools": _TOOLS},
+            turns_field="conversations",
+        ),
+        InputFormat("text", {"text": _field("text")}, _text),
+    )
+}
+SCHEMAS = tuple(FORMATS)
+# Auto-detection tries formats in this order; the first is also the tie-breaker.
 _DETECTION_ORDER = ("messages", "sharegpt", "prompt_response", "alpaca", "text")
-
-# Per schema: our field -> (keys of data.columns that may rename it, default dataset column names).
-# Alpaca's `output` also answers to `response`, because GPTeacher and others ship
-# instruction/input/response, and `data.columns: {response: response}` should just work.
-_REQUIRED: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
-    "prompt_response": {
-        "prompt": (("prompt",), ("prompt",)),
-        "response": (("response", "completion"), ("response", "completion")),
-    },
-    "alpaca": {
-        "instruction": (("instruction",), ("instruction",)),
-        "output": (("output", "response"), ("output", "response")),
-    },
-    "messages": {"messages": (("messages",), ("messages",))},
-    "sharegpt": {"conversations": (("conversations",), ("conversations",))},
-    "text": {"text": (("text",), ("text",))},
-}
-_TOOLS_FIELD = (("tools",), ("tools",))
-_OPTIONAL: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
-    "alpaca": {"input": (("input",), ("input",))},
-    "messages": {"tools": _TOOLS_FIELD},
-    "sharegpt": {"tools": _TOOLS_FIELD},
-}
-_SYSTEM_FIELD = (("system",), ("system",))
-# Images of a conversation (any schema but text): paths, `{"bytes", "path"}` structs or PIL images.
-_IMAGES_FIELD = (("images",), ("images", "image"))
+# Every key `data.columns` may use, in the order formats list them.
+COLUMN_KEYS = tuple(
+    dict.fromkeys(key for fmt in FORMATS.values() for f in fmt.fields.values() for key in f.keys)
+)
 
 
-def optional_fields(schema: str) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+def optional_fields(schema: str) -> dict[str, Field]:
     """The optional fields of a schema (besides `system` and `images`)."""
-    return _OPTIONAL.get(schema, {})
+    return FORMATS[schema].optional
 
 
-def _lookup(
-    field: tuple[tuple[str, ...], tuple[str, ...]],
-    available: Iterable[str],
-    columns_map: Mapping[str, str],
-) -> str | None:
+def _lookup(field: Field, available: Iterable[str], columns_map: Mapping[str, str]) -> str | None:
     """The dataset column holding a field, or None. An explicit mapping is never second-guessed."""
-    keys, defaults = field
     present = set(available)
-    for key in keys:
+    for key in field.keys:
         if key in columns_map:
             return columns_map[key] if columns_map[key] in present else None
-    return next((name for name in defaults if name in present), None)
+    return next((name for name in field.columns if name in present), None)
 
 
 def resolve_columns(
@@ -66,39 +148,29 @@ def resolve_columns(
     """(our field -> dataset column for every field found, required fields not found)."""
     columns_map = columns_map or {}
     available = list(available)
+    fmt = FORMATS[schema]
     resolved: dict[str, str] = {}
     missing: list[str] = []
-    for name, field in _REQUIRED[schema].items():
-        column = _lookup(field, available, columns_map)
-        if column is None:
+    for name, fld in fmt.fields.items():
+        column = _lookup(fld, available, columns_map)
+        if column is not None:
+            resolved[name] = column
+        elif name in fmt.required:
             missing.append(name)
-        else:
-            resolved[name] = column
-    for name, field in {**_OPTIONAL.get(schema, {}), "system": _SYSTEM_FIELD}.items():
-        column = _lookup(field, available, columns_map)
-        if column is not None:
-            resolved[name] = column
-    if schema != "text":
-        column = _lookup(_IMAGES_FIELD, available, columns_map)
-        if column is not None:
-            resolved["images"] = column
     return resolved, missing
 
 
 def expected_columns(schema: str) -> str:
     """Human description of a schema's columns: `instruction, output|response; optional: ...`."""
-    parts = ["|".join(defaults) for _keys, defaults in _REQUIRED[schema].values()]
-    optional = [defaults[0] for _keys, defaults in _OPTIONAL.get(schema, {}).values()]
-    optional.append("system")
+    fmt = FORMATS[schema]
+    parts = ["|".join(f.columns) for f in fmt.required.values()]
+    optional = [f.columns[0] for f in fmt.optional.values()] + ["system"]
     return ", ".join(parts) + "; optional: " + ", ".join(optional)
 
 
 def schema_keys(schema: str) -> set[str]:
     """The `data.columns` keys that mean something for this schema."""
-    fields = {**_REQUIRED[schema], **_OPTIONAL.get(schema, {}), "system": _SYSTEM_FIELD}
-    if schema != "text":
-        fields["images"] = _IMAGES_FIELD
-    return {key for keys, _defaults in fields.values() for key in keys}
+    return {key for f in FORMATS[schema].fields.values() for key in f.keys}
 
 
 def detect_schema(columns: Iterable[str], columns_map: Mapping[str, str] | None = None) -> str:
@@ -135,12 +207,46 @@ def _nearest_format(available: list[str], columns_map: Mapping[str, str]) -> str
     best: tuple[int, int, str, list[str]] | None = None
     for order, schema in enumerate(_DETECTION_ORDER):
         _resolved, missing = resolve_columns(schema, available, columns_map)
-        present = len(_REQUIRED[schema]) - len(missing)
+        present = len(FORMATS[schema].required) - len(missing)
         if present and (best is None or (-present, len(missing), order) < best[:3]):
             best = (-present, len(missing), order, [schema, *missing])  # type: ignore[list-item]
     if best is None:
         return ""
     schema, *missing = best[3]
-    names = " and ".join(f"`{'|'.join(_REQUIRED[schema][m][1])}`" for m in missing)
+    names = " and ".join(f"`{'|'.join(FORMATS[schema].required[m].columns)}`" for m in missing)
     plural = "s" if len(missing) > 1 else ""
     return f"looks like {schema}, but column{plural} {names} {'are' if plural else 'is'} missing; "
+
+
+def file_format(shown: str, columns: list[str], cfg: DataConfig) -> tuple[str, dict[str, str]]:
+    """(schema, our field -> column) for one file; a missing required column stops the run."""
+    schema = cfg.schema_
+    if schema == "auto":
+        try:
+            schema = detect_schema(columns, cfg.columns)
+        except ValueError as exc:
+            raise InputFileError(shown, str(exc)) from None
+    absent = sorted(
+        f"{key}: {name}"
+        for key, name in cfg.columns.items()
+        if key in schema_keys(schema) and name not in columns
+    )
+    if absent:
+        # An explicit mapping to a column the file lacks is a typo, even for optional fields.
+        raise InputFileError(
+            shown,
+            f"data.columns names column(s) the file does not have ({', '.join(absent)}); "
+            f"columns found: {columns}",
+            expected=f"columns {expected_columns(schema)} for data.schema={schema}",
+        )
+    resolved, missing = resolve_columns(schema, columns, cfg.columns)
+    if missing:
+        raise InputFileError(
+            shown,
+            f"missing required column(s) {missing} for data.schema={schema}; "
+            f"columns found: {columns}",
+            expected=f"columns {expected_columns(schema)}",
+            hint="Map your column names with data.columns, e.g. "
+            "{" + ", ".join(f"{name}: <your column>" for name in missing) + "}",
+        )
+    return schema, resolved

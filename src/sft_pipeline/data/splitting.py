@@ -23,39 +23,14 @@ def split_score(record_id: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def split(valid: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(train, eval): a record goes to eval when its score < `cfg.eval_fraction`.
-
-    Both sides keep the input order. Train is never empty while there is a record (the highest
-    score moves to train); with two or more records and eval_fraction > 0, eval gets at least one
-    (the lowest score). Only these tiny-data edge cases depend on the other records.
-    """
-    scores = pd.Series(
-        [split_score(rid, cfg.seed) for rid in valid["record_id"]], index=valid.index, dtype=float
-    )
-    to_eval = scores < cfg.eval_fraction
-    if cfg.eval_fraction > 0 and len(valid) >= 2 and not to_eval.any():
-        to_eval[scores.idxmin()] = True
-    if len(valid) and to_eval.all():
-        to_eval[scores.idxmax()] = False
-    train = valid[~to_eval].reset_index(drop=True)
-    evaluation = valid[to_eval].reset_index(drop=True)
-    log.info(
-        "split %d records: %d train, %d eval (eval_fraction=%s, seed=%d)",
-        len(valid),
-        len(train),
-        len(evaluation),
-        cfg.eval_fraction,
-        cfg.seed,
-    )
-    if cfg.eval_fraction > 0 and evaluation.empty:
-        log.warning("the eval split is empty: one valid record cannot be split")
-    return train, evaluation
-
-
 def split_stream(valid, cfg: DataConfig):
-    """`split` over a `RecordTable` in two streamed passes (the scores, then the records), with
-    the same edge cases; returns (train, eval) `RecordTable`s in input order."""
+    """(train, eval) `RecordTable`s of a `RecordTable` (or DataFrame) of valid records, in input
+    order: a record goes to eval when its score < `cfg.eval_fraction`.
+
+    Two streamed passes: the scores, then the records. Train is never empty while there is a
+    record (the highest score moves to train); with two or more records and eval_fraction > 0,
+    eval gets at least one (the lowest score). Only these tiny-data edge cases depend on the
+    other records."""
     from sft_pipeline.data.streams import ParquetSpool, iter_record_frames
 
     def scores_of(frame: pd.DataFrame) -> np.ndarray:

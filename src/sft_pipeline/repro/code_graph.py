@@ -25,6 +25,11 @@ def _is_type_checking(test: ast.expr) -> bool:
     )
 
 
+# The fields of a node that hold statements: an import is a statement, so the walk never needs to
+# enter an expression (most of a module's nodes).
+_BLOCKS = ("body", "orelse", "finalbody", "handlers", "cases")
+
+
 def _import_nodes(tree: ast.AST, *, into_functions: bool) -> Iterable[ast.Import | ast.ImportFrom]:
     """Import statements that can execute: `if TYPE_CHECKING:` bodies never do.
 
@@ -33,17 +38,19 @@ def _import_nodes(tree: ast.AST, *, into_functions: bool) -> Iterable[ast.Import
     stack = [tree]
     while stack:
         current = stack.pop()
-        for child in ast.iter_child_nodes(current):
-            if isinstance(child, ast.Import | ast.ImportFrom):
-                yield child
-            elif isinstance(child, ast.If) and _is_type_checking(child.test):
-                stack.extend(child.orelse)
-            elif not into_functions and isinstance(
-                child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda
-            ):
-                continue
-            else:
-                stack.append(child)
+        for name in _BLOCKS:
+            block = getattr(current, name, None)
+            for child in block if isinstance(block, list) else ():
+                if isinstance(child, ast.Import | ast.ImportFrom):
+                    yield child
+                elif isinstance(child, ast.If) and _is_type_checking(child.test):
+                    stack.append(ast.Module(body=child.orelse, type_ignores=[]))
+                elif not into_functions and isinstance(
+                    child, ast.FunctionDef | ast.AsyncFunctionDef
+                ):
+                    continue
+                else:
+                    stack.append(child)
 
 
 class CodeGraph:
@@ -52,14 +59,18 @@ class CodeGraph:
     def __init__(self, source_dir: Path, package: str) -> None:
         self.source_dir = source_dir
         self.package = package
+        # One graph answers for one state of the sources (a `kedro dvc generate`, a stage's
+        # check, a fingerprint): each file is found, parsed and walked once, not once per node.
         self._trees: dict[Path, ast.Module] = {}
+        self._files: dict[str, Path | None] = {}
+        self._imports: dict[tuple[str, bool], dict[str, bool]] = {}
 
     def module_file(self, module: str) -> Path | None:
-        base = self.source_dir.joinpath(*module.split("."))
-        for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-            if candidate.is_file():
-                return candidate
-        return None
+        if module not in self._files:
+            base = self.source_dir.joinpath(*module.split("."))
+            candidates = (base.with_suffix(".py"), base / "__init__.py")
+            self._files[module] = next((c for c in candidates if c.is_file()), None)
+        return self._files[module]
 
     def _tree(self, path: Path) -> ast.Module:
         if path not in self._trees:
@@ -110,15 +121,17 @@ class CodeGraph:
         return {m: full for m, full in found.items() if self.module_file(m)}
 
     def imports_of(self, module: str, *, into_functions: bool) -> dict[str, bool]:
-        path = self.module_file(module)
-        if path is None:
-            return {}
-        is_pkg = path.name == "__init__.py"
-        found: dict[str, bool] = {}
-        for stmt in _import_nodes(self._tree(path), into_functions=into_functions):
-            for dep, full in self._resolve(stmt, module, is_pkg).items():
-                found[dep] = found.get(dep, False) or full
-        return found
+        key = (module, into_functions)
+        if key not in self._imports:
+            path = self.module_file(module)
+            found: dict[str, bool] = {}
+            if path is not None:
+                is_pkg = path.name == "__init__.py"
+                for stmt in _import_nodes(self._tree(path), into_functions=into_functions):
+                    for dep, full in self._resolve(stmt, module, is_pkg).items():
+                        found[dep] = found.get(dep, False) or full
+            self._imports[key] = found
+        return dict(self._imports[key])
 
     def closure(self, modules: Mapping[str, bool]) -> set[str]:
         """Modules reachable from `modules` (module -> whether all of its code may run).

@@ -15,7 +15,7 @@ exactly what its node's result depends on (docs/architecture.md, "Reproducibilit
 - outs / metrics / plots: its artifacts, by the kind of report they are.
 
 This module works on duck-typed Kedro objects (nodes with name, func, inputs, outputs) and plain
-config dicts; loading those from a project is the CLI's job (sft_pipeline.cli).
+config dicts; loading those from a project is `sft_pipeline.repro.dvc_check`'s job.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from sft_pipeline.common.config import (
     parse_section,
 )
 from sft_pipeline.common.errors import UserError
-from sft_pipeline.data import ingestion, templating
+from sft_pipeline.data import image_deps, sources, templating
 from sft_pipeline.model import base_model
 from sft_pipeline.repro.code_graph import CodeGraph, node_modules
 
@@ -161,8 +161,8 @@ class FileParam:
 # A node gets these files as deps when it both reads the section and runs the resolver's module,
 # so e.g. merge_adapter (which reads the model's name for the card) does not depend on raw files.
 FILE_PARAMS = (
-    FileParam("data", DataConfig, ingestion.local_data_files),
-    FileParam("data", DataConfig, ingestion.local_image_files),
+    FileParam("data", DataConfig, sources.local_data_files),
+    FileParam("data", DataConfig, image_deps.local_image_files),
     FileParam(
         "template",
         TemplateConfig,

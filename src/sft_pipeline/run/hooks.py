@@ -3,7 +3,7 @@
 Before any node of a `kedro run` (hence of any DVC stage) touches an artifact, `RunGuard`:
 
     check the whole parameter tree        config.validate_parameters (typos, ranges)
-    in a DVC stage: dvc.yaml still current cli.check_current (else "dvc.yaml is stale")
+    in a DVC stage: dvc.yaml still current repro.dvc_check (else "dvc.yaml is stale")
     take the project's run lock           run_lock.RunLock (a second run stops here)
     allow remote code or not              model_loading.allow_remote_code (parameters only)
     remove leftovers of killed writes     atomic.remove_leftovers, in every artifact folder
@@ -127,8 +127,9 @@ class RunGuard:
             # of any artifact, so it must not make every stage depend on every module.
             import importlib
 
-            cli = importlib.import_module("sft_pipeline.cli")
-            cli.check_current(project, run_params.get("env") or "base", os.environ["DVC_STAGE"])
+            dvc_check = importlib.import_module("sft_pipeline.repro.dvc_check")
+            env = run_params.get("env") or "base"
+            dvc_check.check_current(project, env, os.environ["DVC_STAGE"])
         if self._lock is not None:
             # An earlier run in this process ended without its after/error hook.
             self._lock.release()
