@@ -25,8 +25,8 @@ pipeline's records), `assistant_only_loss=False` on every token of a conversatio
 Where this differs from TRL 1.16, on purpose:
 - a conversation's assistant turns are supervised by default (TRL: only with
   `assistant_only_loss=True` and a template with generation markers), and a template's text
-  after the end-of-turn token (ChatML's newline after `<|im_end|>`) is never supervised; rows end
-  at their last supervised token;
+  after the end-of-turn token (ChatML's newline after `<|im_end|>`) is never supervised; rendered
+  rows end at their last supervised token (pre-tokenized rows keep all their tokens, as TRL);
 - a `completion_mask` column is used unless `completion_only_loss=False` (TRL 1.16 uses it only
   with `completion_only_loss=True`);
 - a conversation for a tokenizer without a chat template gets the plain layout (TRL fails);
