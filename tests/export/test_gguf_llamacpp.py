@@ -1,7 +1,8 @@
 """llama.cpp itself on exported files: every family the pipeline trains and llama.cpp runs,
-with real tokenizers where the family has one. llama.cpp must tokenize the chat prompts as the
-merged tokenizer does and predict the merged model's next token, teacher-forced, at >= 95% of
-positions (the export's own check, which runs llama.cpp when its client is installed)."""
+with real tokenizers where the family has one. llama.cpp must tokenize the chat prompts as
+training did (the ids training gave the same text) and predict the merged model's next token,
+teacher-forced, at >= 95% of positions (the export's own check, which runs llama.cpp when its
+client is installed)."""
 
 from __future__ import annotations
 

@@ -124,24 +124,29 @@ def space_prefix(tokenizer, scheme: str) -> bool:
     llama.cpp puts "▁" before the text and after every special token when the flag is on,
     never when it is off. "always" and "never" map onto it. "first" (how transformers 5 runs
     Llama-2, Mistral and Phi-3) puts it only at the start of the input, and training tokenizes
-    a row as BOS + the rest on its own, so the text right after BOS gets it:
+    a row as BOS (where the tokenizer adds one) + the rest on its own:
 
-        <s>### Instruction:\n...        training ▁### ...  -> on  (llama.cpp: <s> ▁### ...)
-        <|user|>\nWhat ...   (no BOS)   training What ...  -> off (llama.cpp: <|user|> What ...)
+        prompt text               training's ids        flag
+        <s>### Instruction ...    <s> ▁### Inst ...     on    (BOS split off, then plain text)
+        <s>[INST] ...             <s> [ INST ...        off   (the template's BOS; a tokenizer
+                                                               adding none does not split it)
+        <|user|>\nWhat ...        <|user|> What ...     off   (a special token first)
 
     Decided by the merged model's prompt (its chat template, as the export check renders it):
-    on when the text after training's BOS begins with plain text, off when with a special
-    token. Plain text after a later special token (`</s>\n\n### Instruction` of a second turn)
-    gets no "▁" in training and one in llama.cpp with the flag on: no flag says "first".
+    on when what training tokenizes as the start of its input (after a BOS it splits off)
+    begins with plain text, off when with a special token. Plain text after a later special
+    token (`</s>\n\n### Instruction` of a second turn) gets no "▁" in training and one in
+    llama.cpp with the flag on: no flag says "first".
     """
     if scheme != "first":
         return scheme == "always"
-    from sft_pipeline.data.tokenization import encode_texts
+    from sft_pipeline.data.templating import tokenizer_adds_bos
     from sft_pipeline.export.gguf_check import prompt_texts
 
-    ids = encode_texts(tokenizer, prompt_texts(tokenizer)[:1])[0][0]
-    if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id:
-        ids = ids[1:]
+    text = prompt_texts(tokenizer)[0]
+    if tokenizer_adds_bos(tokenizer) and text.startswith(tokenizer.bos_token):
+        text = text[len(tokenizer.bos_token) :]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return bool(ids) and ids[0] not in tokenizer.added_tokens_decoder
 
 
