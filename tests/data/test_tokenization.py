@@ -298,3 +298,34 @@ def test_save_to_disk_is_byte_identical(tmp_path, tiny_tokenizer):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     features = json.loads((tmp_path / "a" / "dataset_info.json").read_text())["features"]
     assert set(features) == {"record_id", "input_ids", "attention_mask", "labels"}
+
+
+def test_truncate_or_reject_keeps_the_start_and_says_why_a_row_is_rejected() -> None:
+    import numpy as np
+
+    from sft_pipeline.data.tokenization import Outcome, truncate_or_reject
+
+    outcome = Outcome()
+    supervised = np.array([False, False, False, True, True])
+    ids = [1, 2, 3, 4, 5]
+    kept_ids, kept = truncate_or_reject("fits", ids, supervised, 5, outcome)
+    assert kept_ids == ids and kept.tolist() == supervised.tolist()
+    cut_ids, cut = truncate_or_reject("cut", ids, supervised, 4, outcome)
+    assert cut_ids == [1, 2, 3, 4] and cut.tolist() == [False, False, False, True]
+    assert truncate_or_reject("prompt_only", ids, supervised, 3, outcome) is None
+    assert truncate_or_reject("none", ids, np.zeros(5, bool), 9, outcome) is None
+    # An image row (the same rule, plus: never cut inside the image's tokens).
+    assert truncate_or_reject("image", ids, supervised, 4, outcome, image_end=5) is None
+    assert outcome.truncated == ["cut"]
+    assert outcome.rejected == [
+        {
+            "record_id": "prompt_only",
+            "reason": "no supervised token after truncation to 3 tokens (prompt is 3 tokens)",
+        },
+        {"record_id": "none", "reason": "no supervised token at all"},
+        {
+            "record_id": "image",
+            "reason": "its image tokens run to position 5, past tokenization.max_seq_length=4; "
+            "a row is never cut inside an image",
+        },
+    ]

@@ -17,13 +17,8 @@ import pyarrow.compute as pc
 from datasets import Dataset
 
 from sft_pipeline.common.config import TokenizationConfig
-from sft_pipeline.data.tokenization import (
-    FEATURES,
-    _info,
-    _log_outcome,
-    _require_fast,
-    _tokenize_batch,
-)
+from sft_pipeline.data.encoding import require_fast
+from sft_pipeline.data.tokenization import FEATURES, Outcome, tokenize_batch, tokens_info
 
 
 def _content_parts(table: pa.Table):
@@ -51,10 +46,8 @@ def tokenize_stream(
 
     from sft_pipeline.data.streams import Progress, spool_dir
 
-    _require_fast(tokenizer)
-    rejected: list[dict[str, str]] = []
-    truncated: list[str] = []
-    parsed: list[str] = []
+    require_fast(tokenizer)
+    outcome = Outcome()
     limit = cfg.max_seq_length
     folder = spool_dir(name) / name
     folder.mkdir()
@@ -76,25 +69,10 @@ def tokenize_stream(
     pending: list[pa.Table] = []
     for batch in batches:
         if processor is None:
-            table = _tokenize_batch(
-                batch,
-                tokenizer,
-                limit,
-                rejected,
-                truncated,
-                cfg.special_tokens_in_content,
-                parsed,
-            )
+            table = tokenize_batch(batch, tokenizer, limit, outcome, cfg.special_tokens_in_content)
         else:
-            table = vision_tokens.tokenize_vision_batch(
-                batch,
-                processor,
-                features,
-                limit,
-                rejected,
-                truncated,
-                cfg.special_tokens_in_content,
-                parsed,
+            table = vision_tokens.tokenize_vision_rows(
+                batch, processor, features, limit, outcome, cfg.special_tokens_in_content
             )
             for column in table.column_names[len(FEATURES) :]:
                 digests["vision"].update(pc.list_flatten(table[column]).to_numpy().tobytes())
@@ -108,17 +86,17 @@ def tokenize_stream(
         writer.write_table(rest)
     writer.finalize()
     progress.finish()
-    _log_outcome(truncated, rejected, progress.done, limit, parsed)
-    digest = hashlib.sha256(json.dumps(truncated).encode())
+    outcome.log(progress.done, limit)
+    digest = hashlib.sha256(json.dumps(outcome.truncated).encode())
     for part in digests.values():
         digest.update(part.digest())
-    info = _info(limit, truncated)
+    info = tokens_info(limit, outcome.truncated)
     info.features = features
     dataset = Dataset.from_file(str(shard), info=info)
     dataset._fingerprint = digest.hexdigest()[:16]
     _write_dataset_state(dataset, folder)
     dataset.spooled_folder = folder  # read by ArrowDataset.save
-    return dataset, rejected
+    return dataset, outcome.rejected
 
 
 # Rows per Arrow record batch in the tokens file: fixed, so the bytes do not depend on

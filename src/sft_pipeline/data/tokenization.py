@@ -1,34 +1,22 @@
 """Tokenize rendered rows into `input_ids`, `attention_mask` and `labels` (-100 = not supervised).
 
-Each row's segments are joined into the exact model text and tokenized in batches by the fast
-tokenizer with `add_special_tokens=False` (the text already holds BOS where the model wants one,
-so there is never a double BOS). Labels come from character spans: a token is supervised when its
-first non-whitespace character lies in a supervised segment. Anchoring on the first
-non-whitespace character handles SentencePiece tokens whose offsets start at the space they
-absorbed (`▁Paris` after `[/INST]`), byte-level BPE tokens such as `ĠParis` after `Assistant: `,
-and added tokens that swallow the whitespace after them (Phi-3's `<|end|>` covers `<|end|>\\n`).
+Each row's segments are joined into the exact model text and encoded (`sft_pipeline.data.encoding`:
+ids and character offsets, a leading BOS split off, control-token text kept literal or not).
+Labels come from character spans: a token is supervised when its first non-whitespace character
+lies in a supervised segment. Anchoring on the first non-whitespace character handles
+SentencePiece tokens whose offsets start at the space they absorbed (`▁Paris` after `[/INST]`),
+byte-level BPE tokens such as `ĠParis` after `Assistant: `, and added tokens that swallow the
+whitespace after them (Phi-3's `<|end|>` covers `<|end|>\\n`).
 
-A row that starts with the tokenizer's BOS (which the rendered text holds exactly when the model
-was trained with one) is tokenized as the BOS id followed by the rest of the text tokenized on its
-own, i.e. what `tokenizer(rest)` gives: the ids the model saw in pretraining and sees when a user
-calls the tokenizer on a prompt. Tokenizing the BOS text inline would differ for SentencePiece
-tokenizers that mark a word start (`▁`) only at the start of the input (Llama-2 converted from its
-`tokenizer.model`): the first word would lose its `▁` (`<s>What` instead of `<s>▁What`).
+`tokenization.special_tokens_in_content` decides what becomes of a row whose content spells a
+control token: `literal` (the default) encodes that text as ordinary text, `reject` quarantines
+the row naming the token, `parse` encodes it as control tokens (the behaviour of a plain
+`tokenizer(text)`, counted in the log). Rows without such text are encoded in one batch.
 
-Text inside a record that spells a control token comes from rendering as segments with
-`"literal": true` (`sft_pipeline.data.templating`). `tokenization.special_tokens_in_content`
-decides what becomes of such a row: `literal` (the default) encodes those segments as ordinary
-text, `reject` quarantines the row naming the token, `parse` encodes them as control tokens (the
-behaviour of a plain `tokenizer(text)`, counted in the log). A literal row is encoded piece by
-piece: the text between literal segments as usual, each literal segment with all of the
-tokenizer's added tokens switched off (special or not); a piece after the first is encoded after
-a newline that is then dropped, so SentencePiece does not add the word-start space it adds at the
-start of an input (transformers' `encode_marked_chat` does the same). Offsets stay those of the
-whole text, so labels follow the same character rule. Rows without literal segments are encoded
-as before.
-
-Rows are truncated keeping their start; a row left without any supervised token is rejected with
-a reason rather than trained on (a batch of such rows would train on a loss of zero, silently).
+Rows are truncated keeping their start (`truncate_or_reject`, the one rule for text and image
+rows); a row left without any supervised token is rejected with a reason rather than trained on
+(a batch of such rows would train on a loss of zero, silently). What became of each row is kept
+in one `Outcome`: rejected (with the reason), truncated, parsed as control tokens.
 """
 
 from __future__ import annotations
@@ -36,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
 
@@ -47,6 +36,27 @@ from datasets import Sequence as HFSequence
 
 from sft_pipeline.common.config import TokenizationConfig
 from sft_pipeline.common.labels import IGNORE_INDEX
+from sft_pipeline.data.encoding import (
+    encode_literal_row,
+    encode_texts,
+    forged_reason,
+    literal_texts,
+    require_fast,
+)
+
+# Importers of the encoding (generation, the GGUF check) also find it here.
+__all__ = [
+    "FEATURES",
+    "Outcome",
+    "encode_literal_row",
+    "encode_texts",
+    "encoded_rows",
+    "summarize_token_stats",
+    "token_supervision",
+    "tokenize_batch",
+    "tokenize_texts",
+    "truncate_or_reject",
+]
 
 log = logging.getLogger(__name__)
 
@@ -98,112 +108,53 @@ def token_supervision(text: str, char_mask: np.ndarray, offsets: Sequence[Sequen
     return char_mask[anchor]
 
 
-def encode_texts(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[tuple]]]:
-    """Token ids and character offsets of each text, a leading BOS split off (module doc)."""
-    from sft_pipeline.data.templating import tokenizer_adds_bos
+@dataclass
+class Outcome:
+    """What became of the rows of one tokenization (text and image rows alike): the rows
+    rejected with their reason, the ids of rows truncated, of rows whose control-token text was
+    parsed as control tokens (`parse`)."""
 
-    bos = tokenizer.bos_token if tokenizer_adds_bos(tokenizer) else ""
-    split = [bool(bos) and text.startswith(bos) for text in texts]
-    inputs = [text[len(bos) :] if cut else text for text, cut in zip(texts, split, strict=True)]
-    batch_ids, batch_offsets = _encode(tokenizer, inputs)
-    ids, offsets = [], []
-    for cut, row_ids, row_offsets in zip(split, batch_ids, batch_offsets, strict=True):
-        if cut:
-            n = len(bos)
-            row_ids = [tokenizer.bos_token_id, *row_ids]
-            row_offsets = [(0, n), *((start + n, end + n) for start, end in row_offsets)]
-        ids.append(list(row_ids))
-        offsets.append(list(row_offsets))
-    return ids, offsets
+    rejected: list[dict[str, str]] = field(default_factory=list)
+    truncated: list[str] = field(default_factory=list)
+    parsed: list[str] = field(default_factory=list)
 
+    def reject(self, record_id: str, reason: str) -> None:
+        self.rejected.append({"record_id": record_id, "reason": reason})
 
-def _encode(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[tuple]]]:
-    """`tokenizer(texts, add_special_tokens=False)` ids and offsets, straight from the Rust
-    backend when there is one: the same call transformers makes, with the same settings (no
-    truncation, no padding, its `split_special_tokens`), without building a BatchEncoding."""
-    split_special = bool(getattr(tokenizer, "split_special_tokens", False))
-    backend = getattr(tokenizer, "_tokenizer", None)
-    setup = getattr(tokenizer, "set_truncation_and_padding", None)
-    if backend is None or setup is None or not hasattr(backend, "encode_batch"):
-        enc = tokenizer(
-            texts,
-            add_special_tokens=False,
-            return_offsets_mapping=True,
-            return_attention_mask=False,
-            split_special_tokens=split_special,
-        )
-        return enc["input_ids"], enc["offset_mapping"]
-    from transformers.tokenization_utils_base import PaddingStrategy, TruncationStrategy
-
-    setup(
-        padding_strategy=PaddingStrategy.DO_NOT_PAD,
-        truncation_strategy=TruncationStrategy.DO_NOT_TRUNCATE,
-        max_length=None,
-        stride=0,
-        pad_to_multiple_of=None,
-        padding_side=None,
-    )
-    if backend.encode_special_tokens != split_special:
-        backend.encode_special_tokens = split_special
-    encodings = backend.encode_batch(texts, add_special_tokens=False, is_pretokenized=False)
-    return [e.ids for e in encodings], [e.offsets for e in encodings]
-
-
-def literal_texts(segments: Sequence[dict[str, Any]]) -> list[str]:
-    """The control-token texts a row holds as data (its literal segments), each once."""
-    return list(dict.fromkeys(s["text"] for s in segments if s.get("literal")))
-
-
-def encode_literal_row(tokenizer, segments: Sequence[dict[str, Any]]) -> tuple[list, list]:
-    """(ids, offsets) of a row with literal segments (module doc): the plain pieces as usual,
-    the literal ones as text; offsets into the whole joined text (each token of a literal piece
-    spans the whole piece, which is one control-token text in one segment)."""
-    pieces: list[tuple[str, bool]] = []
-    for seg in segments:
-        literal = bool(seg.get("literal"))
-        if pieces and not literal and not pieces[-1][1]:
-            pieces[-1] = (pieces[-1][0] + seg["text"], False)
-        else:
-            pieces.append((seg["text"], literal))
-    newline_ids = _encode(tokenizer, ["\n"])[0][0]
-    ids: list[int] = []
-    offsets: list[tuple[int, int]] = []
-    start = 0
-    for k, (text, literal) in enumerate(pieces):
-        if literal:
-            piece_ids = encode_as_text(tokenizer, text)
-            piece_offsets = [(0, len(text))] * len(piece_ids)
-        elif k == 0:
-            (piece_ids,), (piece_offsets,) = encode_texts(tokenizer, [text])
-        else:
-            (piece_ids,), (piece_offsets,) = _encode(tokenizer, ["\n" + text])
-            if list(piece_ids[: len(newline_ids)]) == list(newline_ids):
-                piece_ids = piece_ids[len(newline_ids) :]
-                piece_offsets = [(a - 1, b - 1) for a, b in piece_offsets[len(newline_ids) :]]
-            else:  # the newline merged with the piece's start: encode it on its own
-                (piece_ids,), (piece_offsets,) = _encode(tokenizer, [text])
-        ids.extend(piece_ids)
-        offsets.extend((start + max(a, 0), start + b) for a, b in piece_offsets)
-        start += len(text)
-    return ids, offsets
+    def log(self, rows: int, limit: int) -> None:
+        if self.parsed:
+            log.warning(
+                "%d of %d rows hold control-token text in their content, parsed as control "
+                "tokens (tokenization.special_tokens_in_content: parse): such data can forge turns",
+                len(self.parsed),
+                rows,
+            )
+        if self.truncated:
+            log.warning("truncated %d of %d rows to %d tokens", len(self.truncated), rows, limit)
+        if self.rejected:
+            log.warning(
+                "rejected %d of %d rows (no supervised token, or control-token text): see "
+                "token_stats rejected_rows",
+                len(self.rejected),
+                rows,
+            )
 
 
 def encoded_rows(
     tokenizer,
     batch: Sequence[dict[str, Any]],
     special_tokens_in_content: str,
-    rejected: list,
-    parsed: list | None = None,
+    outcome: Outcome,
     not_literal: Callable[[dict[str, Any]], str | None] | None = None,
 ) -> Iterator[tuple[dict[str, Any], str, np.ndarray, list, list]]:
     """(row, joined text, supervised char mask, ids, offsets) of each row of `batch` that is
     kept: plain rows encoded in one batch, rows with literal segments as
-    `special_tokens_in_content` says (module doc). Rows rejected for their control-token text go
-    to `rejected`, the ids of rows parsed anyway (`parse`) to `parsed`. `not_literal(row)`: why a
-    row cannot be encoded literally (then `literal` rejects it too), or None."""
+    `special_tokens_in_content` says (module doc); rows rejected for their control-token text,
+    and rows parsed anyway (`parse`), go to `outcome`. `not_literal(row)`: why a row cannot be
+    encoded literally (then `literal` rejects it too), or None."""
     mode = special_tokens_in_content
-    if parsed is not None and mode == "parse":
-        parsed.extend(row["record_id"] for row in batch if literal_texts(row["segments"]))
+    if mode == "parse":
+        outcome.parsed.extend(row["record_id"] for row in batch if literal_texts(row["segments"]))
     joined = [supervised_char_mask(row["segments"]) for row in batch]
     literal = [mode != "parse" and bool(literal_texts(row["segments"])) for row in batch]
     plain = [text for (text, _), lit in zip(joined, literal, strict=True) if not lit]
@@ -218,76 +169,68 @@ def encoded_rows(
                 why = (
                     "tokenization.special_tokens_in_content: reject" if mode == "reject" else cannot
                 )
-                rejected.append(
-                    {
-                        "record_id": row["record_id"],
-                        "reason": f"content holds the control token text {tokens} ({why})",
-                    }
+                outcome.reject(
+                    row["record_id"], f"content holds the control token text {tokens} ({why})"
                 )
                 continue
             ids, offsets = encode_literal_row(tokenizer, row["segments"])
             forged = forged_reason(tokenizer, row["segments"], ids, offsets)
             if forged:
-                rejected.append({"record_id": row["record_id"], "reason": forged})
+                outcome.reject(row["record_id"], forged)
                 continue
         yield row, text, char_mask, ids, offsets
 
 
-def encode_as_text(tokenizer, text: str) -> list[int]:
-    """`text` from the middle of a row encoded as plain text: no added token is matched, special
-    or not (a backend's `encode_special_tokens` still matches the non-special ones, such as
-    Qwen's `<tool_call>`), and no word-start space is added (encoded after a newline that is
-    then dropped, as in the module doc)."""
-    encode = tokenizer._encode_without_added_tokens
-    newline_ids, ids = encode("\n"), encode("\n" + text)
-    if ids[: len(newline_ids)] == newline_ids:
-        return ids[len(newline_ids) :]
-    return encode(text)
-
-
-def _require_fast(tokenizer) -> None:
-    if not getattr(tokenizer, "is_fast", False):
-        raise TypeError(
-            f"tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)!r} is not a fast "
-            "tokenizer; labels need offset mappings, which only fast (Rust) tokenizers give. "
-            "Load it with AutoTokenizer.from_pretrained(..., use_fast=True)"
-        )
-
-
-def _tokenize_batch(
-    batch,
-    tokenizer,
+def truncate_or_reject(
+    record_id: str,
+    ids: list[int],
+    supervised: np.ndarray,
     limit: int,
-    rejected: list,
-    truncated: list,
-    special_tokens_in_content: str = "literal",
-    parsed: list | None = None,
-) -> pa.Table:
-    """One batch of rendered rows as an Arrow table of int32 token columns.
+    outcome: Outcome,
+    image_end: int = 0,
+) -> tuple[list[int], np.ndarray] | None:
+    """A row's ids and supervision, cut to `limit` tokens keeping its start; None when the row
+    is rejected instead (its reason in `outcome`): no supervised token at all, image tokens
+    reaching past `limit` (up to `image_end`: a row is never cut inside an image), or no
+    supervised token left after the cut."""
+    if not supervised.any():
+        outcome.reject(record_id, "no supervised token at all")
+        return None
+    if image_end > limit:
+        outcome.reject(
+            record_id,
+            f"its image tokens run to position {image_end}, past "
+            f"tokenization.max_seq_length={limit}; a row is never cut inside an image",
+        )
+        return None
+    if len(ids) <= limit:
+        return ids, supervised
+    prompt = int(np.argmax(supervised))
+    ids, supervised = ids[:limit], supervised[:limit]
+    if not supervised.any():
+        outcome.reject(
+            record_id,
+            f"no supervised token after truncation to {limit} tokens (prompt is {prompt} tokens)",
+        )
+        return None
+    outcome.truncated.append(record_id)
+    return ids, supervised
 
-    Rows with literal segments follow `special_tokens_in_content` (module doc); the ids of
-    those parsed as control tokens anyway (`parse`) are appended to `parsed`."""
+
+def tokenize_batch(
+    batch, tokenizer, limit: int, outcome: Outcome, special_tokens_in_content: str = "literal"
+) -> pa.Table:
+    """One batch of rendered rows as an Arrow table of int32 token columns; what became of the
+    rows that are not in it (or were cut) goes to `outcome`."""
     record_ids, id_rows, label_rows = [], [], []
     for row, text, char_mask, ids, offsets in encoded_rows(
-        tokenizer, batch, special_tokens_in_content, rejected, parsed
+        tokenizer, batch, special_tokens_in_content, outcome
     ):
         supervised = token_supervision(text, char_mask, offsets) if ids else np.zeros(0, bool)
-        if not supervised.any():
-            rejected.append({"record_id": row["record_id"], "reason": "no supervised token at all"})
+        kept = truncate_or_reject(row["record_id"], ids, supervised, limit, outcome)
+        if kept is None:
             continue
-        if len(ids) > limit:
-            first = int(np.argmax(supervised))
-            ids, supervised = ids[:limit], supervised[:limit]
-            if not supervised.any():
-                rejected.append(
-                    {
-                        "record_id": row["record_id"],
-                        "reason": f"no supervised token after truncation to {limit} tokens "
-                        f"(prompt is {first} tokens)",
-                    }
-                )
-                continue
-            truncated.append(row["record_id"])
+        ids, supervised = kept
         ids_arr = np.asarray(ids, dtype=np.int32)
         record_ids.append(row["record_id"])
         id_rows.append(ids_arr)
@@ -309,25 +252,7 @@ def _tokenize_batch(
     )
 
 
-def forged_reason(tokenizer, segments, ids, offsets) -> str | None:
-    """Why a literal row still holds a control token inside a literal segment, or None (a
-    tokenizer whose plain-text vocabulary produces the control token itself)."""
-    spans, pos = [], 0
-    for seg in segments:
-        if seg.get("literal"):
-            spans.append((pos, pos + len(seg["text"]), seg["text"]))
-        pos += len(seg["text"])
-    for a, b, text in spans:
-        token = tokenizer.convert_tokens_to_ids(text)
-        if any(t == token for t, (start, _end) in zip(ids, offsets, strict=True) if a <= start < b):
-            return (
-                f"the tokenizer turns the text {text!r} into its control token even as plain "
-                "text, so it cannot be trained on literally"
-            )
-    return None
-
-
-def _info(limit: int, truncated: list[str]) -> DatasetInfo:
+def tokens_info(limit: int, truncated: list[str]) -> DatasetInfo:
     # The truncation record travels in the dataset's own metadata (saved in dataset_info.json),
     # so summarize_token_stats can report it without re-tokenizing.
     return DatasetInfo(
@@ -336,56 +261,33 @@ def _info(limit: int, truncated: list[str]) -> DatasetInfo:
     )
 
 
-def _log_outcome(
-    truncated: list, rejected: list, rows: int, limit: int, parsed: list | None = None
-) -> None:
-    if parsed:
-        log.warning(
-            "%d of %d rows hold control-token text in their content, parsed as control tokens "
-            "(tokenization.special_tokens_in_content: parse): such data can forge turns",
-            len(parsed),
-            rows,
-        )
-    if truncated:
-        log.warning("truncated %d of %d rows to %d tokens", len(truncated), rows, limit)
-    if rejected:
-        log.warning(
-            "rejected %d of %d rows (no supervised token, or control-token text): see "
-            "token_stats rejected_rows",
-            len(rejected),
-            rows,
-        )
-
-
 def tokenize_texts(
     texts: list[dict[str, Any]], tokenizer, cfg: TokenizationConfig
 ) -> tuple[Dataset, list[dict[str, str]]]:
     """Tokenize rendered rows; returns the dataset and the rows rejected (with a reason)."""
-    _require_fast(tokenizer)
-    rejected: list[dict[str, str]] = []
-    truncated: list[str] = []
-    parsed: list[str] = []
+    require_fast(tokenizer)
+    outcome = Outcome()
     limit = cfg.max_seq_length
     tables = [
-        _tokenize_batch(
+        tokenize_batch(
             texts[start : start + cfg.batch_size],
             tokenizer,
             limit,
-            rejected,
-            truncated,
+            outcome,
             cfg.special_tokens_in_content,
-            parsed,
         )
         for start in range(0, len(texts), cfg.batch_size)
     ]
-    _log_outcome(truncated, rejected, len(texts), limit, parsed)
+    outcome.log(len(texts), limit)
     columns = {name: [] for name in FEATURES}
     for table in tables:
         for name in FEATURES:
             columns[name].extend(table[name].to_pylist())
     # from_dict with explicit features and info: the fingerprint is a hash of the content, so
     # save_to_disk output is byte-identical for the same input.
-    return Dataset.from_dict(columns, features=FEATURES, info=_info(limit, truncated)), rejected
+    return Dataset.from_dict(
+        columns, features=FEATURES, info=tokens_info(limit, outcome.truncated)
+    ), outcome.rejected
 
 
 def _describe(values: np.ndarray) -> dict[str, float | int | None]:

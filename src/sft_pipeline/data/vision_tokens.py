@@ -41,7 +41,13 @@ from datasets import Sequence as HFSequence
 from sft_pipeline.common.labels import IGNORE_INDEX
 from sft_pipeline.data import images
 from sft_pipeline.data.streams import SHAPE_SUFFIX
-from sft_pipeline.data.tokenization import FEATURES, encoded_rows, token_supervision
+from sft_pipeline.data.tokenization import (
+    FEATURES,
+    Outcome,
+    encoded_rows,
+    token_supervision,
+    truncate_or_reject,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,31 +136,28 @@ _WITH_IMAGES = (
 )
 
 
-def tokenize_vision_batch(
+def tokenize_vision_rows(
     batch: list[dict[str, Any]],
     processor,
     features: Features,
     limit: int,
-    rejected: list,
-    truncated: list,
+    outcome: Outcome,
     special_tokens_in_content: str = "literal",
-    parsed: list | None = None,
 ) -> pa.Table:
-    """One batch of rendered rows (with or without images) as an Arrow table of `features`.
+    """One batch of rendered rows (with or without images) as an Arrow table of `features`;
+    what became of the rows that are not in it (or were cut) goes to `outcome`.
 
     Control-token text in a row's content (literal segments) follows
     `special_tokens_in_content` as in `sft_pipeline.data.tokenization`, except that a row with
     images cannot be encoded literally (the processor parses the whole text): with `literal` it
-    is rejected, naming the text and the `parse` setting that trains on it as control tokens.
-    The ids of rows parsed anyway (`parse`) are appended to `parsed`."""
+    is rejected, naming the text and the `parse` setting that trains on it as control tokens."""
     image_ids = image_token_ids(processor)
     columns: dict[str, list] = {name: [] for name in features}
     for row, text, char_mask, ids, offsets in encoded_rows(
         processor.tokenizer,
         batch,
         special_tokens_in_content,
-        rejected,
-        parsed,
+        outcome,
         not_literal=lambda row: _WITH_IMAGES if row.get("images") else None,
     ):
         supervised = token_supervision(text, char_mask, offsets) if ids else np.zeros(0, bool)
@@ -173,29 +176,10 @@ def tokenize_vision_batch(
             ids = expanded
             image_end = _image_region_end(matcher, expanded, image_ids)
             extras = {k: np.asarray(v) for k, v in encoded.items() if k not in _TEXT_KEYS}
-        if not supervised.any():
-            rejected.append({"record_id": row["record_id"], "reason": "no supervised token at all"})
+        kept = truncate_or_reject(row["record_id"], ids, supervised, limit, outcome, image_end)
+        if kept is None:
             continue
-        if image_end > limit:
-            rejected.append(
-                {
-                    "record_id": row["record_id"],
-                    "reason": f"its image tokens run to position {image_end}, past "
-                    f"tokenization.max_seq_length={limit}; a row is never cut inside an image",
-                }
-            )
-            continue
-        if len(ids) > limit:
-            ids, supervised = ids[:limit], supervised[:limit]
-            if not supervised.any():
-                rejected.append(
-                    {
-                        "record_id": row["record_id"],
-                        "reason": f"no supervised token after truncation to {limit} tokens",
-                    }
-                )
-                continue
-            truncated.append(row["record_id"])
+        ids, supervised = kept
         ids_arr = np.asarray(ids, dtype=np.int32)
         columns["record_id"].append(row["record_id"])
         columns["input_ids"].append(ids_arr)
@@ -207,6 +191,24 @@ def tokenize_vision_batch(
     schema = features.arrow_schema
     return pa.table(
         {name: pa.array(values, schema.field(name).type) for name, values in columns.items()}
+    )
+
+
+def tokenize_vision_batch(
+    batch: list[dict[str, Any]],
+    processor,
+    features: Features,
+    limit: int,
+    rejected: list,
+    truncated: list,
+    special_tokens_in_content: str = "literal",
+    parsed: list | None = None,
+) -> pa.Table:
+    """`tokenize_vision_rows` for a caller that keeps the outcome in its own lists (the
+    trainer's dataset preparation)."""
+    outcome = Outcome(rejected, truncated, [] if parsed is None else parsed)
+    return tokenize_vision_rows(
+        batch, processor, features, limit, outcome, special_tokens_in_content
     )
 
 
