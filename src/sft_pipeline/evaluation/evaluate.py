@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sft_pipeline.common.config import EvaluationConfig, QuantizationConfig
+from sft_pipeline.evaluation.benchmarks import BenchmarkSuite
 from sft_pipeline.evaluation.generation import (
     batches,
     generate,
@@ -47,12 +48,14 @@ def evaluate(
     token_stats: dict[str, Any],
     cfg: EvaluationConfig,
     base_quantization: QuantizationConfig | None = None,
+    benchmarks: BenchmarkSuite | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
     """-> (flat metrics, generations side by side, {name: matplotlib Figure}).
 
     One model is in memory at a time. `base_quantization` (the 4-bit settings when training was
     QLoRA) loads the base in 4-bit on CUDA, as training held it, so evaluation needs no more
-    memory than training did.
+    memory than training did. `benchmarks` (checked tasks) scores each model while it is loaded,
+    through lm-evaluation-harness (`benchmarks/...` metrics).
     """
     import torch
 
@@ -103,9 +106,13 @@ def evaluate(
         scores |= tool_call_scores(called, [c["reference"] for c in calls])
         metrics.update({f"{name}/{k}": v for k, v in {**loss, **scores}.items()})
         outputs[name], outputs[f"{name}_calls"] = generated, called
+        if benchmarks is not None:  # last: lm-eval may give the tokenizer a pad token
+            benchmarks.score(name, model, tokenizer)
         del model
     metrics["num_supervised_tokens"] = metrics.pop("base/num_tokens", 0)
     metrics.pop("tuned/num_tokens", None)
+    if benchmarks is not None:
+        metrics.update(benchmarks.metrics())
     for key in (*LOSS_METRICS, *GENERATION_METRICS, *TOOL_CALL_METRICS):
         if f"base/{key}" in metrics:
             metrics[f"delta/{key}"] = metrics[f"tuned/{key}"] - metrics[f"base/{key}"]

@@ -25,6 +25,8 @@ from typing import Any
 
 from jinja2 import Environment
 
+from sft_pipeline.evaluation.benchmark_table import benchmark_rows
+
 # Metric key -> (label, higher is better). The order is the table's.
 METRICS = {
     "eval_loss": ("eval loss", False),
@@ -62,6 +64,7 @@ def render_report(
     return template.render(
         facts=run_facts(training_summary or {}, validation_report or {}, token_stats or {}),
         metric_rows=metric_rows(metrics or {}),
+        benchmarks=benchmark_report_rows(metrics or {}),
         counts=_counts(metrics or {}),
         charts=charts,
         rejections=rejection_rows(validation_report or {}, token_stats or {}),
@@ -87,6 +90,34 @@ def metric_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
                 "base": _fmt(base),
                 "tuned": _fmt(tuned),
                 "delta": _fmt(tuned - base, signed=True),
+                "better": better,
+            }
+        )
+    return rows
+
+
+def benchmark_report_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """The benchmark table: per task and metric, each side with its 95% interval, the change with
+    its own, and whether it is beyond two standard errors (the significance the table marks)."""
+    rows = []
+    for row in benchmark_rows(metrics):
+        cells = {}
+        for side in ("base", "tuned", "delta"):
+            ci, signed = row.get(f"{side}_ci"), side == "delta"
+            interval = f"[{_fmt(ci[0], signed=signed)}, {_fmt(ci[1], signed=signed)}]" if ci else ""
+            cells[side] = (_fmt(row[side], signed=signed), interval)
+        higher = row.get("higher_is_better")
+        better = None
+        if row["significant"] and higher is not None:
+            better = "tuned" if (row["delta"] > 0) == higher else "base"
+        rows.append(
+            {
+                "task": row["task"],
+                "metric": row["metric"],
+                "prompt": "chat template" if row.get("chat_template") else "plain",
+                "samples": row.get("samples"),
+                "cells": cells,
+                "significant": row["significant"],
                 "better": better,
             }
         )
@@ -221,6 +252,8 @@ PAGE = """<!DOCTYPE html>
   th { background: #f0f2f5; font-weight: 600; }
   td.num { text-align: right; font-variant-numeric: tabular-nums; }
   td.better { font-weight: 700; color: #0a6b2d; }
+  td.significant { background: #fff4d6; }
+  .ci { color: #788; font-size: 12px; white-space: nowrap; }
   .grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(360px, 1fr));
           gap: 16px; }
   figure { margin: 0; }
@@ -262,6 +295,30 @@ PAGE = """<!DOCTYPE html>
 <p class="empty">No metrics: the run did not evaluate.</p>
 {% endif %}
 </section>
+
+{% if benchmarks %}
+<h2>Benchmarks (lm-evaluation-harness)</h2>
+<section class="card">
+<table id="benchmarks">
+  <thead><tr><th>task</th><th>metric</th><th>prompt</th><th>items</th><th>base</th>
+    <th>tuned</th><th>change</th></tr></thead>
+  <tbody>
+  {% for row in benchmarks %}
+    <tr data-task="{{ row.task }}" data-metric="{{ row.metric }}"><td>{{ row.task }}</td>
+      <td>{{ row.metric }}</td><td>{{ row.prompt }}</td>
+      <td class="num">{{ row.samples if row.samples is not none else '' }}</td>
+    {% for side in ('base', 'tuned', 'delta') %}
+      <td class="num{{ ' better' if row.better == side }}{{ ' significant' if side == 'delta'
+        and row.significant }}">{{ row.cells[side][0] }}
+        <span class="ci">{{ row.cells[side][1] }}</span></td>
+    {% endfor %}</tr>
+  {% endfor %}
+  </tbody>
+</table>
+<p class="facts">Brackets: 95% intervals (± 1.96 standard errors; the change's from both
+  sides' errors). Marked: a change beyond two standard errors. Bold: the better side there.</p>
+</section>
+{% endif %}
 
 <h2>Training and data</h2>
 <div class="grid">

@@ -8,7 +8,7 @@ exactly what its node's result depends on (docs/architecture.md, "Reproducibilit
   (so editing one library module re-runs only the nodes whose code imports it, and those
   downstream); the modules of the catalog dataset classes that load and save its artifacts;
   files named by parameters it reads (raw data and the folders of its images, a `.jinja`
-  template, a local model folder);
+  template, a local model folder, the task and data files of local benchmarks);
   `requirements.lock`, because a different library version may give different bytes.
 - params: exactly the parameter keys the node reads (`params:training` -> `training`), from every
   parameter file of the chosen Kedro environments, plus the catalog entries of its artifacts.
@@ -28,8 +28,10 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel
 
+from sft_pipeline.common import benchmark_tasks
 from sft_pipeline.common.config import (
     DataConfig,
+    EvaluationConfig,
     ModelConfig,
     SFTParameters,
     TemplateConfig,
@@ -170,6 +172,7 @@ FILE_PARAMS = (
         shipped=templating.SHIPPED_FOLDER,
     ),
     FileParam("model", ModelConfig, base_model.local_model_files),
+    FileParam("evaluation", EvaluationConfig, benchmark_tasks.local_benchmark_files),
 )
 
 

@@ -20,6 +20,8 @@ from typing import Any
 
 from kedro.framework.hooks import hook_impl
 
+from sft_pipeline.evaluation import benchmark_table
+
 # Nodes whose run ends with a summary: evaluation writes the metrics, the report shows them.
 SUMMARY_NODES = ("evaluate_model", "report_run")
 # (metric key, label) of the closing table; the report page has the full set.
@@ -108,6 +110,7 @@ def format_summary(metrics: dict[str, Any], paths: dict[str, Path]) -> str:
             f" {metrics.get('num_generation_samples', '?')} prompts generated"
         )
         lines += summary_table(metrics)
+        lines += benchmark_table.summary_lines(metrics)
     else:
         lines.append("  no metrics were written")
     labels = dict(SUMMARY_PATHS)

@@ -182,8 +182,16 @@ def evaluate_model(
     evaluation: dict[str, Any],
     training_summary: Any = None,  # dicts; no union annotation for Kedro's parameter check
     quantization: Any = None,
+    template: Any = None,
 ):
+    from sft_pipeline.evaluation.benchmarks import check_regression, prepare_suite
     from sft_pipeline.evaluation.evaluate import evaluate
+
+    cfg = C.parse_section(C.EvaluationConfig, evaluation, "evaluation")
+    # Benchmark task names and datasets are checked before any model is loaded.
+    suite = prepare_suite(
+        cfg.benchmarks, base_model, C.parse_section(C.TemplateConfig, template, "template")
+    )
 
     # The base is evaluated as training held it: in 4-bit after QLoRA (on CUDA).
     qlora = (training_summary or {}).get("method") == "qlora"
@@ -194,16 +202,19 @@ def evaluate_model(
         if qlora
         else None
     )
-    return evaluate(
+    metrics, generations, plots = evaluate(
         base_model,
         merged_model,
         eval_texts,
         eval_tokens,
         training_history,
         token_stats,
-        C.parse_section(C.EvaluationConfig, evaluation, "evaluation"),
+        cfg,
         base_quantization,
+        suite,
     )
+    check_regression(metrics, cfg.max_regression)
+    return metrics, generations, plots
 
 
 def report_run(*reports: Any) -> str:

@@ -101,6 +101,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "params:evaluation",
                     "training_summary",
                     "params:quantization",
+                    "params:template",
                 ],
                 outputs=["metrics", "eval_generations", "evaluation_plots"],
                 name="evaluate_model",
