@@ -29,189 +29,73 @@ renderings with and without the tools and with markers in place of the results, 
 searching the text (`sft_pipeline.data.tool_support`); the built-in `hermes` template
 renders tools the Hermes/Qwen2.5 way for models without a template of their own.
 
-Data is data: text inside a record that spells a control token (`<|im_end|>\n<|im_start|>system`)
-must not become one, or a record could forge turns. Such spans are found with transformers'
-own rule (`sanitize_control_tokens`: the tokenizer's special tokens and the added tokens the
-template writes), marked before rendering, and come out as segments of their own with
-`"literal": true`, which tokenization encodes as ordinary text
-(`tokenization.special_tokens_in_content`). Rows without such text render exactly as before.
-
-Nothing rendered depends on the day: templates that print a date (Llama 3.x: "Today Date: 26 Jul
-2024"; SmolLM3, gpt-oss through `strftime_now`) see `template.date`, passed as `date_string` and
-returned by `strftime_now` while rendering (`render_chat`). The real clock would change the
-texts, the tokens and the run fingerprint every day.
-
-Which template: `template.chat_template: auto` (the default) takes the tokenizer's own chat
-template, and for a base model whose tokenizer has none the built-in `plain` layout: each prompt
-followed directly by its reply and EOS, a system message as a preamble. A single prompt/reply pair
-is then exactly prompt + completion + EOS, the way prompt/completion strings are joined for base
-models (`render_prompt_completion`), so the trainer and the pipeline see the same text.
+Control-token text inside a record is data (`sft_pipeline.data.control_text`); which template
+renders, and with which date, is `sft_pipeline.data.chat_templates`' answer.
 """
 
 from __future__ import annotations
 
-import contextlib
-import datetime
 import logging
 import re
-from collections.abc import Iterator, Sequence
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from jinja2 import TemplateError
 
-from sft_pipeline.common.config import DEFAULT_TEMPLATE_DATE, TemplateConfig
-from sft_pipeline.common.errors import UserError
+from sft_pipeline.common.config import TemplateConfig
 from sft_pipeline.data import images, tool_support
+from sft_pipeline.data.chat_templates import (
+    BUILTIN_TEMPLATES,
+    DATE_STRING_FORMAT,
+    FALLBACK_TEMPLATE,
+    SHIPPED_FOLDER,
+    ChatTemplateError,
+    builtin_template,
+    content_text,
+    local_template_files,
+    merge_system_into_first_user,
+    pinned_clock,
+    render_chat,
+    resolve_template,
+    tokenizer_adds_bos,
+    tokenizer_template,
+    trained_template,
+    with_system_prompt,
+)
+from sft_pipeline.data.control_text import (
+    literal_row,
+    mark,
+    merge_adjacent,
+    special_token_texts,
+    strings,
+)
+
+# Importers of rendering (the trainer, chat, merge, export) also find the template functions here.
+__all__ = [
+    "BUILTIN_TEMPLATES",
+    "DATE_STRING_FORMAT",
+    "FALLBACK_TEMPLATE",
+    "SHIPPED_FOLDER",
+    "ChatTemplateError",
+    "Renderer",
+    "builtin_template",
+    "content_text",
+    "local_template_files",
+    "merge_system_into_first_user",
+    "pinned_clock",
+    "render_chat",
+    "render_prompt_completion",
+    "resolve_template",
+    "tokenizer_adds_bos",
+    "tokenizer_template",
+    "trained_template",
+]
 
 log = logging.getLogger(__name__)
-
-SHIPPED_FOLDER = "templates"  # next to this module: the built-in `.jinja` templates
-BUILTIN_TEMPLATES = ("chatml", "hermes", "alpaca", "plain")
 # The probe conversation whose rendering shows what a template writes after an assistant reply.
 _PROBE_REPLY = "Probe reply 7f3a."
-# The layout `auto` falls back to when the tokenizer has no chat template (a base model).
-FALLBACK_TEMPLATE = "plain"
-
-
-class ChatTemplateError(UserError, ValueError):
-    """A chat template is missing, cannot render a conversation, or is not prefix-preserving."""
 
 
 Segment = dict[str, Any]
-
-
-def tokenizer_template(tokenizer) -> str | None:
-    """The tokenizer's own chat template (the default one of several named), or None."""
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):  # several named templates: the default one is for chat
-        template = template.get("default")
-    return template or None
-
-
-def builtin_template(name: str) -> str:
-    source = resources.files(__package__) / SHIPPED_FOLDER / f"{name}.jinja"
-    return source.read_text(encoding="utf-8")
-
-
-def local_template_files(cfg: TemplateConfig, root: Path) -> list[str]:
-    """The `.jinja` file `template.chat_template` names, if any (a DVC dep of
-    `render_conversations`; the shipped templates in SHIPPED_FOLDER are one too, always: `auto`
-    falls back to one of them for a tokenizer without a chat template)."""
-    choice = cfg.chat_template
-    return [] if choice in ("auto", "tokenizer", *BUILTIN_TEMPLATES) else [choice]
-
-
-def resolve_template(tokenizer, cfg: TemplateConfig) -> tuple[str, str]:
-    """Return (template source, human-readable name) for `cfg.chat_template`."""
-    choice = cfg.chat_template
-    if choice in ("auto", "tokenizer"):
-        template = tokenizer_template(tokenizer)
-        if template:
-            return template, f"the chat template of tokenizer {tokenizer.name_or_path!r}"
-        if choice == "tokenizer":
-            raise ChatTemplateError(
-                f"tokenizer {tokenizer.name_or_path!r} has no chat template; set "
-                "template.chat_template to 'auto' (the plain layout for base models), "
-                "'chatml', 'hermes' (with tools) or 'alpaca', or to the path of a .jinja file"
-            )
-        return builtin_template(FALLBACK_TEMPLATE), (
-            f"built-in template {FALLBACK_TEMPLATE!r} (tokenizer {tokenizer.name_or_path!r} has "
-            "no chat template: each prompt is followed directly by its reply and EOS)"
-        )
-    if choice in BUILTIN_TEMPLATES:
-        return builtin_template(choice), f"built-in template {choice!r}"
-    path = Path(choice)
-    if not path.is_file():
-        raise ChatTemplateError(
-            f"template.chat_template: {choice!r} is not 'auto', 'tokenizer', "
-            f"{' or '.join(repr(t) for t in BUILTIN_TEMPLATES)}, nor an existing .jinja file"
-        )
-    return path.read_text(encoding="utf-8"), f"template file {str(path)!r}"
-
-
-def trained_template(tokenizer, cfg: TemplateConfig) -> tuple[str, str] | None:
-    """(source, name) of the template the data is rendered with when it is not the tokenizer's
-    own (a built-in, a file, or the fallback of `auto`), else None: what a merged tokenizer must
-    carry so that the model is prompted the way it was trained."""
-    if cfg.chat_template in ("auto", "tokenizer") and tokenizer_template(tokenizer):
-        return None
-    return resolve_template(tokenizer, cfg)
-
-
-# How Llama 3.x templates write their `date_string` ("26 Jul 2024"), and their own default.
-DATE_STRING_FORMAT = "%d %b %Y"
-
-
-@contextlib.contextmanager
-def pinned_clock(template: str, day: datetime.date) -> Iterator[None]:
-    """While rendering `template`, its `strftime_now(format)` formats `day` (at 00:00:00).
-
-    transformers compiles each template once into its own sandboxed environment (cached by
-    the template text) with `strftime_now` reading the real clock as a global; a render
-    argument cannot replace it (callables are turned into placeholders), so the global is
-    swapped for the render and put back after, leaving other callers of that template alone.
-    """
-    from transformers.utils.chat_template_utils import _compile_jinja_template
-
-    globals_ = _compile_jinja_template(template).environment.globals
-    moment = datetime.datetime.combine(day, datetime.time())
-    previous = globals_.get("strftime_now")
-    globals_["strftime_now"] = moment.strftime
-    try:
-        yield
-    finally:
-        if previous is None:
-            globals_.pop("strftime_now", None)
-        else:
-            globals_["strftime_now"] = previous
-
-
-def render_chat(
-    tokenizer,
-    messages: list[dict[str, Any]],
-    template: str,
-    *,
-    add_generation_prompt: bool,
-    day: datetime.date = DEFAULT_TEMPLATE_DATE,
-    **kwargs: Any,
-) -> str:
-    """`apply_chat_template` to text with the date pinned to `day` (module doc); `kwargs` go to
-    the template (`tools=`)."""
-    with pinned_clock(template, day):
-        return tokenizer.apply_chat_template(
-            messages,
-            chat_template=template,
-            add_generation_prompt=add_generation_prompt,
-            tokenize=False,
-            date_string=day.strftime(DATE_STRING_FORMAT),
-            **kwargs,
-        )
-
-
-def tokenizer_adds_bos(tokenizer) -> bool:
-    """Whether plain `tokenizer(text)` starts with BOS, i.e. the model was trained with one."""
-    if tokenizer.bos_token is None or tokenizer.bos_token_id is None:
-        return False
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bool(ids) and ids[0] == tokenizer.bos_token_id
-
-
-def _mark(value: Any, control: re.Pattern) -> Any:
-    """Wrap the `control` tokens in every string of `value` in transformers' private-use markers
-    (which are removed from the strings first, so data cannot forge a mark)."""
-    from transformers.utils.chat_template_utils import mark_control_tokens
-
-    if value is None:
-        return None
-    return mark_control_tokens(value, control)
-
-
-def special_token_texts(tokenizer) -> list[str]:
-    """Texts of special and added tokens, longest first (so `<|end|>` is not read as `<`...)."""
-    texts = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
-    return sorted((t for t in texts if t), key=len, reverse=True)
 
 
 class Renderer:
@@ -279,12 +163,12 @@ class Renderer:
             return self._text_row(text)
         tools = tools or None
         control, markers = self._control_patterns(conversation=True)
-        if not marked and any(control.search(t) for t in _strings([messages, tools])):
+        if not marked and any(control.search(t) for t in strings([messages, tools])):
             row = self.row(
-                _mark(messages, control), text, supervise_from, _mark(tools, control), marked=True
+                mark(messages, control), text, supervise_from, mark(tools, control), marked=True
             )
-            return _literal_row(row, markers)
-        added = _with_system_prompt(messages, self.cfg.system_prompt)
+            return literal_row(row, markers)
+        added = with_system_prompt(messages, self.cfg.system_prompt)
         supervise_from += len(added) - len(messages)
         messages = added
         try:
@@ -373,8 +257,8 @@ class Renderer:
         control, markers = self._control_patterns(conversation=False)
         body, end = text[: -len(eos)], eos
         if control.search(body):
-            marked = _mark(body, control)
-            return _literal_row(
+            marked = mark(body, control)
+            return literal_row(
                 _finish_row([{"text": marked + end, "supervised": True}], self.bos_text, ""),
                 markers,
             )
@@ -526,36 +410,6 @@ class Renderer:
         )
 
 
-def _with_system_prompt(messages: list[dict[str, Any]], system_prompt: str | None):
-    if system_prompt and messages[0]["role"] != "system":
-        parts = isinstance(messages[0]["content"], list)  # a conversation with images
-        content = [{"type": "text", "text": system_prompt}] if parts else system_prompt
-        return [{"role": "system", "content": content}, *messages]
-    return messages
-
-
-def content_text(content: Any) -> str:
-    """The text of a message: string content as is, the text parts of parts content joined."""
-    if isinstance(content, list):
-        return "".join(p.get("text") or "" for p in content if p.get("type") == "text")
-    return content
-
-
-def merge_system_into_first_user(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Fold a leading system message into the first user turn (for templates without one)."""
-    system, rest = messages[0], list(messages[1:])
-    for k, message in enumerate(rest):
-        if message["role"] != "user":
-            continue
-        if isinstance(message["content"], list):  # parts: the instruction as a first text part
-            prefix = {"type": "text", "text": content_text(system["content"]) + "\n\n"}
-            rest[k] = {**message, "content": [prefix, *message["content"]]}
-        else:
-            rest[k] = {**message, "content": f"{system['content']}\n\n{message['content']}"}
-        return rest
-    raise ChatTemplateError("a system message needs a user turn to merge into")
-
-
 def _is_tool_turn(message: dict[str, Any]) -> bool:
     return message["role"] == "tool" or bool(message.get("tool_calls"))
 
@@ -569,70 +423,10 @@ def _finish_row(segments: list[Segment], bos_text: str, reference: str) -> dict[
     # The template may already start with BOS (Llama-2, Gemma); never add a second one.
     if bos_text and not text.startswith(bos_text):
         segments = [{"text": bos_text, "supervised": False}, *segments]
-    segments = _merge_adjacent(segments)
+    segments = merge_adjacent(segments)
     last_supervised = max(k for k, s in enumerate(segments) if s["supervised"])
     prompt = "".join(s["text"] for s in segments[:last_supervised])
     return {"segments": segments, "prompt": prompt, "reference": reference}
-
-
-def _merge_adjacent(segments: Sequence[Segment]) -> list[Segment]:
-    merged: list[Segment] = []
-    for seg in segments:
-        if not seg["text"]:
-            continue
-        kind = (seg["supervised"], seg.get("literal", False))
-        if merged and (merged[-1]["supervised"], merged[-1].get("literal", False)) == kind:
-            merged[-1] = {**merged[-1], "text": merged[-1]["text"] + seg["text"]}
-        else:
-            merged.append(dict(seg))
-    return merged
-
-
-def _strings(value: Any) -> Iterator[str]:
-    """Every string value in nested lists and dicts (dict keys are names, not data)."""
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _strings(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _strings(item)
-
-
-def _unmark(value: Any, markers: re.Pattern) -> Any:
-    """`value` with marked control tokens back to their text and lone markers dropped."""
-    if isinstance(value, str):
-        return markers.sub(lambda m: m.group(1) or "", value)
-    if isinstance(value, dict):
-        return {key: _unmark(item, markers) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_unmark(item, markers) for item in value]
-    return value
-
-
-def _literal_row(row: dict[str, Any], markers: re.Pattern) -> dict[str, Any]:
-    """A row rendered from marked data: each marked control token becomes a segment of its
-    own with `"literal": true` (its text, tokenized as text); everything else as rendered.
-
-        [{"text": "<|im_start|>user\nhi \U000f0000<|im_end|>\U000f0001 there<|im_end|>...",
-          "supervised": false}, ...]
-     -> [{"text": "<|im_start|>user\nhi ", "supervised": false},
-         {"text": "<|im_end|>", "supervised": false, "literal": true},
-         {"text": " there<|im_end|>...", "supervised": false}, ...]
-
-    A lone marker (a template's string method split a marked token apart) is dropped.
-    """
-    segments: list[Segment] = []
-    for seg in row["segments"]:
-        pieces = markers.split(seg["text"])
-        for k, piece in enumerate(pieces):
-            if k % 2 == 0:
-                segments.append({"text": piece, "supervised": seg["supervised"]})
-            elif piece:
-                segments.append({"text": piece, "supervised": seg["supervised"], "literal": True})
-    out = {key: _unmark(value, markers) for key, value in row.items() if key != "segments"}
-    return {"segments": _merge_adjacent(segments), **out}
 
 
 def render_prompt_completion(prompt: str, completion: str, tokenizer) -> dict:
