@@ -85,6 +85,18 @@ def _text(value: Value) -> tuple[Any, str]:
     return [], text if isinstance(text, str) else ""
 
 
+def _conversation(name: str, column: str) -> InputFormat:
+    """A format whose turns are one column of messages (`{role, content}` or ShareGPT's
+    `{from, value}`), with the record's tools in another."""
+    return InputFormat(
+        name,
+        {column: _field(column)},
+        lambda value: (normalize_turns(value(column)), ""),
+        optional={"tools": _TOOLS},
+        turns_field=column,
+    )
+
+
 # In the order messages list them; `_DETECTION_ORDER` below decides detection.
 FORMATS = {
     fmt.name: fmt
@@ -102,20 +114,8 @@ FORMATS = {
             ),
             optional={"input": _field("input")},
         ),
-        InputFormat(
-            "messages",
-            {"messages": _field("messages")},
-            lambda value: (normalize_turns(value("messages")), ""),
-            optional={"tools": _TOOLS},
-            turns_field="messages",
-        ),
-        InputFormat(
-            "sharegpt",
-            {"conversations": _field("conversations")},
-            lambda value: (normalize_turns(value("conversations")), ""),
-            optional={"tools": _TOOLS},
-            turns_field="conversations",
-        ),
+        _conversation("messages", "messages"),
+        _conversation("sharegpt", "conversations"),
         InputFormat("text", {"text": _field("text")}, _text),
     )
 }

@@ -132,7 +132,10 @@ class Renderer:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool,
         tools: list[dict[str, Any]] | None = None,
+        **template_kwargs: Any,
     ) -> str:
+        """The conversation as the template renders it; `template_kwargs` go to the template
+        (a row's own `chat_template_kwargs`, in the trainer)."""
         # `tools` only when there are some: templates test `tools is defined` / `if tools`.
         extra = {"tools": tools} if tools else {}
         return render_chat(
@@ -142,6 +145,7 @@ class Renderer:
             add_generation_prompt=add_generation_prompt,
             day=self.cfg.date,
             **extra,
+            **template_kwargs,
         )
 
     def row(

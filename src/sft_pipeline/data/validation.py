@@ -43,68 +43,31 @@ class Rule:
     check: Callable[[View, ValidationConfig], list[str]]
 
 
-# In the order a rejected record lists its reasons.
-RULES = (
-    Rule("bad_messages", "the messages are not a list of objects", conv.bad_messages),
-    Rule("bad_turn", "a message is not an object with role and content", conv.bad_turn),
-    Rule(
-        "content_not_string",
-        "a content is neither text nor text/image parts",
-        conv.content_not_string,
-    ),
-    Rule(
-        "unsupported_value",
-        "a value JSON cannot hold (bytes), or a kept key that is not text",
-        value_checks.unsupported_values,
-    ),
-    Rule(
-        "empty_content", "a message without text (tool calls and images count)", conv.empty_content
-    ),
-    Rule("unknown_role", "a role other than system, user, assistant, tool", conv.unknown_role),
-    Rule(
-        "not_alternating",
-        "turns out of order (user/assistant, calls then their results)",
-        conv.not_alternating,
-    ),
-    Rule("bad_tools", "tool definitions that are not functions with a name", tool_checks.bad_tools),
-    Rule(
-        "malformed_tool_call",
-        "a tool call without a name or JSON-object arguments",
-        tool_checks.malformed_tool_call,
-    ),
-    Rule(
-        "undeclared_function",
-        "a call of a function the record's tools do not declare",
-        tool_checks.undeclared_function,
-    ),
-    Rule(
-        "orphan_tool_result",
-        "a tool result that answers no call right before it",
-        tool_checks.orphan_tool_result,
-    ),
-    Rule("no_user_turn", "a conversation without a user message", conv.missing_turn("user")),
-    Rule(
-        "no_assistant_turn",
-        "a conversation without an assistant message",
-        conv.missing_turn("assistant"),
-    ),
-    Rule(
-        "last_not_assistant",
-        "the last message is not the assistant's (when required)",
-        conv.last_not_assistant,
-    ),
-    Rule("empty_text", "a text record without text", conv.empty_text),
-    Rule("too_long", "more characters than validation.max_chars", conv.too_long),
-    Rule("image_count", "image placeholders and images do not match in number", conv.image_count),
-    Rule("image_missing", "an image file that does not exist", conv.image_missing),
-    Rule(
-        "image_unreadable",
-        "an image that cannot be read, decoded, or is over a size limit",
-        conv.image_unreadable,
-    ),
-    Rule(
-        "image_in_assistant_turn", "an image in an assistant message", conv.image_not_in_user_turn
-    ),
+# In the order a rejected record lists its reasons: (code, what it means, check).
+RULES = tuple(
+    Rule(*row)
+    for row in (
+        ("bad_messages", "messages are not a list of objects", conv.bad_messages),
+        ("bad_turn", "a message is not an object with role and content", conv.bad_turn),
+        ("content_not_string", "content is neither text nor parts", conv.content_not_string),
+        ("unsupported_value", "bytes, or a non-text key", value_checks.unsupported_values),
+        ("empty_content", "a message without text, calls or images", conv.empty_content),
+        ("unknown_role", "not system, user, assistant or tool", conv.unknown_role),
+        ("not_alternating", "turns out of order", conv.not_alternating),
+        ("bad_tools", "tools that are not named functions", tool_checks.bad_tools),
+        ("malformed_tool_call", "a call without name or object", tool_checks.malformed_tool_call),
+        ("undeclared_function", "a call of an undeclared tool", tool_checks.undeclared_function),
+        ("orphan_tool_result", "a result of no call before it", tool_checks.orphan_tool_result),
+        ("no_user_turn", "no user message", conv.missing_turn("user")),
+        ("no_assistant_turn", "no assistant message", conv.missing_turn("assistant")),
+        ("last_not_assistant", "the assistant does not speak last", conv.last_not_assistant),
+        ("empty_text", "a text record without text", conv.empty_text),
+        ("too_long", "over validation.max_chars characters", conv.too_long),
+        ("image_count", "placeholders and images differ in number", conv.image_count),
+        ("image_missing", "an image file that does not exist", conv.image_missing),
+        ("image_unreadable", "an image unreadable or over a size limit", conv.image_unreadable),
+        ("image_in_assistant_turn", "an assistant's image", conv.image_not_in_user_turn),
+    )
 )
 DUPLICATE = "duplicate"  # the same content as an earlier record (validation.reject_duplicates)
 
