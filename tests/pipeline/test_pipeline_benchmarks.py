@@ -1,0 +1,161 @@
+"""Benchmarks through `kedro run` equal lm-evaluation-harness run directly on the same models and
+task files: a local multiple-choice task (the shipped probe) and a local generation task, with
+the chat template (a chat model) and without (a base model without a template)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import project_copy as pc
+
+pytestmark = pytest.mark.slow
+
+LIMIT = 6
+BATCH_SIZE = 4
+GENERATION_TASK = """\
+task: tiny_echo
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: conf/base/benchmarks/data/tiny_echo.jsonl
+test_split: test
+output_type: generate_until
+doc_to_text: "Repeat: {{word}}\\nAnswer:"
+doc_to_target: "{{word}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 4
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+WORDS = ["fox", "dog", "Paris", "Alice", "autumn", "wind", "quiet", "leaves"]
+
+
+def _project(root: Path, chat: bool) -> Path:
+    project = pc.make_project(root, records=16, with_model=False)
+    from tests.conftest import save_tiny_model
+
+    model = save_tiny_model(project / pc.TINY_MODEL)
+    if not chat:  # a base model: no chat template anywhere in its tokenizer files
+        (model / "chat_template.jinja").unlink(missing_ok=True)
+        config = json.loads((model / "tokenizer_config.json").read_text())
+        config.pop("chat_template", None)
+        (model / "tokenizer_config.json").write_text(json.dumps(config))
+    tasks = project / "conf/base/benchmarks"
+    (tasks / "tiny_echo.yaml").write_text(GENERATION_TASK, encoding="utf-8")
+    (tasks / "data/tiny_echo.jsonl").write_text(
+        "".join(json.dumps({"word": w}) + "\n" for w in WORDS), encoding="utf-8"
+    )
+    pc.set_params(
+        project,
+        {
+            "evaluation": {
+                "benchmarks": {
+                    "tasks": ["sft_probe", "tiny_echo"],
+                    "limit": LIMIT,
+                    "batch_size": BATCH_SIZE,
+                }
+            }
+        },
+    )
+    return project
+
+
+def _kedro(project: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "kedro", *args, "--env", pc.TINY_ENV],
+        cwd=project,
+        env=pc.env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+
+
+_DIRECT = """
+import json, sys
+from lm_eval import simple_evaluate
+from lm_eval.tasks import TaskManager
+from sft_pipeline.evaluation.benchmarks import BOOTSTRAP_ITERS
+path, chat, limit, batch = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4])
+results = simple_evaluate(
+    "hf",
+    model_args={"pretrained": path, "dtype": "float32"},
+    device="cpu",
+    batch_size=batch,
+    tasks=["sft_probe", "tiny_echo"],
+    task_manager=TaskManager(include_path="conf/base/benchmarks", include_defaults=False),
+    limit=limit,
+    bootstrap_iters=BOOTSTRAP_ITERS,
+    log_samples=False,
+    apply_chat_template=chat,
+    fewshot_as_multiturn=chat,
+)
+print("RESULTS=" + json.dumps(results["results"]))
+"""
+
+
+def _lm_eval_directly(project: Path, model: Path, chat: bool) -> dict:
+    """lm-eval's own `hf` model loading the folder, in its own process (as a user runs it)."""
+    output = pc.run(
+        [
+            sys.executable,
+            "-c",
+            _DIRECT,
+            str(model),
+            "1" if chat else "0",
+            str(LIMIT),
+            str(BATCH_SIZE),
+        ],
+        project,
+    )
+    line = next(x for x in output.splitlines() if x.startswith("RESULTS="))
+    return json.loads(line.removeprefix("RESULTS="))
+
+
+@pytest.mark.parametrize("chat", [True, False], ids=["chat-template", "plain"])
+def test_benchmarks_in_kedro_run_equal_lm_eval_run_directly(tmp_path, chat):
+    project = _project(tmp_path / "project", chat)
+    start = time.perf_counter()
+    run = _kedro(project, "run", "--pipeline=sft")
+    assert run.returncode == 0, (run.stdout + run.stderr)[-6000:]
+    print(f"kedro run: {time.perf_counter() - start:.1f} s")
+    for line in (run.stdout + run.stderr).splitlines():
+        if "benchmarks (" in line and "took" in line:
+            print(line.strip())
+    metrics = json.loads((project / "data/08_reporting/metrics.json").read_text())
+    assert metrics["benchmarks/sft_probe/chat_template"] is chat
+    assert metrics["benchmarks/tiny_echo/chat_template"] is chat
+    assert metrics["benchmarks/sft_probe/samples"] == LIMIT
+
+    for side, model in (("base", pc.TINY_MODEL), ("tuned", "data/06_models/merged")):
+        direct = _lm_eval_directly(project, project / model, chat)
+        for task, metric in (("sft_probe", "acc"), ("tiny_echo", "exact_match")):
+            key = f"benchmarks/{task}/{metric}"
+            assert metrics[f"{key}/{side}"] == direct[task][f"{metric},none"], (task, side)
+            assert metrics[f"{key}/{side}_stderr"] == direct[task][f"{metric}_stderr,none"]
+
+    # The closing summary shows the probe's base and tuned scores with intervals.
+    assert "sft_probe acc: base " in run.stdout
+    page = (project / "data/08_reporting/report.html").read_text(encoding="utf-8")
+    assert 'data-task="sft_probe"' in page
+
+    if chat:
+        # A missing task dataset: one clear error naming the task, exit code 1, and no model
+        # loaded (the evaluation node fails before reading a weight).
+        (project / "conf/base/benchmarks/data/tiny_echo.jsonl").unlink()
+        failed = _kedro(project, "run", "--pipeline=sft", "--nodes=evaluate_model")
+        assert failed.returncode == 1
+        text = failed.stdout + failed.stderr
+        assert "task 'tiny_echo'" in text and "does not exist" in text
+        assert "Loading weights" not in text
