@@ -302,9 +302,53 @@ def test_input_checks_fail_with_clear_errors(qwen_dir, tmp_path):
         _trainer(qwen_dir, tmp_path, train=transformed)
     with pytest.raises(ValueError, match=r"padding_free=True .* needs max_length"):
         _trainer(qwen_dir, tmp_path, padding_free=True, max_length=None)
+    from peft import PromptTuningConfig
+
+    with pytest.raises(ValueError, match="prompt-learning adapter"):
+        _trainer(
+            qwen_dir,
+            tmp_path,
+            packing=True,
+            peft_config=PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2),
+        )
 
 
 def test_the_model_is_tagged_for_its_card_and_no_moe_aux_loss_is_claimed(qwen_dir, tmp_path):
     trainer = _trainer(qwen_dir, tmp_path)
     assert {"sft", "sft-pipeline"} <= set(trainer.model.model_tags)
     assert trainer.aux_loss_enabled is False
+
+
+def test_qwen3_multi_turn_trains_every_assistant_turn_with_its_reasoning_block(
+    fixtures_dir, tmp_path
+):
+    import json
+
+    from tests.conftest import build_tiny_model, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    config = fixtures_dir / "tokenizers" / "chat_templates" / "qwen3__tokenizer_config.json"
+    tokenizer.chat_template = json.loads(config.read_text())["chat_template"]
+    conversation = [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "And of Italy?"},
+        {"role": "assistant", "content": "Rome."},
+    ]
+    # The template itself drops the first turn's block once a later user turn follows.
+    native = tokenizer.apply_chat_template(conversation, tokenize=False)
+    assert native.count("<think>") == 1
+    data = Dataset.from_list([{"prompt": conversation[:1], "completion": conversation[1:]}])
+    trainer = SFTTrainer(
+        model=build_tiny_model("qwen3", len(tokenizer)),
+        args=_args(tmp_path, assistant_only_loss=True, completion_only_loss=True, max_length=512),
+        train_dataset=data,
+        processing_class=tokenizer,
+    )
+    row = trainer.train_dataset[0]
+    text = tokenizer.decode(row["input_ids"])
+    supervised = tokenizer.decode([t for t in row["labels"] if t >= 0])
+    block = "<think>\n\n</think>\n\n"
+    assert text.count(block) == 2
+    assert supervised == f"{block}Paris.<|im_end|>{block}Rome.<|im_end|>"
+    assert "And of Italy?" in text and "And of Italy?" not in supervised

@@ -56,6 +56,19 @@ def check_padding_free(args: SFTConfig) -> None:
         )
 
 
+def check_prompt_learning(model, args: SFTConfig) -> None:
+    """Prompt-learning adapters put virtual tokens in front of each row: packed rows (several
+    sequences, one mask) cannot take them."""
+    from sft_pipeline.trainer.loss import is_prompt_learning
+
+    if is_prompt_learning(model) and (args.packing or args.padding_free):
+        raise ValueError(
+            "SFTConfig: packing and padding_free join several sequences into one row, which a "
+            "prompt-learning adapter (prompt tuning, prefix tuning, p-tuning) cannot prefix with "
+            "its virtual tokens; set packing=False and padding_free=False"
+        )
+
+
 def skips_preparation(args: SFTConfig) -> bool:
     return bool((args.dataset_kwargs or {}).get("skip_prepare_dataset", False))
 

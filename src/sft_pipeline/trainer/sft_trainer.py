@@ -74,6 +74,9 @@ class SFTTrainer(OwnCheckpoints, Trainer):
             raise ValueError("SFTTrainer needs `model`: a model object or a name/path to load")
         args = _sft_args(args, model)
         checks.check_train_dataset(train_dataset)
+        if not checks.skips_preparation(args):
+            # Before the model loads: nothing expensive runs for a dataset that cannot be used.
+            checks.check_preparable(train_dataset, "train_dataset")
         eval_follows_train = args.eval_packing == args.packing
         overrides = {
             "dataset_text_field": dataset_text_field,
@@ -114,6 +117,7 @@ class SFTTrainer(OwnCheckpoints, Trainer):
             )
         if peft_config is not None:
             model = _apply_peft(model, peft_config, args)
+        checks.check_prompt_learning(model, args)
         if args.gradient_checkpointing and hasattr(model, "peft_config"):
             # Frozen embeddings give checkpointed blocks inputs without grad.
             model.enable_input_require_grads()
@@ -126,7 +130,6 @@ class SFTTrainer(OwnCheckpoints, Trainer):
             )
             checks.check_unprepared({"train_dataset": train_dataset, **named})
         else:
-            checks.check_preparable(train_dataset, "train_dataset")
             train_dataset = self._prepare(train_dataset, processing_class, args, "train_dataset")
             if eval_dataset is not None:
                 eval_dataset = self._prepare_eval(eval_dataset, processing_class, args)
