@@ -300,8 +300,6 @@ def test_input_checks_fail_with_clear_errors(qwen_dir, tmp_path):
     transformed = Dataset.from_dict({"text": TEXTS}).with_transform(lambda batch: batch)
     with pytest.raises(ValueError, match=r"with_transform\(\).*skip_prepare_dataset"):
         _trainer(qwen_dir, tmp_path, train=transformed)
-    with pytest.raises(ValueError, match=r"padding_free=True .* needs max_length"):
-        _trainer(qwen_dir, tmp_path, padding_free=True, max_length=None)
     from peft import PromptTuningConfig
 
     with pytest.raises(ValueError, match="prompt-learning adapter"):
@@ -352,3 +350,14 @@ def test_qwen3_multi_turn_trains_every_assistant_turn_with_its_reasoning_block(
     assert text.count(block) == 2
     assert supervised == f"{block}Paris.<|im_end|>{block}Rome.<|im_end|>"
     assert "And of Italy?" in text and "And of Italy?" not in supervised
+
+
+def test_padding_free_without_max_length_puts_each_batch_in_one_row(qwen_dir, tmp_path):
+    trainer = _trainer(
+        qwen_dir, tmp_path, padding_free=True, max_length=None, per_device_train_batch_size=4
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == 1
+    assert batch["document_ids"].max() == 4  # the four rows, kept apart
+    trainer.train()
+    assert trainer.state.log_history[-1]["train_loss"] > 0

@@ -2,8 +2,8 @@
 
 Each check fails with a `ValueError` that names the argument and what to do: a missing
 `train_dataset`, a `with_transform` dataset (preparation would bake its transform into the
-tokens), `padding_free` without the row size it re-packs into, mask columns without labels when
-preparation is skipped. `chat_template_path` replaces the tokenizer's template here, before the
+tokens), mask columns without labels when preparation is skipped, prompt-learning adapters with
+packed rows. `chat_template_path` replaces the tokenizer's template here, before the
 data is rendered with it.
 """
 
@@ -48,12 +48,19 @@ def check_preparable(dataset: Any, name: str) -> None:
         )
 
 
-def check_padding_free(args: SFTConfig) -> None:
-    if args.padding_free and not args.packing and not args.max_length:
-        raise ValueError(
-            "SFTConfig: padding_free=True re-packs each batch into rows of at most max_length "
-            "tokens, so it needs max_length (got None); set max_length, or packing=True"
-        )
+# Larger than any batch: every row of the batch fits in one.
+WHOLE_BATCH = 2**31 - 1
+
+
+def padding_free_capacity(args: SFTConfig) -> int | None:
+    """The row size padding-free batches are re-packed into, None when not padding-free.
+
+    With `max_length` a batch becomes rows of at most that many tokens; without it (what TRL
+    users write, as TRL does not enforce `max_length` there) the whole batch is one row.
+    """
+    if not args.padding_free:
+        return None
+    return args.max_length or WHOLE_BATCH
 
 
 def check_prompt_learning(model, args: SFTConfig) -> None:

@@ -87,7 +87,6 @@ class SFTTrainer(OwnCheckpoints, Trainer):
             if value is not None:
                 setattr(args, key, value)
         args.max_seq_length = args.max_length
-        checks.check_padding_free(args)
         if packing is not None and eval_follows_train:
             args.eval_packing = packing
         # Our prepared datasets hold only what the collator needs; Trainer's column pruning by
@@ -137,7 +136,7 @@ class SFTTrainer(OwnCheckpoints, Trainer):
             data_collator = DataCollatorForSFT(
                 pad_token_id=text_tokenizer.pad_token_id,
                 pad_to_multiple_of=args.pad_to_multiple_of,
-                padding_free_capacity=args.max_length if args.padding_free else None,
+                padding_free_capacity=checks.padding_free_capacity(args),
             )
         super().__init__(
             model=model,
