@@ -325,9 +325,6 @@ class SFTTrainer(OwnCheckpoints, Trainer):
     # ------------------------------------------------------------------ eval
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        # With a dict of eval sets, Trainer evaluates each under "eval_<name>": our token
-        # metrics must carry the same prefix as its loss.
-        self._eval_prefix = metric_key_prefix
         if eval_dataset is not None and not isinstance(eval_dataset, str):
             # A raw dataset passed here is prepared as the one given at construction was.
             if checks.skips_preparation(self.args):
@@ -335,6 +332,9 @@ class SFTTrainer(OwnCheckpoints, Trainer):
                 checks.check_unprepared(named)
             else:
                 eval_dataset = self._prepare_eval(eval_dataset, self.processing_class, self.args)
+        # With a dict of eval sets, Trainer evaluates each under "eval_<name>": our token
+        # metrics must carry the same prefix as its loss.
+        self._eval_prefix = metric_key_prefix
         try:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         finally:
