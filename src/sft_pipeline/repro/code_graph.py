@@ -5,11 +5,18 @@ module re-runs exactly the nodes whose code imports it) and the training run fin
 (`finetune.run_state.code_fingerprint`, so a checkpoint of older training code is not resumed).
 The walk is static (`ast`), conservative inside a module (an import inside any function counts)
 and skips `if TYPE_CHECKING:` blocks.
+
+Parsing is most of its cost. A graph given a cache file keeps each module's import statements
+there under the sha256 of the module's bytes, so the next walk (the next DVC stage's check of
+`dvc.yaml`) parses only what changed: the answer depends on the sources' content alone, never on
+file times.
 """
 
 from __future__ import annotations
 
 import ast
+import hashlib
+import json
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -56,9 +63,14 @@ def _import_nodes(tree: ast.AST, *, into_functions: bool) -> Iterable[ast.Import
 class CodeGraph:
     """Resolves which source files of one package a piece of code can execute."""
 
-    def __init__(self, source_dir: Path, package: str) -> None:
+    def __init__(self, source_dir: Path, package: str, cache: Path | None = None) -> None:
         self.source_dir = source_dir
         self.package = package
+        # sha256 of a module's bytes -> its import statements (`_encode`), read from and written
+        # back to `cache` (only the modules of this walk: the file never grows stale entries).
+        self._cache = cache
+        self._stored = _read_cache(cache)
+        self._used: dict[str, dict[str, list]] = {}
         # One graph answers for one state of the sources (a `kedro dvc generate`, a stage's
         # check, a fingerprint): each file is found, parsed and walked once, not once per node.
         self._trees: dict[Path, ast.Module] = {}
@@ -127,11 +139,35 @@ class CodeGraph:
             found: dict[str, bool] = {}
             if path is not None:
                 is_pkg = path.name == "__init__.py"
-                for stmt in _import_nodes(self._tree(path), into_functions=into_functions):
+                for stmt in self._statements(path, into_functions):
                     for dep, full in self._resolve(stmt, module, is_pkg).items():
                         found[dep] = found.get(dep, False) or full
             self._imports[key] = found
         return dict(self._imports[key])
+
+    def _statements(self, path: Path, into_functions: bool) -> list[ast.Import | ast.ImportFrom]:
+        """`_import_nodes` of a module, from the cache when its bytes are known there."""
+        if self._cache is None:
+            return list(_import_nodes(self._tree(path), into_functions=into_functions))
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        entry = self._used.get(digest) or self._stored.get(digest)
+        if entry is None:
+            tree = self._tree(path)
+            entry = {
+                key: [_encode(stmt) for stmt in _import_nodes(tree, into_functions=full)]
+                for key, full in (("all", True), ("top", False))
+            }
+        self._used[digest] = entry
+        return [_decode(item) for item in entry["all" if into_functions else "top"]]
+
+    def save_cache(self) -> None:
+        """Write the import statements of the modules walked so far to the cache file."""
+        if self._cache is None or self._used == self._stored:
+            return
+        from sft_pipeline.common.atomic import write_text
+
+        self._cache.parent.mkdir(parents=True, exist_ok=True)
+        write_text(self._cache, json.dumps(self._used, sort_keys=True))
 
     def closure(self, modules: Mapping[str, bool]) -> set[str]:
         """Modules reachable from `modules` (module -> whether all of its code may run).
@@ -188,6 +224,31 @@ class CodeGraph:
 
     def files(self, modules: Iterable[str]) -> set[Path]:
         return {p for m in modules if (p := self.module_file(m)) is not None}
+
+
+def _encode(stmt: ast.Import | ast.ImportFrom) -> list:
+    names = [alias.name for alias in stmt.names]
+    if isinstance(stmt, ast.Import):
+        return [names]
+    return [names, stmt.module, stmt.level]
+
+
+def _decode(item: list) -> ast.Import | ast.ImportFrom:
+    aliases = [ast.alias(name=name) for name in item[0]]
+    if len(item) == 1:
+        return ast.Import(names=aliases)
+    return ast.ImportFrom(module=item[1], names=aliases, level=item[2])
+
+
+def _read_cache(path: Path | None) -> dict[str, dict[str, list]]:
+    """The cache file's entries; a missing or unreadable file is an empty cache."""
+    if path is None:
+        return {}
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return stored if isinstance(stored, dict) else {}
 
 
 def node_modules(graph: CodeGraph, func: Callable[..., Any]) -> set[str]:

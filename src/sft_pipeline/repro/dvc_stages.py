@@ -357,11 +357,14 @@ def _check_names(nodes: Sequence[Any]) -> None:
             )
 
 
-def build_dvc_yaml(pipeline: Any, project: Project) -> dict[str, Any]:
-    """The dvc.yaml content for `pipeline` (its nodes in Kedro's topological order)."""
+def build_dvc_yaml(
+    pipeline: Any, project: Project, graph: CodeGraph | None = None
+) -> dict[str, Any]:
+    """The dvc.yaml content for `pipeline` (its nodes in Kedro's topological order); `graph`:
+    the import-graph walk to use (default: a fresh one over the project's sources)."""
     nodes = list(pipeline.nodes)
     _check_names(nodes)
-    graph = CodeGraph(project.source_dir, project.package)
+    graph = graph or CodeGraph(project.source_dir, project.package)
     _check_readers(project, graph)
     stages = {node.name: build_stage(node, project, graph) for node in nodes}
     images = [
