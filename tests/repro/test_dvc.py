@@ -208,6 +208,7 @@ def test_every_reader_of_the_real_project_is_a_module_its_node_runs(real_stages)
         "data": "ingest_records",
         "template": "render_conversations",
         "model": "prepare_base_model",
+        "evaluation": "evaluate_model",
     }
     for fp in dvc_stages.FILE_PARAMS:
         assert graph.module_file(fp.module) is not None, fp.module
@@ -224,6 +225,13 @@ def test_a_local_model_folder_is_a_dep_of_prepare_base_model(tmp_path: Path) -> 
     stages = dvc_stages.build_dvc_yaml(pipeline, project)["stages"]
     owners = {name for name, s in stages.items() if pc.TINY_MODEL in s["deps"]}
     assert owners == {"prepare_base_model"}
+
+
+def test_benchmark_task_and_data_files_are_deps_of_evaluate_model_only(real_stages) -> None:
+    _pipeline, stages = real_stages
+    files = ("conf/base/benchmarks/sft_probe.yaml", "conf/base/benchmarks/data/probe.jsonl")
+    for path in files:
+        assert {n for n, s in stages.items() if path in s["deps"]} == {"evaluate_model"}, path
 
 
 def test_memory_dataset_between_nodes_is_an_error(fake_src: Path) -> None:
@@ -434,16 +442,27 @@ def test_chat_template_param_and_file_rerun_from_rendering(project: Path) -> Non
     template.write_text(CUSTOM_TEMPLATE.replace("VERB", "says"))
     pc.set_params(project, {"template": {"chat_template": "conf/tiny/chat_template.jinja"}})
     pc.run(["kedro", "dvc", "generate", "--env", pc.TINY_ENV], project)  # a new file dep
-    # The parameter invalidates rendering and the merge (whose tokenizer carries the template);
-    # downstream follows once rendering's outputs change, as the full repro below shows...
-    reading_it = {"render_conversations", "merge_adapter"}
+    # The parameter invalidates rendering, the merge (whose tokenizer carries the template) and
+    # the evaluation (benchmarks are prompted as training rendered); downstream follows once
+    # rendering's outputs change, as the full repro below shows...
+    reading_it = {"render_conversations", "merge_adapter", "evaluate_model"}
     assert _changed_stages(project) == reading_it
     # ...and the file it names invalidates rendering too.
     pc.run(["dvc", "commit", "-f", "render_conversations"], project)
-    assert _changed_stages(project) == {"merge_adapter"}
+    assert _changed_stages(project) == {"merge_adapter", "evaluate_model"}
     template.write_text(CUSTOM_TEMPLATE.replace("VERB", "writes"))
     assert _changed_stages(project) == reading_it
     assert repro(project) == FROM_RENDERING
+
+
+@pytest.mark.slow
+def test_a_benchmark_item_edit_invalidates_the_evaluation_only(project: Path) -> None:
+    probe = project / "conf/base/benchmarks/data/probe.jsonl"
+    with probe.open("a") as f:
+        f.write(
+            '{"id": "extra", "question": "What is 1 + 1?", "choices": ["2", "3"], "answer": 0}\n'
+        )
+    assert _changed_stages(project) == {"evaluate_model"}
 
 
 @pytest.mark.slow
