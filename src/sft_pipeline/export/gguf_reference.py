@@ -16,11 +16,12 @@ sentencepiece and numpy of the venv; its own `gguf-py`, newer than the `gguf` re
 so nothing of it is imported here.
 
 What the tests show (tests/export/test_gguf_reference.py) decides which writer the export uses:
-ours, for every family. The converter cannot read a folder saved by transformers 5 for Gemma and
-Phi-3 (it wants `tokenizer.model`, which transformers no longer writes) nor for GPT-2 (it wants
-`n_ctx` in config.json); for Llama-2 and Mistral it reads the SentencePiece vocabulary from
-`tokenizer.json` with every score -1000, and llama.cpp then merges by position instead of by
-rank (`▁pond` becomes `▁pon d` where training had `▁p ond`).
+ours, for every family. The converter cannot read what transformers 5 saves for Gemma and
+Phi-3 (it wants `tokenizer.model`, which transformers no longer writes), nor a GPT-2 config
+without `n_ctx`, nor a byte-level vocabulary it does not know by the hash of its encoding; for
+Llama-2 and Mistral it reads the SentencePiece vocabulary from `tokenizer.json` with every score
+-1000, and llama.cpp then merges by position instead of by rank (`▁pond` becomes `▁pon d` where
+training had `▁p ond`).
 """
 
 from __future__ import annotations
