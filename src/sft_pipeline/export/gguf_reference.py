@@ -2,7 +2,7 @@
 against.
 
 It ships, with the `gguf-py` it imports, in the llama-cpp-python source distribution on the
-package index. `make llamacpp` downloads that sdist (pinned in the Makefile: `LLAMACPP_SDIST`)
+package index. `make llamacpp` downloads that sdist (pinned in the Makefile: `LLAMACPP_VERSION`)
 and keeps only the converter, its `conversion/` package, `gguf-py/` and the licence, in
 `tools/llamacpp/convert/` (git-ignored):
 
@@ -12,8 +12,9 @@ and keeps only the converter, its `conversion/` package, `gguf-py/` and the lice
                                                         sys.path by the converter), LICENSE
 
 The converter runs in its own process with this project's Python (torch, transformers,
-sentencepiece and numpy of the venv; its own `gguf-py`, newer than the `gguf` release we pin),
-so nothing of it is imported here.
+sentencepiece and numpy of the venv, newer than the ones it names, and read fine by it), with its
+own `gguf-py` first on `sys.path` (its default): with the `gguf` 0.19.0 release we pin it stops
+at `gguf.LazyChunkedTensor`. Nothing of it is imported here.
 
 What the tests show (tests/export/test_gguf_reference.py) decides which writer the export uses:
 ours, for every family. The converter cannot read what transformers 5 saves for Gemma and
