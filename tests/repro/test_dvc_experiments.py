@@ -67,3 +67,38 @@ def test_learning_rate_experiments_show_live_step_metrics_and_per_step_loss(
         plots = json.loads(pc.run(["dvc", "plots", "diff", *RATES, "--json"], root))["data"]
         loss = plots[LIVE_LOSS]
         assert sorted(r for entry in loss for r in entry["revisions"]) == sorted(RATES)
+
+
+@pytest.mark.slow
+def test_a_queued_grid_of_two_runs_side_by_side_and_each_keeps_its_own_results(
+    tmp_path_factory,
+) -> None:
+    import time
+
+    root, _, _ = pc.reproduced_project(tmp_path_factory)
+    grid = (2e-3, 6e-3)
+    with pc.restored(root):
+        values = ",".join(str(rate) for rate in grid)
+        pc.run(
+            ["dvc", "exp", "run", "--queue", "-S", f"{PARAMS}:training.learning_rate={values}"],
+            root,
+        )
+        pc.run(["dvc", "queue", "start", "-j", "2"], root)
+        deadline = time.monotonic() + 600
+        while True:
+            status = pc.run(["dvc", "queue", "status"], root)
+            if not any(word in status for word in ("Queued", "Running")):
+                break
+            assert time.monotonic() < deadline, status
+            time.sleep(3)
+        assert "Failed" not in status, status
+        shown = json.loads(pc.run(["dvc", "exp", "show", "--json"], root))
+        found = {}
+        for data in _experiments(shown).values():
+            rate = data["params"][PARAMS]["data"]["training"]["learning_rate"]
+            metrics = data["metrics"]["data/08_reporting/metrics.json"]["data"]
+            found[rate] = metrics["tuned/eval_loss"]
+        assert sorted(found) == pytest.approx(sorted(grid)), found
+        assert len(set(found.values())) == 2, found  # each its own trained model
+        pc.run(["dvc", "queue", "remove", "--all"], root)
+        pc.run(["dvc", "exp", "remove", "--all-commits", "-A"], root)
