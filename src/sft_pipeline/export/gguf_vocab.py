@@ -143,7 +143,13 @@ def space_prefix(tokenizer, scheme: str) -> bool:
     from sft_pipeline.data.templating import tokenizer_adds_bos
     from sft_pipeline.export.gguf_check import prompt_texts
 
-    text = prompt_texts(tokenizer)[0]
+    try:
+        text = prompt_texts(tokenizer)[0]
+    except Exception as exc:  # a template error of any kind, from Jinja or the template
+        raise ExportError(
+            "GGUF export renders a prompt with the merged model's chat template to choose "
+            f"llama.cpp's space prefix, and the template failed: {exc}"
+        ) from exc
     if tokenizer_adds_bos(tokenizer) and text.startswith(tokenizer.bos_token):
         text = text[len(tokenizer.bos_token) :]
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
