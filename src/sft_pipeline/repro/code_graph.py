@@ -166,8 +166,11 @@ class CodeGraph:
             return
         from sft_pipeline.common.atomic import write_text
 
-        self._cache.parent.mkdir(parents=True, exist_ok=True)
-        write_text(self._cache, json.dumps(self._used, sort_keys=True))
+        try:
+            self._cache.parent.mkdir(parents=True, exist_ok=True)
+            write_text(self._cache, json.dumps(self._used, sort_keys=True))
+        except OSError:
+            pass  # a read-only checkout: the next walk parses again, with the same answer
 
     def closure(self, modules: Mapping[str, bool]) -> set[str]:
         """Modules reachable from `modules` (module -> whether all of its code may run).
