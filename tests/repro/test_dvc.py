@@ -545,3 +545,32 @@ def test_a_run_pushed_from_one_clone_is_pulled_into_a_fresh_clone_with_nothing_t
     pc.run(["kedro", "sft", "generate", *model, "--prompts", str(prompts), "-o", str(answers)], b)
     rows = [json.loads(line) for line in answers.read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["num_tokens"] >= 1
+
+
+@pytest.mark.slow
+def test_an_experiment_pushed_from_one_clone_applies_in_another_with_nothing_to_run(
+    tmp_path_factory, tmp_path
+) -> None:
+    shared, _, _ = pc.reproduced_project(tmp_path_factory)
+    a = tmp_path / "a"
+    shutil.copytree(shared, a, symlinks=True)
+    origin = tmp_path / "origin.git"
+    pc.run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], tmp_path)
+    pc.run(["dvc", "remote", "add", "-d", "storage", str(tmp_path / "remote")], a)
+    pc.run(["git", "remote", "add", "origin", str(origin)], a)
+    pc.run(["git", "add", "-A"], a)
+    pc.run(["git", "commit", "-q", "-m", "run"], a)
+    pc.run(["git", "push", "-q", "origin", "main"], a)
+    pc.run(["dvc", "push"], a)
+    params = "conf/base/parameters_sft.yml:training.learning_rate=3e-3"
+    pc.run(["dvc", "exp", "run", "-n", "lr-3e-3", "-S", params], a)
+    pc.run(["dvc", "exp", "push", "origin", "lr-3e-3"], a)  # git refs and DVC cache
+    b = tmp_path / "b"
+    pc.run(["git", "clone", "-q", str(origin), str(b)], tmp_path)
+    pc.run(["dvc", "exp", "pull", "origin", "lr-3e-3"], b)
+    pc.run(["dvc", "exp", "apply", "lr-3e-3"], b)
+    pc.run(["dvc", "pull"], b)
+    assert json.loads(pc.run(["dvc", "status", "--json"], b)) == {}
+    assert pc.ran_stages(pc.run(["dvc", "repro"], b)) == set()
+    effective = pc.read_json(b, "data/06_models/adapter/training_params.json")
+    assert effective["training"]["learning_rate"] == pytest.approx(3e-3)
