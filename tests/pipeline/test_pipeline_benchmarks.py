@@ -1,6 +1,8 @@
 """Benchmarks through `kedro run` equal lm-evaluation-harness run directly on the same models and
 task files: a local multiple-choice task (the shipped probe) and a local generation task, with
-the chat template (a chat model) and without (a base model without a template)."""
+the chat template (a chat model) and without (a base model without a template). The same
+project then shows the two ways a benchmark stops a run with exit code 1, naming the task: a
+regression beyond `evaluation.max_regression`, and a missing data file (before any model loads)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests import project_copy as pc
+from tests.conftest import save_tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -37,13 +40,25 @@ metric_list:
     aggregation: mean
     higher_is_better: true
 """
+PROBE_STYLE_TASK = """\
+task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+"""
 WORDS = ["fox", "dog", "Paris", "Alice", "autumn", "wind", "quiet", "leaves"]
 
 
 def _project(root: Path, chat: bool) -> Path:
     project = pc.make_project(root, records=16, with_model=False)
-    from tests.conftest import save_tiny_model
-
     model = save_tiny_model(project / pc.TINY_MODEL)
     if not chat:  # a base model: no chat template anywhere in its tokenizer files
         (model / "chat_template.jinja").unlink(missing_ok=True)
@@ -88,39 +103,62 @@ from lm_eval import simple_evaluate
 from lm_eval.tasks import TaskManager
 from sft_pipeline.evaluation.benchmarks import BOOTSTRAP_ITERS
 path, chat, limit, batch = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4])
+tasks = sys.argv[5].split(",")
 results = simple_evaluate(
     "hf",
     model_args={"pretrained": path, "dtype": "float32"},
     device="cpu",
     batch_size=batch,
-    tasks=["sft_probe", "tiny_echo"],
+    tasks=tasks,
     task_manager=TaskManager(include_path="conf/base/benchmarks", include_defaults=False),
-    limit=limit,
+    limit=limit or None,
     bootstrap_iters=BOOTSTRAP_ITERS,
-    log_samples=False,
+    log_samples=True,
     apply_chat_template=chat,
     fewshot_as_multiturn=chat,
 )
-print("RESULTS=" + json.dumps(results["results"]))
+# Per task, the choice each item's log-likelihoods rank first (multiple choice only).
+picks = {
+    task: [max(range(len(s["filtered_resps"])), key=lambda i: s["filtered_resps"][i][0])
+           for s in sorted(samples, key=lambda s: s["doc_id"])]
+    for task, samples in results["samples"].items()
+    if results["configs"][task]["output_type"] == "multiple_choice"
+}
+print("RESULTS=" + json.dumps({"results": results["results"], "picks": picks}))
 """
 
 
-def _lm_eval_directly(project: Path, model: Path, chat: bool) -> dict:
-    """lm-eval's own `hf` model loading the folder, in its own process (as a user runs it)."""
-    output = pc.run(
-        [
-            sys.executable,
-            "-c",
-            _DIRECT,
-            str(model),
-            "1" if chat else "0",
-            str(LIMIT),
-            str(BATCH_SIZE),
-        ],
-        project,
-    )
+def _lm_eval_directly(
+    project: Path, model: Path, chat: bool, tasks=("sft_probe", "tiny_echo"), limit=LIMIT
+) -> dict:
+    """lm-eval's own `hf` model loading the folder, in its own process (as a user runs it):
+    {"results": lm-eval's results, "picks": {task: the choice ranked first, per item}}."""
+    args = [str(model), "1" if chat else "0", str(limit or 0), str(BATCH_SIZE), ",".join(tasks)]
+    output = pc.run([sys.executable, "-c", _DIRECT, *args], project)
     line = next(x for x in output.splitlines() if x.startswith("RESULTS="))
     return json.loads(line.removeprefix("RESULTS="))
+
+
+def _a_task_the_base_answers_perfectly(project: Path) -> None:
+    """`base_pick`: two-way items whose answer is the choice the base model ranks first, so the
+    base scores 1.0 and any other model about 0.5."""
+    tasks = project / "conf/base/benchmarks"
+    items = [
+        {"question": f"Pick {a}", "choices": [a, b], "answer": 0}
+        for a in WORDS
+        for b in WORDS
+        if a < b
+    ]
+    data = tasks / "data/base_pick.jsonl"
+    data.write_text("".join(json.dumps(i) + "\n" for i in items), encoding="utf-8")
+    text = PROBE_STYLE_TASK.format(
+        name="base_pick", data="conf/base/benchmarks/data/base_pick.jsonl"
+    )
+    (tasks / "base_pick.yaml").write_text(text, encoding="utf-8")
+    picks = _lm_eval_directly(project, project / pc.TINY_MODEL, True, ("base_pick",), None)
+    for item, pick in zip(items, picks["picks"]["base_pick"], strict=True):
+        item["answer"] = pick
+    data.write_text("".join(json.dumps(i) + "\n" for i in items), encoding="utf-8")
 
 
 @pytest.mark.parametrize("chat", [True, False], ids=["chat-template", "plain"])
@@ -139,7 +177,7 @@ def test_benchmarks_in_kedro_run_equal_lm_eval_run_directly(tmp_path, chat):
     assert metrics["benchmarks/sft_probe/samples"] == LIMIT
 
     for side, model in (("base", pc.TINY_MODEL), ("tuned", "data/06_models/merged")):
-        direct = _lm_eval_directly(project, project / model, chat)
+        direct = _lm_eval_directly(project, project / model, chat)["results"]
         for task, metric in (("sft_probe", "acc"), ("tiny_echo", "exact_match")):
             key = f"benchmarks/{task}/{metric}"
             assert metrics[f"{key}/{side}"] == direct[task][f"{metric},none"], (task, side)
@@ -151,11 +189,27 @@ def test_benchmarks_in_kedro_run_equal_lm_eval_run_directly(tmp_path, chat):
     assert 'data-task="sft_probe"' in page
 
     if chat:
+        # A regression beyond evaluation.max_regression and two standard errors: the tuned
+        # model replaced by another random one, on a task the base answers perfectly.
+        _a_task_the_base_answers_perfectly(project)
+        other = save_tiny_model(tmp_path / "other", seed=1)
+        merged = project / "data/06_models/merged"
+        (merged / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+        pc.set_params(
+            project,
+            {"evaluation": {"benchmarks": {"tasks": ["base_pick"], "limit": None}}},
+        )
+        pc.set_params(project, {"evaluation": {"max_regression": 0.1}})
+        failed = _kedro(project, "run", "--pipeline=sft", "--nodes=evaluate_model")
+        text = failed.stdout + failed.stderr
+        assert failed.returncode == 1, text[-3000:]
+        assert "evaluation.max_regression=0.1" in text and "base_pick acc: base 1, tuned" in text
+
         # A missing task dataset: one clear error naming the task, exit code 1, and no model
         # loaded (the evaluation node fails before reading a weight).
-        (project / "conf/base/benchmarks/data/tiny_echo.jsonl").unlink()
+        (project / "conf/base/benchmarks/data/base_pick.jsonl").unlink()
         failed = _kedro(project, "run", "--pipeline=sft", "--nodes=evaluate_model")
         assert failed.returncode == 1
         text = failed.stdout + failed.stderr
-        assert "task 'tiny_echo'" in text and "does not exist" in text
+        assert "task 'base_pick'" in text and "does not exist" in text
         assert "Loading weights" not in text
