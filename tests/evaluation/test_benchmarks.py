@@ -306,10 +306,3 @@ def test_the_gate_passes_a_drop_within_two_standard_errors_or_within_the_amount(
         _results(0.4, 0.001, 12.0, 0.01), _results(0.5, 0.001, 10.0, 0.01), False
     )
     benchmarks.check_regression(better, 0.0)
-
-
-def test_a_gate_breach_in_evaluate_model_is_a_user_error_kedro_ends_with_exit_code_1():
-    from sft_pipeline.common.errors import UserError
-
-    assert issubclass(benchmarks.BenchmarkRegression, UserError)
-    assert issubclass(benchmarks.BenchmarkError, UserError)

@@ -223,12 +223,20 @@ def run_lm_eval(model, tokenizer, plan: TaskPlan, fmt: PromptFormat, cfg: Benchm
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(
-        pretrained=model,
-        tokenizer=tokenizer,
-        batch_size=cfg.batch_size,
-        chat_template_args=dict(fmt.template_args),
-    )
+    # Handing over a loaded model is the point here: lm-eval's warnings that it was not given a
+    # path (so it will not load or place one) say nothing the user can act on.
+    quiet = logging.getLogger(HFLM.__module__)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        lm = HFLM(
+            pretrained=model,
+            tokenizer=tokenizer,
+            batch_size=cfg.batch_size,
+            chat_template_args=dict(fmt.template_args),
+        )
+    finally:
+        quiet.setLevel(level)
     with fmt.clock():
         return simple_evaluate(
             lm,
