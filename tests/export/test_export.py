@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from sft_pipeline.common.config import ConfigError, ExportConfig, parse_section
-from sft_pipeline.export.gguf import ExportError, export, export_file_name
+from sft_pipeline.export.errors import ExportError
+from sft_pipeline.export.gguf import export, export_file_name
 from sft_pipeline.export.ollama import (
     alpaca_layout,
     chatml_layout,

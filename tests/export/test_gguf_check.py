@@ -8,7 +8,8 @@ import pytest
 
 from sft_pipeline.common.config import ExportConfig
 from sft_pipeline.export import gguf_vocab, llamacpp
-from sft_pipeline.export.gguf import ExportError, export
+from sft_pipeline.export.errors import ExportError
+from sft_pipeline.export.gguf import export
 from tests.conftest import build_tiny_model, build_tiny_tokenizer
 from tests.export.test_gguf_llamacpp import tokenizer_for
 
@@ -40,7 +41,7 @@ def test_a_model_that_stops_at_once_agrees_with_a_file_that_stops_there_too(tmp_
     the merged model answers every prompt by stopping, and so does its file. Scored on what the
     model generates freely, that is full agreement over one position per prompt (with the stop
     token suppressed the reference would run on where the file stops: no agreement at all)."""
-    from sft_pipeline.export.gguf_check import HELD_OUT_PROMPTS
+    from sft_pipeline.export.check_prompts import HELD_OUT_PROMPTS
     from sft_pipeline.model.stop_tokens import configure_special_tokens
 
     tokenizer = build_tiny_tokenizer()

@@ -15,7 +15,8 @@ import pytest
 
 from sft_pipeline.common.config import ExportConfig
 from sft_pipeline.export import llamacpp
-from sft_pipeline.export.gguf import ExportError, export
+from sft_pipeline.export.errors import ExportError
+from sft_pipeline.export.gguf import export
 from tests.conftest import build_tiny_model, build_tiny_tokenizer
 
 pytestmark = pytest.mark.skipif(

@@ -25,8 +25,8 @@ import pytest
 
 from sft_pipeline.common.config import ExportConfig, TemplateConfig
 from sft_pipeline.export import gguf_reference, llamacpp
+from sft_pipeline.export.errors import ExportError
 from sft_pipeline.export.gguf import export
-from sft_pipeline.export.gguf_vocab import ExportError
 from tests.conftest import build_tiny_model
 from tests.export.test_gguf_llamacpp import tokenizer_for
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from sft_pipeline.common.config import ExportConfig
-from sft_pipeline.export.gguf import ExportError, export
+from sft_pipeline.export.errors import ExportError
+from sft_pipeline.export.gguf import export
 from tests.conftest import build_tiny_model
 from tests.export.test_gguf_llamacpp import tokenizer_for
 

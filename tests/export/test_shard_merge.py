@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sft_pipeline.export.shard_merge import NotShardwise, ShardwiseMerge, read_adapter
+from sft_pipeline.export.errors import NotShardwise
+from sft_pipeline.export.shard_merge import ShardwiseMerge, read_adapter
 from tests.conftest import build_tiny_model, build_tiny_tokenizer
 
 

@@ -35,10 +35,11 @@ from typing import Any
 import numpy as np
 
 from sft_pipeline.common.config import ExportConfig
-from sft_pipeline.common.paths import read_shard_index
+from sft_pipeline.common.safetensors_files import ShardReader
+from sft_pipeline.export.errors import ExportError
 from sft_pipeline.export.finite import require_finite
 from sft_pipeline.export.gguf_families import Family, family_of
-from sft_pipeline.export.gguf_vocab import ExportError, add_tokenizer_metadata, check_tokenizer
+from sft_pipeline.export.gguf_vocab import add_tokenizer_metadata, check_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -153,15 +154,11 @@ def export(merged_dir: str | os.PathLike, cfg: ExportConfig) -> ExportedModel:
     return ExportedModel(merged_dir=merged_dir, cfg=cfg)
 
 
-def _weight_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(read_shard_index(index).values()))
-        return [model_dir / n for n in names]
-    single = model_dir / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise ExportError(f"{model_dir}: no model.safetensors(.index.json) to export")
+def _weights(model_dir: Path) -> ShardReader:
+    try:
+        return ShardReader(model_dir)
+    except FileNotFoundError:
+        raise ExportError(f"{model_dir}: no model.safetensors(.index.json) to export") from None
 
 
 def _tensor_type(gguf_type: str, shape: tuple[int, ...], gguf_name: str = ""):
@@ -208,7 +205,7 @@ class _PlannedTensor:
 
 
 def _plan_tensors(
-    model_dir: Path, reader, config, family: Family, gguf_type: str
+    reader: ShardReader, config, family: Family, gguf_type: str
 ) -> list[_PlannedTensor]:
     import gguf
 
@@ -216,8 +213,8 @@ def _plan_tensors(
     name_map = gguf.get_tensor_name_map(arch_id, config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     planned: list[_PlannedTensor] = []
-    for path in _weight_files(model_dir):
-        for hf_name, entry in reader.header(path.name).items():
+    for shard in reader.shards:
+        for hf_name, entry in reader.header(shard).items():
             if hf_name.endswith(("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")):
                 continue  # buffers llama.cpp recomputes (rotary frequencies, causal masks)
             if tied and hf_name == "lm_head.weight":
@@ -228,7 +225,11 @@ def _plan_tensors(
             shape = family.shape(hf_name, tuple(entry.shape))
             planned.append(
                 _PlannedTensor(
-                    path, hf_name, gguf_name, shape, _tensor_type(gguf_type, shape, gguf_name)
+                    reader.folder / shard,
+                    hf_name,
+                    gguf_name,
+                    shape,
+                    _tensor_type(gguf_type, shape, gguf_name),
                 )
             )
     return planned
@@ -308,15 +309,14 @@ def _write_numpy_gguf(model_dir: Path, target: Path, gguf_type: str) -> Path:
     import torch
     from transformers import AutoConfig
 
-    from sft_pipeline.export.shard_merge import _Reader, weight_map
     from sft_pipeline.model.loading import load_generation_config, load_tokenizer
 
     config = AutoConfig.from_pretrained(str(model_dir))
     family = family_of(config)
     tokenizer = load_tokenizer(model_dir)
     generation_config = load_generation_config(model_dir)
-    reader = _Reader(model_dir, weight_map(model_dir))
-    plan = _plan_tensors(model_dir, reader, config, family, gguf_type)
+    reader = _weights(model_dir)
+    plan = _plan_tensors(reader, config, family, gguf_type)
 
     writer = gguf.GGUFWriter(str(target), family.arch)
     try:

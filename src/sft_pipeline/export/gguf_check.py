@@ -26,37 +26,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from sft_pipeline.export.gguf_vocab import ExportError
+from sft_pipeline.export.check_prompts import prompt_texts
+from sft_pipeline.export.errors import ExportError
 
 log = logging.getLogger(__name__)
 
-# Not in any training set the pipeline ships: short, varied requests of the kinds users send.
-HELD_OUT_PROMPTS = (
-    "What is the capital of France?",
-    "Convert the record to JSON: name Alice, age 31, city Paris.",
-    "Write a haiku about autumn leaves.",
-    "Explain in two sentences why the sky is blue.",
-)
 NEW_TOKENS = 32
-
-
-def prompt_texts(tokenizer) -> list[str]:
-    """The held-out prompts as training renders them: the merged model's chat template (or the
-    prompt and a newline without one), BOS first where training put one."""
-    from sft_pipeline.data.templating import tokenizer_adds_bos
-
-    bos = tokenizer.bos_token if tokenizer_adds_bos(tokenizer) else ""
-    if getattr(tokenizer, "chat_template", None):
-        texts = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-            )
-            for p in HELD_OUT_PROMPTS
-        ]
-    else:
-        texts = [f"{p}\n" for p in HELD_OUT_PROMPTS]
-    # As the renderer does: the template may write BOS itself, never twice.
-    return [t if t.startswith(bos) else bos + t for t in texts]
 
 
 def reference_runs(model, prompt_ids: list[list[int]]) -> list[list[int]]:
@@ -146,7 +121,7 @@ def _reference_loading(merged_dir: Path) -> dict[str, Any]:
     import psutil
     import torch
 
-    from sft_pipeline.export.shard_merge import read_header
+    from sft_pipeline.common.safetensors_files import read_header
     from sft_pipeline.model.device import on_cuda
 
     if on_cuda():

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from sft_pipeline.export.gguf_vocab import ExportError
+from sft_pipeline.export.errors import ExportError
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sft_pipeline.export.gguf_vocab import ExportError
+from sft_pipeline.export.errors import ExportError
 
 INSTALL_HINT = (
     "install llama.cpp's converter with `make llamacpp` (the llama-cpp-python sdist pinned in "

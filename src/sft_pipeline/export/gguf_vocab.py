@@ -26,12 +26,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sft_pipeline.common.errors import UserError
+from sft_pipeline.export.check_prompts import prompt_texts
+from sft_pipeline.export.errors import ExportError
 from sft_pipeline.model.stop_tokens import stop_token_ids
-
-
-class ExportError(UserError, ValueError):
-    """The model cannot be written as GGUF (architecture, tokenizer or config not supported)."""
 
 
 def tokenizer_json(tokenizer) -> dict[str, Any]:
@@ -141,7 +138,6 @@ def space_prefix(tokenizer, scheme: str) -> bool:
     if scheme != "first":
         return scheme == "always"
     from sft_pipeline.data.templating import tokenizer_adds_bos
-    from sft_pipeline.export.gguf_check import prompt_texts
 
     try:
         text = prompt_texts(tokenizer)[0]

@@ -23,7 +23,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from sft_pipeline.export.gguf_vocab import ExportError
+from sft_pipeline.export.errors import ExportError
 
 INSTALL_HINT = (
     "install llama.cpp's prebuilt client with `make llamacpp` (npm's node-llama-cpp, pinned in "

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sft_pipeline.common.config import DataConfig, TemplateConfig
+from sft_pipeline.export.errors import NotShardwise
 from sft_pipeline.export.finite import require_finite, require_finite_model
 from sft_pipeline.export.model_card import model_card
 from sft_pipeline.model.loading import (
@@ -26,6 +27,7 @@ from sft_pipeline.model.loading import (
     load_model,
     load_processor,
     load_tokenizer,
+    model_source,
     read_manifest,
     trust_remote_code,
 )
@@ -186,7 +188,7 @@ def merge_weights(
         weights = resolve_weights_folder(merge_base)
         merged_into = f"the full-precision weights of `{merge_base}` (merge.base_model)"
     else:
-        weights = shard_merge.local_weights_folder(base_model_dir)
+        weights = local_weights_folder(base_model_dir)
         merged_into = (
             "the dequantized 4-bit weights of the pre-quantized base, the weights the adapter "
             "was trained against"
@@ -197,7 +199,7 @@ def merge_weights(
         model = shard_merge.ShardwiseMerge(
             weights, adapter_dir, trust_remote_code=trust_remote_code(base_model_dir)
         )
-    except shard_merge.NotShardwise as exc:
+    except NotShardwise as exc:
         if prequantized and not merge_base:
             raise ValueError(
                 f"{adapter_dir}: cannot merge into the pre-quantized base ({exc}); set "
@@ -211,6 +213,18 @@ def merge_weights(
         model.resize_token_embeddings(vocab_size)
     log.info("merging tensor by tensor into %s (%s)", weights, merged_into)
     return model, merged_into
+
+
+def local_weights_folder(model_dir: Path) -> Path:
+    """The local folder holding a prepared base model's safetensors (a hub snapshot if need be)."""
+    path, revision = model_source(model_dir)
+    if Path(path).is_dir():
+        return Path(path)
+    from huggingface_hub import snapshot_download
+
+    return Path(
+        snapshot_download(path, revision=revision, allow_patterns=["*.json", "*.safetensors"])
+    )
 
 
 def _merge_whole_model(weights: Path, adapter_dir: Path, vocab_size: int, manifest: dict):

@@ -33,19 +33,25 @@ import logging
 import math
 import os
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sft_pipeline.common.paths import read_shard_index
+from sft_pipeline.common.safetensors_files import (
+    INDEX,
+    ShardReader,
+    safetensors_dtype,
+    torch_dtype,
+    weight_map,
+    write_index,
+    write_shard,
+)
+from sft_pipeline.export.errors import NotShardwise
 from sft_pipeline.export.finite import require_finite
 
 log = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 # fp32 elements of one row block of a merged weight (64 MiB).
 _BLOCK_ELEMENTS = 16 * 2**20
@@ -60,10 +66,6 @@ _PEFT_ONLY = {
     "target_parameters": "LoRA on parameters",
     "alora_invocation_tokens": "activated LoRA",
 }
-
-
-class NotShardwise(ValueError):
-    """The adapter or the checkpoint needs a whole-model merge; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -165,16 +167,6 @@ def read_adapter(adapter_dir: Path) -> AdapterWeights:
 # --- the checkpoint -------------------------------------------------------------------------------
 
 
-def weight_map(folder: Path) -> dict[str, str]:
-    """Tensor name -> shard file, from the index or the single `model.safetensors`."""
-    if (folder / INDEX).is_file():
-        # Shard names are data: each is checked to stay inside `folder` (read and written there).
-        return read_shard_index(folder / INDEX)
-    if not (folder / SINGLE).is_file():
-        raise FileNotFoundError(f"{folder}: neither {INDEX} nor {SINGLE}")
-    return dict.fromkeys(read_header(folder / SINGLE), SINGLE)
-
-
 def _is_quant_component(name: str, names: set[str]) -> bool:
     for suffix in _QUANT_SUFFIXES:
         head, sep, _ = name.partition(".weight." + suffix)
@@ -183,117 +175,8 @@ def _is_quant_component(name: str, names: set[str]) -> bool:
     return False
 
 
-# safetensors dtype names -> torch dtypes (the format's own spelling, header field "dtype").
-_DTYPES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "U16": "uint16",
-    "U32": "uint32",
-    "U64": "uint64",
-    "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-}
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    if name not in _DTYPES:
-        raise NotShardwise(f"safetensors dtype {name} is not supported by the merge")
-    return getattr(torch, _DTYPES[name])
-
-
-def _safetensors_name(dtype) -> str:
-    spelled = str(dtype).removeprefix("torch.")
-    return next(k for k, v in _DTYPES.items() if v == spelled)
-
-
-@dataclass(frozen=True)
-class _Entry:
-    dtype: str  # safetensors spelling, "BF16"
-    shape: tuple[int, ...]
-    begin: int  # absolute byte offsets in the file
-    end: int
-
-
-def read_header(path: Path) -> dict[str, _Entry]:
-    """A safetensors file's tensor table: u64 header length | JSON header | data."""
-    with path.open("rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    base = 8 + length
-    return {
-        name: _Entry(
-            meta["dtype"],
-            tuple(meta["shape"]),
-            base + meta["data_offsets"][0],
-            base + meta["data_offsets"][1],
-        )
-        for name, meta in header.items()
-        if name != "__metadata__"
-    }
-
-
-class _Reader:
-    """Tensors by name, each read with `pread` into its own buffer: nothing is memory-mapped.
-
-    A memory-mapped shard keeps every page it touched resident (counted in the process's RSS)
-    until it is unmapped, so reading a 10 GB shard through a mapping ends up holding 10 GB. A
-    pread copy is freed with the tensor, and the file's pages are dropped from the page cache
-    once read (POSIX_FADV_DONTNEED), so merging a checkpoint does not push everything else out.
-    """
-
-    def __init__(self, folder: Path, mapping: dict[str, str]):
-        self.folder, self.mapping = folder, mapping
-        self._headers: dict[str, dict[str, _Entry]] = {}
-
-    def header(self, shard: str) -> dict[str, _Entry]:
-        """The tensors of one shard file, by name (its header, read once)."""
-        if shard not in self._headers:
-            self._headers[shard] = read_header(self.folder / shard)
-        return self._headers[shard]
-
-    def entry(self, name: str) -> _Entry:
-        return self.header(self.mapping[name])[name]
-
-    def get(self, name: str):
-        import torch
-
-        entry = self.entry(name)
-        size = entry.end - entry.begin
-        buffer = bytearray(size)
-        fd = os.open(self.folder / self.mapping[name], os.O_RDONLY)
-        try:
-            view, done = memoryview(buffer), 0
-            while done < size:
-                n = os.preadv(fd, [view[done:]], entry.begin + done)
-                if n <= 0:
-                    raise OSError(f"{self.mapping[name]}: file ends inside tensor {name}")
-                done += n
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, entry.begin, size, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-        dtype = _torch_dtype(entry.dtype)
-        if size == 0:
-            return torch.empty(entry.shape, dtype=dtype)
-        return torch.frombuffer(buffer, dtype=dtype).reshape(entry.shape)
-
-    def close(self) -> None:
-        self._headers.clear()
-
-    def meta(self, name: str) -> tuple[str, list[int]]:
-        """(safetensors dtype such as "BF16", shape) without reading the tensor."""
-        entry = self.entry(name)
-        return entry.dtype, list(entry.shape)
+class _Reader(ShardReader):
+    """The checkpoint's tensors, bitsandbytes 4-bit packed weights dequantized on request."""
 
     def _quant_state(self, name: str):
         prefix = name + "."
@@ -375,7 +258,7 @@ class ShardwiseMerge:
         """The dtype merged weights are stored in: the checkpoint's floating dtype."""
         import torch
 
-        from sft_pipeline.model.device import torch_dtype
+        from sft_pipeline.model import device
 
         floating = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
         reader = _Reader(self.weights_dir, self.mapping)
@@ -390,7 +273,7 @@ class ShardwiseMerge:
         if counts:
             return max(counts, key=counts.get)
         stored = getattr(self.config, "dtype", None) or "float32"
-        return stored if isinstance(stored, torch.dtype) else torch_dtype(str(stored))
+        return stored if isinstance(stored, torch.dtype) else device.torch_dtype(str(stored))
 
     def _embedding_keys(self) -> list[str]:
         vocab = getattr(self.config, "vocab_size", None)
@@ -433,10 +316,10 @@ class ShardwiseMerge:
         stored = reader.meta(name)[0]
         if name in self.adapter.replaced:
             replaced = self.adapter.replaced[name]
-            dtype = stored if stored in ("F32", "BF16", "F16") else _safetensors_name(self.dtype)
+            dtype = stored if stored in ("F32", "BF16", "F16") else safetensors_dtype(self.dtype)
             shape = tuple(replaced.shape)
         elif name in self.quantized:
-            dtype, shape = _safetensors_name(self.dtype), reader.dequantized_shape(name)
+            dtype, shape = safetensors_dtype(self.dtype), reader.dequantized_shape(name)
         else:
             dtype, shape = stored, tuple(reader.meta(name)[1])
         if name in self.embedding_keys and shape[0] < self.vocab_size:
@@ -448,7 +331,7 @@ class ShardwiseMerge:
 
         if name in self.adapter.replaced:
             # A whole tensor from the adapter (a resized embedding may also carry a LoRA delta).
-            dtype = _torch_dtype(self.planned(reader, name)[0])
+            dtype = torch_dtype(self.planned(reader, name)[0])
             tensor = self.adapter.replaced[name].to(dtype)
         elif name in self.quantized:
             tensor = reader.dequantized(name).to(self.dtype)
@@ -467,7 +350,8 @@ class ShardwiseMerge:
         return tensor.contiguous()
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write the merged shards tensor by tensor (see `write_shard`), then index and config."""
+        """Write the merged shards tensor by tensor (`write_shard`: one merged tensor alive at a
+        time), then the index and the config."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         reader = _Reader(self.weights_dir, self.mapping)
@@ -485,63 +369,11 @@ class ShardwiseMerge:
             log.info("merged %s (%d tensors)", shard, len(members))
         reader.close()
         if (self.weights_dir / INDEX).is_file():
-            index = {"metadata": {"total_size": total_size}, "weight_map": merged_map}
-            (path / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            write_index(path, merged_map, total_size)
         self.config.save_pretrained(path)
         self.generation_config.save_pretrained(path)
-
-
-def write_shard(target: Path, plan: dict[str, tuple[str, tuple[int, ...]]], compute) -> int:
-    """Stream one safetensors file: the header from the plan, then each tensor's bytes in turn.
-
-        plan {name: (dtype, shape)} ──> header: u64 length | {"name": {dtype, shape,
-                                                 data_offsets: [begin, end]}, ...} (8-aligned)
-        for name in plan:  compute(name) -> check dtype/shape -> write bytes -> drop it
-
-    Only one computed tensor is alive at a time. Returns the bytes of tensor data written.
-    """
-    import torch
-
-    offsets, position = {}, 0
-    for name, (dtype, shape) in plan.items():
-        size = math.prod(shape) * _torch_dtype(dtype).itemsize
-        offsets[name] = (position, position + size)
-        position += size
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    for name, (dtype, shape) in plan.items():
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets[name])}
-    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
-    with target.open("wb") as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
-        for name, (dtype, shape) in plan.items():
-            tensor = compute(name)
-            if _safetensors_name(tensor.dtype) != dtype or tuple(tensor.shape) != shape:
-                raise RuntimeError(
-                    f"{name}: merged tensor is {tensor.dtype} {tuple(tensor.shape)}, "
-                    f"planned {dtype} {shape}"
-                )
-            if tensor.numel():
-                f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-            del tensor
-    return position
 
 
 @dataclass(frozen=True)
 class _Rows:
     num_embeddings: int
-
-
-def local_weights_folder(model_dir: Path) -> Path:
-    """The local folder holding a prepared base model's safetensors (a hub snapshot if need be)."""
-    from sft_pipeline.model.loading import model_source
-
-    path, revision = model_source(model_dir)
-    if Path(path).is_dir():
-        return Path(path)
-    from huggingface_hub import snapshot_download
-
-    return Path(
-        snapshot_download(path, revision=revision, allow_patterns=["*.json", "*.safetensors"])
-    )

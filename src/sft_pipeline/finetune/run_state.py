@@ -37,7 +37,6 @@ import hashlib
 import json
 import logging
 import shutil
-import struct
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,7 @@ from sft_pipeline.common.ownership import (
     foreign_checkpoints,
     own_checkpoints,
 )
-from sft_pipeline.common.paths import UnsafePathError, read_shard_index
+from sft_pipeline.common.safetensors_files import weights_problem
 from sft_pipeline.finetune.job import TrainJob
 
 log = logging.getLogger(__name__)
@@ -183,17 +182,10 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     if not weights:
         return f"no weights ({' or '.join(_WEIGHTS)})"
     for path in weights:
-        files = [path]
-        if path.name.endswith(".index.json"):
-            try:
-                shards = set(read_shard_index(path).values())
-            except UnsafePathError as exc:
-                return f"{path.name} is unusable ({exc})"
-            files = [checkpoint / shard for shard in sorted(shards)]
-        for file in files:
-            problem = _safetensors_problem(file)
-            if problem:
-                return problem
+        # Each safetensors file whole: its header's offsets reach exactly the file's end.
+        problem = weights_problem(path)
+        if problem:
+            return problem
     if (checkpoint / "optimizer.pt").is_file() or not _has_sharded_state(checkpoint):
         # The plain layout (one process, DDP); FSDP and DeepSpeed save their own folders.
         required = ["optimizer.pt", "scheduler.pt"]
@@ -212,27 +204,6 @@ def _has_sharded_state(checkpoint: Path) -> bool:
         p.is_dir() and p.name.startswith(("optimizer", "pytorch_model_fsdp", "global_step"))
         for p in checkpoint.iterdir()
     )
-
-
-def _safetensors_problem(path: Path) -> str | None:
-    # A safetensors file is an 8-byte header length, a JSON header, then the tensor bytes; the
-    # header's largest end offset must land exactly on the end of the file.
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if 8 + length > size:
-                return f"{path.name} is truncated (header past the end)"
-            header = json.loads(f.read(length))
-    except FileNotFoundError:
-        return f"{path.name} is missing"
-    except (OSError, ValueError, struct.error) as exc:
-        return f"{path.name} is unreadable ({exc})"
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    expected = 8 + length + max(ends, default=0)
-    if expected != size:
-        return f"{path.name} is truncated ({size} bytes, its header expects {expected})"
-    return None
 
 
 def _torch_file_problem(path: Path) -> str | None:
