@@ -162,16 +162,17 @@ def prompt_format(tokenizer, template: TemplateConfig) -> PromptFormat:
     if plain:
         return PromptFormat(False, "plain text (no chat template)", system_prompt=None)
     source, name = resolve_template(tokenizer, template)
+    # The template source travels with each call, so a base tokenizer without this template
+    # (a chatml run on a base model) renders exactly what the merged tokenizer carries.
+    args = {"chat_template": source, "date_string": template.date.strftime(DATE_STRING_FORMAT)}
+    thinking = getattr(template, "enable_thinking", None)  # as training passes it; None: default
+    if thinking is not None:
+        args["enable_thinking"] = thinking
     return PromptFormat(
         True,
         name,
         template=source,
-        # The template source travels with each call, so a base tokenizer without this template
-        # (a chatml run on a base model) renders exactly what the merged tokenizer carries.
-        template_args={
-            "chat_template": source,
-            "date_string": template.date.strftime(DATE_STRING_FORMAT),
-        },
+        template_args=args,
         system_prompt=template.system_prompt,
         day=template.date,
     )
