@@ -24,7 +24,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sft_pipeline.data.templating import ChatTemplateError, Renderer, content_text, render_chat
+from sft_pipeline.data.chat_templates import ChatTemplateError, content_text
+from sft_pipeline.data.templating import Renderer
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +56,15 @@ class RowRenderer(Renderer):
         finally:
             self._row_kwargs = {}
 
-    def row(self, messages, text="", supervise_from=0, tools=None, *, marked=False):
+    def row(self, messages, *args, **kwargs):
         try:
-            return super().row(messages, text, supervise_from, tools, marked=marked)
+            return super().row(messages, *args, **kwargs)
         except ChatTemplateError as exc:
             if self._joining or "not prefix-preserving" not in str(exc):
                 raise
         self._joining = True
         try:
-            row = super().row(messages, text, supervise_from, tools, marked=marked)
+            row = super().row(messages, *args, **kwargs)
         finally:
             self._joining = False
         if not self.joined_rows:
@@ -129,15 +130,4 @@ class RowRenderer(Renderer):
         return end
 
     def _native(self, messages, add_generation_prompt: bool, tools) -> str:
-        if not self._row_kwargs:
-            return super().render(messages, add_generation_prompt, tools)
-        extra = {"tools": tools} if tools else {}
-        return render_chat(
-            self.tokenizer,
-            messages,
-            self.template,
-            add_generation_prompt=add_generation_prompt,
-            day=self.cfg.date,
-            **extra,
-            **self._row_kwargs,
-        )
+        return super().render(messages, add_generation_prompt, tools, **self._row_kwargs)
