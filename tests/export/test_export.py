@@ -183,6 +183,16 @@ def test_an_untied_gemma_head_is_refused_since_llama_cpp_ties_it(tmp_path):
         export(merged, ExportConfig(gguf=["f16"]))
 
 
+def test_a_folder_without_weights_stops_the_gguf_export_naming_it(tmp_path):
+    from sft_pipeline.export.gguf import write_gguf
+
+    merged = merged_folder(tmp_path / "merged")
+    (merged / "model.safetensors").unlink()
+    with pytest.raises(ExportError, match=r"merged: no model\.safetensors\(\.index\.json\)"):
+        write_gguf(merged, tmp_path / "model-f16.gguf", "f16")
+    assert not (tmp_path / "model-f16.gguf").exists()
+
+
 def test_qwen2_exports_with_its_attention_biases(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
