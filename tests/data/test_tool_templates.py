@@ -73,6 +73,24 @@ def tokenized(tokenizer, cfg: TemplateConfig, messages=MESSAGES, tools=TOOLS):
 NEVER = ("Current weather in a city", RESULT, "What is the weather")
 
 
+def _as_prompted(tokenizer, row: dict) -> dict:
+    """The row's ids as the model is prompted: the text before its first supervised segment
+    encoded on its own (what inference encodes), then the rest on its own."""
+    cut = 0
+    for segment in row["segments"]:
+        if segment["supervised"]:
+            break
+        cut += len(segment["text"])
+    text = "".join(s["text"] for s in row["segments"])
+    head = tokenizer(text[:cut], add_special_tokens=False, return_offsets_mapping=True)
+    tail = tokenizer(text[cut:], add_special_tokens=False, return_offsets_mapping=True)
+    return {
+        "input_ids": head["input_ids"] + tail["input_ids"],
+        "offset_mapping": head["offset_mapping"]
+        + [(a + cut, b + cut) for a, b in tail["offset_mapping"]],
+    }
+
+
 def assert_labels(tokenizer, row: dict, example: dict, supervised: list[str], never=NEVER) -> None:
     """Labels equal, at every position, what the hand-written supervised strings say."""
     text = "".join(s["text"] for s in row["segments"])
@@ -81,7 +99,7 @@ def assert_labels(tokenizer, row: dict, example: dict, supervised: list[str], ne
         at = text.index(piece, start)
         spans.append((at, at + len(piece)))
         start = at + len(piece)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    encoded = _as_prompted(tokenizer, row)
     assert encoded["input_ids"] == example["input_ids"]
     expected = [
         token if any(s < b and a < e for a, b in spans) else -100

@@ -136,10 +136,12 @@ def test_qwen3_renders_the_reasoning_content_of_a_record(tmp_path, fixtures_dir)
 def test_other_per_message_keys_are_counted_in_the_validation_report(tmp_path):
     records = _agent_records(tmp_path)
     kept = json.loads(records["messages"][0])
-    assert not any({"weight", "id"} & set(message) for message in kept)
+    assert not any("id" in message for message in kept)
+    # `weight` is per-turn control, kept for rendering (tests/data/test_turn_rows.py).
+    assert [message.get("weight") for message in kept] == [None, 0, 1, None, None]
     _valid, rejected, report = validate(records, ValidationConfig())
     assert rejected == []
-    assert report["dropped_message_keys"] == {"id": 2, "weight": 2}
+    assert report["dropped_message_keys"] == {"id": 2}
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 import difflib
 import re
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -107,6 +107,9 @@ COLUMN_KEYS = (
 ColumnKey = Literal[COLUMN_KEYS]  # type: ignore[valid-type]
 
 
+_Tag = Annotated[str, Field(min_length=1, pattern=r"\S")]
+
+
 class DataConfig(_Section):
     path: str | list[str] = "data/01_raw/demo_sft.jsonl"
     schema_: SchemaName = Field("auto", alias="schema")
@@ -123,6 +126,8 @@ class DataConfig(_Section):
     # ingest_records. "auto": found from the first records of each data file (ingestion stops
     # on an image outside them, so none is ever untracked).
     images: str | list[str] = "auto"
+    # Reasoning inline at the start of assistant content, moved to `reasoning_content` on ingest.
+    reasoning_tags: tuple[_Tag, _Tag] = ("<think>", "</think>")
 
     model_config = ConfigDict(
         extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False
@@ -157,6 +162,10 @@ class TemplateConfig(_Section):
     # by `strftime_now` while rendering, so the rendered texts never depend on the day they were
     # made (a YAML date, 2024-07-26).
     date: datetime.date = DEFAULT_TEMPLATE_DATE
+    # Rows per conversation: one, or one per trained turn as prompted (data/turn_rows.py).
+    multi_turn: Literal["auto", "whole", "per_turn", "last"] = "auto"
+    # Passed to the template as `enable_thinking` (Qwen3, SmolLM3); None: its own default.
+    enable_thinking: bool | None = None
 
 
 class TokenizationConfig(_Section):

@@ -36,6 +36,11 @@ class ChatTemplateError(UserError, ValueError):
     """A chat template is missing, cannot render a conversation, or is not prefix-preserving."""
 
 
+class NotPrefixPreservingError(ChatTemplateError):
+    """Adding a turn changes how the template renders the earlier ones (Qwen3 drops their
+    reasoning), so one row cannot hold every turn as the model is prompted with it."""
+
+
 def tokenizer_template(tokenizer) -> str | None:
     """The tokenizer's own chat template (the default one of several named), or None."""
     template = getattr(tokenizer, "chat_template", None)
@@ -184,3 +189,20 @@ def merge_system_into_first_user(messages: list[dict[str, Any]]) -> list[dict[st
             rest[k] = {**message, "content": f"{system['content']}\n\n{message['content']}"}
         return rest
     raise ChatTemplateError("a system message needs a user turn to merge into")
+
+
+def check_prefix(name: str, before: str, after: str, n_messages: int, how: str) -> None:
+    """Refuse a rendering of `n_messages` that does not extend the previous one (`before`)."""
+    if after.startswith(before):
+        return
+    at = next(
+        (k for k, (a, b) in enumerate(zip(before, after, strict=False)) if a != b),
+        min(len(before), len(after)),
+    )
+    raise NotPrefixPreservingError(
+        f"{name} is not prefix-preserving: rendering the first {n_messages} messages "
+        f"{how} does not extend the previous rendering (they differ at character {at}: "
+        f"{before[at : at + 30]!r} vs {after[at : at + 30]!r}), so assistant turns cannot "
+        "be located reliably in one row; use template.multi_turn: per_turn (one row per "
+        "assistant turn, each prompted as at inference) or a prefix-preserving template"
+    )

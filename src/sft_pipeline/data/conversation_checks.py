@@ -115,6 +115,10 @@ def empty_content(view: View, _cfg: ValidationConfig) -> list[str]:
         and not text.strip()
         and "tool_calls" not in t
         and not (isinstance(t["content"], list) and any(map(_is_image_part, t["content"])))
+        # An answer missing after reasoning has its own reason (`empty_answer`).
+        and not (
+            t.get("role") == "assistant" and (text_of(t.get("reasoning_content")) or "").strip()
+        )
     ]
 
 

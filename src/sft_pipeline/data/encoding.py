@@ -18,6 +18,12 @@ tokens switched off (special or not); a piece after the first is encoded after a
 then dropped, so SentencePiece does not add the word-start space it adds at the start of an input
 (transformers' `encode_marked_chat` does the same). Offsets stay those of the whole text, so
 labels follow the same character rule (`sft_pipeline.data.tokenization`).
+
+A conversation row is trained on the ids the model is prompted with: its prompt (the text before
+its first supervised segment) is encoded on its own, exactly as inference encodes it, and the
+rest as a continuation (after a newline that is then dropped, as above), so no token straddles
+the point where generation starts (`"</think>\n\n"` + `"4"` would otherwise merge differently
+than the prompt alone, for byte-level BPE tokenizers).
 """
 
 from __future__ import annotations
@@ -51,6 +57,34 @@ def encode_texts(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[lis
             row_offsets = [(0, n), *((start + n, end + n) for start, end in row_offsets)]
         ids.append(list(row_ids))
         offsets.append(list(row_offsets))
+    return ids, offsets
+
+
+def encode_prompted(
+    tokenizer, texts: list[str], cuts: list[int]
+) -> tuple[list[list[int]], list[list[tuple]]]:
+    """Like `encode_texts`, but each text whose prompt ends at character `cuts[k]` (0: none)
+    is encoded as its prompt on its own, then the rest as a continuation (module doc): the
+    prompt ids are exactly the ids inference feeds the model for that prompt."""
+    ids, offsets = encode_texts(
+        tokenizer, [t[:c] if c else t for t, c in zip(texts, cuts, strict=True)]
+    )
+    rest = [k for k, c in enumerate(cuts) if c]
+    if not rest:
+        return ids, offsets
+    newline = list(_encode(tokenizer, ["\n"])[0][0])
+    tails_ids, tails_offsets = _encode(tokenizer, ["\n" + texts[k][cuts[k] :] for k in rest])
+    for k, tail_ids, tail_offsets in zip(rest, tails_ids, tails_offsets, strict=True):
+        cut, text = cuts[k], texts[k]
+        if list(tail_ids[: len(newline)]) == newline:
+            tail_ids, tail_offsets = (
+                tail_ids[len(newline) :],
+                [(a - 1, b - 1) for a, b in tail_offsets[len(newline) :]],
+            )
+        else:  # the newline merged with the continuation's start: encode it on its own
+            (tail_ids,), (tail_offsets,) = _encode(tokenizer, [text[cut:]])
+        ids[k] = [*ids[k], *tail_ids]
+        offsets[k] = [*offsets[k], *((cut + max(a, 0), cut + b) for a, b in tail_offsets)]
     return ids, offsets
 
 

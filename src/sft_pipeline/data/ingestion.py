@@ -33,6 +33,7 @@ from sft_pipeline.data.records import (
 )
 from sft_pipeline.data.schemas import DETECT_ROWS
 from sft_pipeline.data.sources import Source, resolve_sources
+from sft_pipeline.data.turns import split_inline_reasoning
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ def _canonical(
     schema: str,
     resolved,
     tracked: image_deps.TrackedImages | None = None,
+    reasoning_tags: tuple[str, str] = DataConfig().reasoning_tags,
 ) -> list[dict[str, Any]]:
     shown, image_root = source.shown, image_deps.image_folder(source)
     if source.snapshot is not None:
@@ -50,6 +52,7 @@ def _canonical(
     out = []
     for number, row in rows:
         fmt, messages, text = to_canonical(row, schema, resolved, image_root)
+        messages = split_inline_reasoning(messages, reasoning_tags)
         tools = row_tools(row, schema, resolved)
         with_images = bool(images.image_parts(messages))
         if with_images and tracked is not None and source.snapshot is None:
@@ -91,7 +94,7 @@ def iter_record_chunks(cfg: DataConfig) -> Iterator[list[dict[str, Any]]]:
         count = 0
         pending: Iterator[Row] = iter(head)
         for chunk in _chunked(_chain(pending, rows), cfg.chunk_rows):
-            records = _canonical(source, chunk, schema, resolved, tracked)
+            records = _canonical(source, chunk, schema, resolved, tracked, cfg.reasoning_tags)
             count += len(records)
             progress.update(len(records))
             yield records

@@ -30,6 +30,7 @@ from sft_pipeline.common.config import TemplateConfig
 from sft_pipeline.common.errors import UserError
 from sft_pipeline.data.records import loads_tools
 from sft_pipeline.data.templating import ChatTemplateError, Renderer
+from sft_pipeline.data.turn_rows import record_rows
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +79,11 @@ def _alarm_raises():
         signal.signal(signal.SIGALRM, previous)
 
 
-def _render_group(columns: dict[str, list]) -> tuple[str, int, int]:
-    """(JSON Lines of the rendered rows, rows, system merges) of one row group, rendered with
-    the inherited renderer; serialized here, so a worker hands back one string."""
+def _render_group(columns: dict[str, list]) -> tuple[str, int, int, int]:
+    """(JSON Lines of the rendered rows, rows, system merges, records) of one row group,
+    rendered with the inherited renderer; serialized here, so a worker hands back one string.
+    A record may render as several rows (one per trained turn, `sft_pipeline.data.turn_rows`),
+    each carrying its record's id."""
     from sft_pipeline.data.streams import json_line
 
     renderer = _RENDERER
@@ -95,7 +98,7 @@ def _render_group(columns: dict[str, list]) -> tuple[str, int, int]:
             try:
                 if bounded:
                     signal.setitimer(signal.ITIMER_REAL, timeout)
-                row = renderer.row(json.loads(messages), text, tools=loads_tools(tools))
+                rendered = record_rows(renderer, json.loads(messages), text, loads_tools(tools))
                 if bounded:
                     signal.setitimer(signal.ITIMER_REAL, 0)
             except _RecordTimeout:
@@ -109,8 +112,9 @@ def _render_group(columns: dict[str, list]) -> tuple[str, int, int]:
                     f"{source}, row {row_number} (record {rid}): cannot render with "
                     f"{renderer.name}: {exc}"
                 ) from exc
-            rows.append(json_line({"record_id": rid, **row}))
-    return "".join(rows), len(rows), renderer.system_merges - merges_before
+            rows.extend(json_line({"record_id": rid, **row}) for row in rendered)
+    records = len(columns["record_id"])
+    return "".join(rows), len(rows), renderer.system_merges - merges_before, records
 
 
 def _batch(index: int, columns: dict[str, list]) -> str:
@@ -210,16 +214,13 @@ def render_stream(records, tokenizer, cfg: TemplateConfig, name: str = "texts"):
     _RENDERER = renderer
     try:
         if workers:
-            for block, n, merged in _in_workers(groups, workers):
-                out.write_lines(block, n)
-                merges += merged
-                progress.update(n)
+            results = _in_workers(groups, workers)
         else:
-            for columns in groups:
-                block, n, merged = _render_group(columns)
-                out.write_lines(block, n)
-                merges += merged
-                progress.update(n)
+            results = (_render_group(columns) for columns in groups)
+        for block, n, merged, records_done in results:
+            out.write_lines(block, n)
+            merges += merged
+            progress.update(records_done)
     finally:
         _RENDERER = None
     progress.finish()
@@ -232,7 +233,8 @@ def render_stream(records, tokenizer, cfg: TemplateConfig, name: str = "texts"):
             out.rows,
         )
     log.info(
-        "rendered %d records with %s%s",
+        "rendered %d records as %d rows with %s%s",
+        progress.done,
         out.rows,
         renderer.name,
         f" ({workers} processes)" if workers else "",

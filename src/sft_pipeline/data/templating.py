@@ -29,8 +29,9 @@ renderings with and without the tools and with markers in place of the results, 
 searching the text (`sft_pipeline.data.tool_support`); the built-in `hermes` template
 renders tools the Hermes/Qwen2.5 way for models without a template of their own.
 
-Control-token text inside a record is data (`sft_pipeline.data.control_text`); which template
-renders, and with which date, is `sft_pipeline.data.chat_templates`' answer.
+Reasoning, multi-turn rows and per-turn control are `sft_pipeline.data.turn_rows`'; control-token
+text is data (`sft_pipeline.data.control_text`); which template renders, and with which date,
+is `sft_pipeline.data.chat_templates`' answer.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from sft_pipeline.data.chat_templates import (
     SHIPPED_FOLDER,
     ChatTemplateError,
     builtin_template,
+    check_prefix,
     content_text,
     local_template_files,
     merge_system_into_first_user,
@@ -68,6 +70,7 @@ from sft_pipeline.data.control_text import (
     special_token_texts,
     strings,
 )
+from sft_pipeline.data.turns import with_inline_reasoning
 
 # Importers of rendering (the trainer, chat, merge, export) also find the template functions here.
 __all__ = [
@@ -110,6 +113,8 @@ class Renderer:
         self.specials = special_token_texts(tokenizer)
         self.system_merges = 0
         self._turn_suffix: str | None = None
+        # How the template takes an assistant's reasoning, probed once (`turn_rows`).
+        self.reasoning_mode: str | None = None
         # (control tokens, marked control tokens or lone markers) regexes, by what is rendered:
         # conversations (the template's control tokens) or text records (the special tokens).
         self._control: dict[bool, tuple[re.Pattern, re.Pattern]] = {}
@@ -138,15 +143,13 @@ class Renderer:
         (a row's own `chat_template_kwargs`, in the trainer)."""
         # `tools` only when there are some: templates test `tools is defined` / `if tools`.
         extra = {"tools": tools} if tools else {}
+        if self.cfg.enable_thinking is not None:
+            extra["enable_thinking"] = self.cfg.enable_thinking
+        messages = with_inline_reasoning(messages)  # ours, after control text was marked
         return render_chat(
-            self.tokenizer,
-            messages,
-            self.template,
-            add_generation_prompt=add_generation_prompt,
-            day=self.cfg.date,
-            **extra,
-            **template_kwargs,
-        )
+            self.tokenizer, messages, self.template, add_generation_prompt=add_generation_prompt,
+            day=self.cfg.date, **extra, **template_kwargs,
+        )  # fmt: skip
 
     def row(
         self,
@@ -156,10 +159,12 @@ class Renderer:
         tools: list[dict[str, Any]] | None = None,
         *,
         marked: bool = False,
+        trained: frozenset[int] | None = None,
+        last_only: bool = False,
     ) -> dict[str, Any]:
-        """Segments of one record; assistant turns before message `supervise_from` (those of a
-        prompt given as messages) are rendered but not supervised. `tools`: the record's tool
-        definitions (OpenAI shape), handed to the template.
+        """Segments of one record; assistant turns before message `supervise_from` (a prompt
+        given as messages) or outside `trained` (indices) are context; `last_only`: only the last
+        message's turn is located (`turn_rows`). `tools`: handed to the template.
 
         A record whose supervised turns call tools also gets `tool_call`: the prompt before the
         first such turn and the calls it makes (`{"name", "arguments"}`), for evaluation."""
@@ -168,12 +173,20 @@ class Renderer:
         tools = tools or None
         control, markers = self._control_patterns(conversation=True)
         if not marked and any(control.search(t) for t in strings([messages, tools])):
+            # Only what was asked is passed on: subclasses may override `row` without them.
+            asked = trained is not None or last_only
+            turns = {"trained": trained, "last_only": last_only} if asked else {}
             row = self.row(
-                mark(messages, control), text, supervise_from, mark(tools, control), marked=True
+                mark(messages, control),
+                text,
+                supervise_from,
+                mark(tools, control),
+                marked=True,
+                **turns,
             )
             return literal_row(row, markers)
         added = with_system_prompt(messages, self.cfg.system_prompt)
-        supervise_from += len(added) - len(messages)
+        shift = len(added) - len(messages)
         messages = added
         try:
             full = self.render(messages, False, tools)
@@ -185,7 +198,7 @@ class Renderer:
             # Gemma- and Mistral-style templates raise on a system role; keep the instruction by
             # prefixing it to the first user turn instead of dropping it.
             messages = merge_system_into_first_user(messages)
-            supervise_from = max(supervise_from - 1, 0)
+            shift -= 1
             try:
                 full = self.render(messages, False, tools)
             except TemplateError as retry_exc:
@@ -199,9 +212,16 @@ class Renderer:
                 self.name,
                 exc,
             )
-        if tools or any(_is_tool_turn(m) for m in messages):
+        if tools or any(tool_support.is_tool_turn(m) for m in messages):
             self._check_tool_support(messages, tools, full)
-        segments, call_prompt = self._conversation_segments(messages, full, supervise_from, tools)
+        supervised = {
+            i + shift
+            for i in range(max(supervise_from, -shift), len(messages) - shift)
+            if trained is None or i in trained
+        }
+        segments, call_prompt = self._conversation_segments(
+            messages, full, supervised, tools, last_only
+        )
         row = _finish_row(segments, self.bos_text, _last_assistant_content(messages))
         if call_prompt is not None:
             prompt, calls = call_prompt
@@ -282,15 +302,18 @@ class Renderer:
         self,
         messages: list[dict[str, Any]],
         full: str,
-        supervise_from: int = 0,
+        supervised: set[int],
         tools: list[dict[str, Any]] | None = None,
+        last_only: bool = False,
     ) -> tuple[list[Segment], tuple[str, list[dict[str, Any]]] | None]:
         """(segments, (prompt, calls) of the first supervised turn that calls tools or None)."""
         assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        if not any(i >= supervise_from for i in assistant_turns):
+        if not any(i in supervised for i in assistant_turns):
             raise ChatTemplateError("the conversation has no assistant turn to supervise")
         if assistant_turns[0] == 0:
             raise ChatTemplateError("the conversation starts with an assistant turn; no prompt")
+        if last_only:
+            assistant_turns = assistant_turns[-1:]
         segments: list[Segment] = []
         call_prompt = None
         consumed = ""  # the template's rendering that the segments so far cover
@@ -303,21 +326,21 @@ class Renderer:
             self._check_prefix(prompt, turn, i + 1, "without the generation prompt")
             calls = messages[i].get("tool_calls")
             if calls:
-                rendered, supervised = self._split_tool_turn(turn[len(prompt) :], i + 1)
+                rendered, supervised_text = self._split_tool_turn(turn[len(prompt) :], i + 1)
                 # Checked in the turn itself: a template that drops the calls may still show
                 # the function names elsewhere (in the tool definitions).
                 names = [c["function"]["name"] for c in calls]
-                if absent := [n for n in names if n not in supervised]:
+                if absent := [n for n in names if n not in supervised_text]:
                     raise self._no_tool_support(
                         f"the tool calls are not rendered (message {i + 1} calls {absent[0]!r})"
                     )
-                if call_prompt is None and i >= supervise_from:
+                if call_prompt is None and i in supervised:
                     call_prompt = (prompt, [dict(c["function"]) for c in calls])
             else:
-                rendered, supervised = self._split_turn(
+                rendered, supervised_text = self._split_turn(
                     turn[len(prompt) :], content_text(messages[i]["content"])
                 )
-            segments.append({"text": supervised, "supervised": i >= supervise_from})
+            segments.append({"text": supervised_text, "supervised": i in supervised})
             consumed = prompt + rendered
         self._check_prefix(consumed, full, len(messages), "without the generation prompt")
         segments.append({"text": full[len(consumed) :], "supervised": False})
@@ -399,23 +422,7 @@ class Renderer:
         return tail[:end], tail[:end] + self.eos_text
 
     def _check_prefix(self, before: str, after: str, n_messages: int, how: str) -> None:
-        if after.startswith(before):
-            return
-        at = next(
-            (k for k, (a, b) in enumerate(zip(before, after, strict=False)) if a != b),
-            min(len(before), len(after)),
-        )
-        raise ChatTemplateError(
-            f"{self.name} is not prefix-preserving: rendering the first {n_messages} messages "
-            f"{how} does not extend the previous rendering (they differ at character {at}: "
-            f"{before[at : at + 30]!r} vs {after[at : at + 30]!r}), so assistant turns cannot "
-            "be located reliably; use a prefix-preserving template (e.g. 'chatml' or a .jinja "
-            "file)"
-        )
-
-
-def _is_tool_turn(message: dict[str, Any]) -> bool:
-    return message["role"] == "tool" or bool(message.get("tool_calls"))
+        check_prefix(self.name, before, after, n_messages, how)
 
 
 def _last_assistant_content(messages: list[dict[str, Any]]) -> str:

@@ -38,6 +38,7 @@ from sft_pipeline.common.config import TokenizationConfig
 from sft_pipeline.common.labels import IGNORE_INDEX
 from sft_pipeline.data.encoding import (
     encode_literal_row,
+    encode_prompted,
     encode_texts,
     forged_reason,
     literal_texts,
@@ -153,12 +154,16 @@ def encoded_rows(
     and rows parsed anyway (`parse`), go to `outcome`. `not_literal(row)`: why a row cannot be
     encoded literally (then `literal` rejects it too), or None."""
     mode = special_tokens_in_content
+    from sft_pipeline.data.chat_templates import tokenizer_adds_bos
+
+    bos = tokenizer.bos_token if tokenizer_adds_bos(tokenizer) else ""
     if mode == "parse":
         outcome.parsed.extend(row["record_id"] for row in batch if literal_texts(row["segments"]))
     joined = [supervised_char_mask(row["segments"]) for row in batch]
     literal = [mode != "parse" and bool(literal_texts(row["segments"])) for row in batch]
-    plain = [text for (text, _), lit in zip(joined, literal, strict=True) if not lit]
-    plain_rows = zip(*encode_texts(tokenizer, plain), strict=True) if plain else iter(())
+    plain = [(text, mask) for (text, mask), lit in zip(joined, literal, strict=True) if not lit]
+    texts, cuts = [text for text, _ in plain], [_prompt_end(text, m, bos) for text, m in plain]
+    plain_rows = zip(*encode_prompted(tokenizer, texts, cuts), strict=True) if plain else iter(())
     for row, (text, char_mask), lit in zip(batch, joined, literal, strict=True):
         if not lit:
             ids, offsets = next(plain_rows)
@@ -179,6 +184,15 @@ def encoded_rows(
                 outcome.reject(row["record_id"], forged)
                 continue
         yield row, text, char_mask, ids, offsets
+
+
+def _prompt_end(text: str, mask: np.ndarray, bos: str) -> int:
+    """Where a row's prompt ends (its first supervised character), 0 for a row with no prompt
+    beyond BOS (text records)."""
+    first = int(np.argmax(mask[: len(text)])) if len(text) and mask[: len(text)].any() else 0
+    if bos and text.startswith(bos) and first <= len(bos):
+        return 0
+    return first
 
 
 def truncate_or_reject(

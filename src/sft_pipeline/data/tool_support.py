@@ -125,3 +125,7 @@ def _results_problem(
             return f"the tool results are not rendered as given (message {i + 1})"
         at += len(form)
     return None if at == len(full) else "the tool results are not rendered as given"
+
+
+def is_tool_turn(message: dict[str, Any]) -> bool:
+    return message["role"] == "tool" or bool(message.get("tool_calls"))

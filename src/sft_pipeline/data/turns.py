@@ -23,8 +23,12 @@ them, are wrapped), or "" for a record without tools.
 
 Values are kept or refused, never altered: the per-message keys chat templates read
 (`MESSAGE_KEYS`) are kept on every message; any other key a message carries is left out and
-counted (`dropped_message_keys`). A value JSON cannot hold (`bytes` from a binary column) is
-stored as a tagged object `{"$not_json": "bytes", "repr": "b'Paris'"}` (`not_json`).
+counted (`dropped_message_keys`). An assistant's reasoning is kept apart from its answer as
+`reasoning_content`, whether the input wrote it so, as gpt-oss `thinking`, or inline at the start
+of the content between `data.reasoning_tags` (`split_inline_reasoning`); the per-turn control
+keys `train`/`weight` are kept for rendering (`sft_pipeline.data.turn_rows`). A value JSON
+cannot hold (`bytes` from a binary column) is stored as a tagged object
+`{"$not_json": "bytes", "repr": "b'Paris'"}` (`not_json`).
 """
 
 from __future__ import annotations
@@ -33,9 +37,20 @@ import json
 from typing import Any
 
 MESSAGE_KEYS = ("tool_call_id", "name", "reasoning_content")
+# Per-turn control (`sft_pipeline.data.reasoning`): kept for rendering to read, never rendered.
+CONTROL_KEYS = ("train", "weight")
+REASONING_KEY = "reasoning_content"
+# Reasoning rendering writes into the content itself (`sft_pipeline.data.turn_rows`): set
+# before control-token text in records is marked, joined to the content at rendering, so the
+# tags are the template's own tokens and the reasoning stays data.
+INLINE_KEY = "_inline_reasoning"
+INLINE_TAGS = ("<think>", "</think>")
+# gpt-oss writes an assistant's reasoning as `thinking`; the canonical key is `reasoning_content`.
+_REASONING_ALIASES = ("thinking",)
 # The keys each message shape consumes itself.
-_OPENAI_KEYS = frozenset({"role", "content", "tool_calls", "function_call", *MESSAGE_KEYS})
-_SHAREGPT_KEYS = frozenset({"from", "value", *MESSAGE_KEYS})
+_KEPT = (*MESSAGE_KEYS, *CONTROL_KEYS, *_REASONING_ALIASES)
+_OPENAI_KEYS = frozenset({"role", "content", "tool_calls", "function_call", *_KEPT})
+_SHAREGPT_KEYS = frozenset({"from", "value", *_KEPT})
 NOT_JSON = "$not_json"
 
 SHAREGPT_ROLES = {
@@ -106,9 +121,12 @@ def _openai_turn(turn: dict[str, Any]) -> dict[str, Any]:
 
 
 def _keep_keys(turn: dict[str, Any], message: dict[str, Any]) -> dict[str, Any]:
-    for key in MESSAGE_KEYS:
+    for key in (*MESSAGE_KEYS, *CONTROL_KEYS):
         if turn.get(key) is not None:
             message[key] = turn[key]
+    for alias in _REASONING_ALIASES:
+        if turn.get(alias) is not None and "reasoning_content" not in message:
+            message["reasoning_content"] = turn[alias]
     return message
 
 
@@ -206,3 +224,58 @@ def dropped_message_keys(turns: Any) -> dict[str, int]:
             if key not in known and value is not None:
                 counts[str(key)] = counts.get(str(key), 0) + 1
     return dict(sorted(counts.items()))
+
+
+def split_inline_reasoning(messages: Any, tags: tuple[str, str]) -> Any:
+    """Messages with the reasoning written inline at the start of an assistant's content moved
+    to its `reasoning_content` (the answer keeps what follows the closing tag, leading newlines
+    dropped as templates drop them). A message that already has `reasoning_content`, or whose
+    tag is not closed, is kept as found (validation names the latter)."""
+    if not isinstance(messages, list):
+        return messages
+    opening, closing = tags
+    out = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if (
+            isinstance(content, str)
+            and message.get("role") == "assistant"
+            and message.get("reasoning_content") is None
+            and content.lstrip().startswith(opening)
+            and closing in content
+        ):
+            inner, _, answer = content.lstrip()[len(opening) :].partition(closing)
+            message = {
+                **message,
+                "content": answer.lstrip("\n"),
+                "reasoning_content": inner.strip("\n"),
+            }
+        out.append(message)
+    return out
+
+
+def reasoning_of(message: dict[str, Any]) -> str:
+    value = message.get(REASONING_KEY)
+    return value if isinstance(value, str) else ""
+
+
+def is_trained(message: dict[str, Any]) -> bool:
+    """Whether an assistant message is supervised (`train: false`, `weight: 0`: context)."""
+    return message.get("train") is not False and message.get("weight") != 0
+
+
+def with_inline_reasoning(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages with each `INLINE_KEY` reasoning written at the start of the content, between
+    `INLINE_TAGS`, as the model generates it (`<think>\n...\n</think>\n\n` + answer)."""
+    if not any(INLINE_KEY in m for m in messages):
+        return messages
+    opening, closing = INLINE_TAGS
+    out = []
+    for message in messages:
+        if INLINE_KEY in message:
+            message = dict(message)
+            reasoning = message.pop(INLINE_KEY).strip("\n")
+            answer = message["content"].lstrip("\n")
+            message["content"] = f"{opening}\n{reasoning}\n{closing}\n\n{answer}"
+        out.append(message)
+    return out

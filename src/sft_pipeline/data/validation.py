@@ -22,10 +22,10 @@ import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 
-from sft_pipeline.common.config import ValidationConfig
+from sft_pipeline.common.config import DataConfig, ValidationConfig
 from sft_pipeline.common.errors import RejectedFractionError
 from sft_pipeline.data import conversation_checks as conv
-from sft_pipeline.data import image_checks, tool_checks, value_checks
+from sft_pipeline.data import image_checks, reasoning, tool_checks, value_checks
 from sft_pipeline.data.conversation_checks import View
 from sft_pipeline.data.records import RECORD_COLUMNS, SCHEMAS, loads_tools
 from sft_pipeline.data.seen_ids import SeenIds
@@ -52,6 +52,15 @@ RULES = tuple(
         ("content_not_string", "content is neither text nor parts", conv.content_not_string),
         ("unsupported_value", "bytes, or a non-text key", value_checks.unsupported_values),
         ("empty_content", "a message without text, calls or images", conv.empty_content),
+        ("unclosed_reasoning", "a reasoning tag never closed", reasoning.unclosed_tag),
+        (
+            "reasoning_outside_assistant",
+            "reasoning on a non-assistant turn",
+            reasoning.outside_assistant,
+        ),
+        ("empty_answer", "reasoning with no answer after it", reasoning.empty_answer),
+        ("bad_turn_control", "train/weight that are not usable", reasoning.bad_control),
+        ("no_trained_turn", "every assistant turn context only", reasoning.no_trained_turn),
         ("unknown_role", "not system, user, assistant or tool", conv.unknown_role),
         ("not_alternating", "turns out of order", conv.not_alternating),
         ("bad_tools", "tools that are not named functions", tool_checks.bad_tools),
@@ -99,9 +108,17 @@ def _canonical(records: pd.DataFrame) -> pd.DataFrame:
     return records
 
 
-def _view(fmt: str, messages: str, text: str, tools: str, cfg: ValidationConfig) -> View:
+def _view(
+    fmt: str,
+    messages: str,
+    text: str,
+    tools: str,
+    cfg: ValidationConfig,
+    reasoning_tags: tuple[str, str] = DataConfig().reasoning_tags,
+) -> View:
     turns = json.loads(messages)
     return {
+        "reasoning_tags": reasoning_tags,
         "format": fmt,
         "turns": turns,
         "text": text,
@@ -116,7 +133,7 @@ def reasons(view: View, cfg: ValidationConfig) -> list[str]:
 
 
 def _validate_chunk(
-    records: pd.DataFrame, cfg: ValidationConfig, seen: SeenIds
+    records: pd.DataFrame, cfg: ValidationConfig, seen: SeenIds, tags: tuple[str, str]
 ) -> tuple[pd.DataFrame, list[dict[str, Any]], Counter[str]]:
     """One chunk: (valid records, rejected rows with every reason, reason counts)."""
     records = _canonical(records)
@@ -133,7 +150,7 @@ def _validate_chunk(
         records["format"], records["messages"], records["text"], records["tools"], strict=True
     )
     for position, (fmt, messages, text, tools) in enumerate(columns):
-        found = reasons(_view(fmt, messages, text, tools, cfg), cfg)
+        found = reasons(_view(fmt, messages, text, tools, cfg, tags), cfg)
         where = earlier[position]
         if where is not None:
             found.append(f"{DUPLICATE}: same content as {where[0]}:{where[1]} (kept the first)")
@@ -173,7 +190,9 @@ def _report(ingested: int, valid: int, rejected: int, counts: Counter[str]) -> d
     return report
 
 
-def validate_stream(records, cfg: ValidationConfig):
+def validate_stream(
+    records, cfg: ValidationConfig, reasoning_tags: tuple[str, str] = DataConfig().reasoning_tags
+):
     """Validate canonical records chunk by chunk over a `RecordTable` (or DataFrame), the same
     rules on each chunk: valid records and rejects stream into spool files, so memory stays
     flat.
@@ -187,7 +206,7 @@ def validate_stream(records, cfg: ValidationConfig):
     dropped: Counter[str] = Counter()  # per-message keys ingestion left out, by messages
     progress = Progress("validate_records", len(records))
     for chunk in iter_record_frames(records):
-        valid, rejected, chunk_counts = _validate_chunk(chunk, cfg, seen)
+        valid, rejected, chunk_counts = _validate_chunk(chunk, cfg, seen, tuple(reasoning_tags))
         valid_out.write(valid)
         rejected_out.write(rejected)
         counts.update(chunk_counts)

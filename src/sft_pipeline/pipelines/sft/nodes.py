@@ -27,20 +27,26 @@ def ingest_records(
     subset: Any = None,  # str or None (DataConfig checks it; no union for Kedro)
     chunk_rows: int = 10_000,
     images: Any = "auto",  # str or list of str
+    reasoning_tags: Any = ("<think>", "</think>"),  # two strings (DataConfig checks them)
 ):
     from sft_pipeline.data.ingestion import ingest_to_parquet
 
     data = {"path": path, "schema": schema, "columns": columns}
     data |= {"split": split, "subset": subset, "chunk_rows": chunk_rows, "images": images}
+    data |= {"reasoning_tags": reasoning_tags}
     records = ingest_to_parquet(C.parse_section(C.DataConfig, data, "data"))
     log.info("ingested %d records", len(records))
     return records
 
 
-def validate_records(records, validation: dict[str, Any]):
+def validate_records(
+    records, validation: dict[str, Any], reasoning_tags: Any = ("<think>", "</think>")
+):
     from sft_pipeline.data.validation import validate_stream
 
-    return validate_stream(records, C.parse_section(C.ValidationConfig, validation, "validation"))
+    cfg = C.parse_section(C.ValidationConfig, validation, "validation")
+    tags = C.parse_section(C.DataConfig, {"reasoning_tags": reasoning_tags}, "data").reasoning_tags
+    return validate_stream(records, cfg, tags)
 
 
 def split_records(

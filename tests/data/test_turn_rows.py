@@ -1,0 +1,210 @@
+"""Reasoning and multi-turn conversations are trained as the model will be prompted: with the
+real Qwen3, SmolLM3 and gpt-oss templates, every trained row's prompt tokens are exactly what
+`apply_chat_template(history, add_generation_prompt=True)` gives for that turn, the turn's
+reasoning, answer and end-of-turn token are its only labels, and a record with reasoning is
+never trained without it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sft_pipeline.common.config import TemplateConfig
+from sft_pipeline.common.labels import IGNORE_INDEX
+from sft_pipeline.data.chat_templates import ChatTemplateError, pinned_clock
+from sft_pipeline.data.templating import Renderer
+from sft_pipeline.data.tokenization import Outcome, tokenize_batch
+from sft_pipeline.data.turn_rows import record_rows
+from tests.data.test_tool_templates import _fixture_template, _gpt2
+
+THREE_TURNS = [
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4.", "reasoning_content": "Two and two make four."},
+    {"role": "user", "content": "And times 3?"},
+    {"role": "assistant", "content": "12.", "reasoning_content": "Four times three."},
+    {"role": "user", "content": "Minus 5?"},
+    {"role": "assistant", "content": "7.", "reasoning_content": "Twelve less five."},
+]
+
+
+def _jinja(fixtures_dir: Path, name: str) -> str:
+    return (fixtures_dir / "tokenizers" / "chat_templates" / name).read_text()
+
+
+@pytest.fixture
+def qwen3(fixtures_dir):
+    tokenizer = _gpt2(fixtures_dir, ["<|im_start|>", "<|im_end|>"], added=("<think>", "</think>"))
+    tokenizer.chat_template = _fixture_template(fixtures_dir, "qwen3__tokenizer_config.json")
+    return tokenizer
+
+
+@pytest.fixture
+def smollm3(fixtures_dir):
+    tokenizer = _gpt2(fixtures_dir, ["<|im_start|>", "<|im_end|>"], added=("<think>", "</think>"))
+    tokenizer.chat_template = _jinja(fixtures_dir, "smollm3__chat_template.jinja")
+    return tokenizer
+
+
+@pytest.fixture
+def gpt_oss(fixtures_dir):
+    specials = ["<|start|>", "<|message|>", "<|end|>", "<|channel|>", "<|return|>"]
+    tokenizer = _gpt2(fixtures_dir, specials)
+    tokenizer.chat_template = _jinja(fixtures_dir, "gpt-oss__chat_template.jinja")
+    return tokenizer
+
+
+def _tokens(rows, tokenizer):
+    table = tokenize_batch(
+        [{"record_id": "r", **row} for row in rows], tokenizer, 100_000, Outcome()
+    )
+    return table["input_ids"].to_pylist(), table["labels"].to_pylist()
+
+
+def _inference_prompt(tokenizer, history, cfg: TemplateConfig, **kwargs) -> list[int]:
+    """What a chat client feeds the model for `history`: the template's own rendering with the
+    generation prompt, on the same pinned day."""
+    with pinned_clock(tokenizer.chat_template, cfg.date):
+        text = tokenizer.apply_chat_template(
+            history, add_generation_prompt=True, tokenize=False, **kwargs
+        )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _assert_trained_as_prompted(tokenizer, messages, rows, turns, cfg, expected, **kwargs):
+    """Each row: prompt ids equal inference's for its turn's history, then exactly the turn's
+    expected supervised text labelled position by position, nothing after it labelled."""
+    ids, labels = _tokens(rows, tokenizer)
+    assert [row["turn"] for row in rows] == [t + 1 for t in turns]
+    for row_ids, row_labels, turn, text in zip(ids, labels, turns, expected, strict=True):
+        prompt = _inference_prompt(tokenizer, messages[:turn], cfg, **kwargs)
+        assert row_ids[: len(prompt)] == prompt
+        answer = tokenizer(text, add_special_tokens=False)["input_ids"]
+        end = len(prompt) + len(answer)
+        assert row_ids[len(prompt) : end] == answer
+        assert row_labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt)
+        assert row_labels[len(prompt) : end] == answer
+        assert set(row_labels[end:]) <= {IGNORE_INDEX}
+
+
+def test_a_qwen3_conversation_with_three_assistant_turns_trains_as_three_rows_as_prompted(qwen3):
+    cfg = TemplateConfig()
+    rows = record_rows(Renderer(qwen3, cfg), THREE_TURNS)
+    assert len(rows) == 3
+    expected = [
+        f"<think>\n{m['reasoning_content']}\n</think>\n\n{m['content']}<|im_end|>"
+        for m in THREE_TURNS[1::2]
+    ]
+    _assert_trained_as_prompted(qwen3, THREE_TURNS, rows, [1, 3, 5], cfg, expected)
+
+
+def test_whole_on_a_template_that_drops_earlier_reasoning_is_refused_naming_it_and_per_turn(qwen3):
+    with pytest.raises(ChatTemplateError) as caught:
+        record_rows(Renderer(qwen3, TemplateConfig(multi_turn="whole")), THREE_TURNS)
+    message = str(caught.value)
+    assert message.startswith("the chat template of tokenizer ")
+    assert "is not prefix-preserving" in message
+    assert "template.multi_turn: per_turn" in message
+
+
+def test_multi_turn_last_trains_only_the_last_turn(qwen3):
+    rows = record_rows(Renderer(qwen3, TemplateConfig(multi_turn="last")), THREE_TURNS)
+    assert [row["turn"] for row in rows] == [6]
+    supervised = "".join(s["text"] for s in rows[0]["segments"] if s["supervised"])
+    assert supervised == "<think>\nTwelve less five.\n</think>\n\n7.<|im_end|>"
+
+
+def test_a_single_turn_qwen3_record_trains_reasoning_answer_and_end_of_turn(qwen3):
+    messages = THREE_TURNS[:2]
+    cfg = TemplateConfig()
+    rows = record_rows(Renderer(qwen3, cfg), messages)
+    # One trained turn: the ordinary single row, labelled position by position all the same.
+    ids, labels = _tokens(rows, qwen3)
+    prompt = _inference_prompt(qwen3, messages[:1], cfg)
+    answer = qwen3(
+        "<think>\nTwo and two make four.\n</think>\n\n4.<|im_end|>", add_special_tokens=False
+    )["input_ids"]
+    assert ids[0][: len(prompt)] == prompt
+    assert labels[0] == [IGNORE_INDEX] * len(prompt) + answer + [IGNORE_INDEX]
+
+
+def test_enable_thinking_false_reaches_the_template_and_the_empty_block_is_prompt(qwen3):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    cfg = TemplateConfig(enable_thinking=False)
+    rows = record_rows(Renderer(qwen3, cfg), messages)
+    assert rows[0]["prompt"].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    supervised = "".join(s["text"] for s in rows[0]["segments"] if s["supervised"])
+    assert supervised == "Hello.<|im_end|>"
+    ids, _labels = _tokens(rows, qwen3)
+    prompt = _inference_prompt(qwen3, messages[:1], cfg, enable_thinking=False)
+    assert ids[0][: len(prompt)] == prompt
+
+
+def test_smollm3_takes_reasoning_inline_and_each_turn_is_prompted_as_at_inference(smollm3):
+    cfg = TemplateConfig()
+    rows = record_rows(Renderer(smollm3, cfg), THREE_TURNS)
+    expected = [
+        f"<think>\n{m['reasoning_content']}\n</think>\n\n{m['content']}<|im_end|>"
+        for m in THREE_TURNS[1::2]
+    ]
+    # At inference the history goes back without reasoning: SmolLM3's template never reads it.
+    _assert_trained_as_prompted(smollm3, THREE_TURNS, rows, [1, 3, 5], cfg, expected)
+    assert [row["reference"] for row in rows] == ["4.", "12.", "7."]
+
+
+def test_gpt_oss_multi_turn_labels_position_by_position(gpt_oss):
+    messages = [m for m in (dict(m) for m in THREE_TURNS)]
+    for m in messages:
+        m.pop("reasoning_content", None)
+    cfg = TemplateConfig()
+    rows = Renderer(gpt_oss, cfg).row(messages)
+    ids, labels = _tokens([rows], gpt_oss)
+    # Its template keeps earlier turns as rendered: one row, every assistant turn trained.
+    for turn, answer in ((1, "4."), (3, "12."), (5, "7.")):
+        prompt = _inference_prompt(gpt_oss, messages[:turn], cfg)
+        assert ids[0][: len(prompt)] == prompt
+        body = gpt_oss(f"<|message|>{answer}<|end|>", add_special_tokens=False)["input_ids"]
+        assert labels[0][len(prompt) : len(prompt) + len(body)] == body
+        assert set(labels[0][: len(prompt)]) - {IGNORE_INDEX} <= set(
+            gpt_oss("<|message|>4.<|end|><|message|>12.<|end|>", add_special_tokens=False)[
+                "input_ids"
+            ]
+        )
+    supervised = np.asarray(labels[0]) != IGNORE_INDEX
+    assert gpt_oss.decode(np.asarray(ids[0])[supervised]) == (
+        "<|message|>4.<|end|><|message|>12.<|end|><|message|>7.<|end|>"
+    )
+
+
+@pytest.mark.parametrize("template", ["gpt_oss", "chatml"])
+def test_a_record_with_reasoning_is_never_trained_without_it(request, qwen3, template):
+    if template == "gpt_oss":
+        renderer = Renderer(request.getfixturevalue("gpt_oss"), TemplateConfig())
+    else:
+        renderer = Renderer(qwen3, TemplateConfig(chat_template="chatml"))
+    with pytest.raises(ChatTemplateError, match="would be trained without its reasoning"):
+        record_rows(renderer, THREE_TURNS[:2])
+
+
+def test_enable_thinking_false_on_a_record_with_reasoning_is_refused(qwen3):
+    renderer = Renderer(qwen3, TemplateConfig(enable_thinking=False))
+    with pytest.raises(ChatTemplateError, match=r"template\.enable_thinking is false"):
+        record_rows(renderer, THREE_TURNS[:2])
+
+
+@pytest.mark.parametrize("control", [{"train": False}, {"weight": 0}])
+def test_a_turn_marked_context_only_is_not_supervised(qwen3, control):
+    messages = [dict(m) for m in THREE_TURNS]
+    messages[3] |= control
+    # Per turn (Qwen3): no row for it; in one row (ChatML): its text is context.
+    rows = record_rows(Renderer(qwen3, TemplateConfig()), messages)
+    assert [row["turn"] for row in rows] == [2, 6]
+    plain = [{k: v for k, v in m.items() if k != "reasoning_content"} for m in messages]
+    row = record_rows(Renderer(qwen3, TemplateConfig(chat_template="chatml")), plain)
+    assert len(row) == 1 and "turn" not in row[0]
+    supervised = [s["text"] for s in row[0]["segments"] if s["supervised"]]
+    assert supervised == ["4.<|im_end|>", "7.<|im_end|>"]
+    assert not any(k in json.dumps(row[0]) for k in ('"train"', '"weight"'))
