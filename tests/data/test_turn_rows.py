@@ -208,3 +208,16 @@ def test_a_turn_marked_context_only_is_not_supervised(qwen3, control):
     supervised = [s["text"] for s in row[0]["segments"] if s["supervised"]]
     assert supervised == ["4.<|im_end|>", "7.<|im_end|>"]
     assert not any(k in json.dumps(row[0]) for k in ('"train"', '"weight"'))
+
+
+def test_the_render_node_writes_one_row_per_trained_turn_each_with_its_record_id(tmp_path, qwen3):
+    from sft_pipeline.common.config import DataConfig
+    from tests.data.rows import ingest, render_records
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": THREE_TURNS}) + "\n")
+    records = ingest(DataConfig(path=str(path)))
+    rows = render_records(records, qwen3, TemplateConfig())
+    assert [(row["record_id"], row["turn"]) for row in rows] == [
+        (records["record_id"][0], turn) for turn in (2, 4, 6)
+    ]
