@@ -10,18 +10,20 @@ from __future__ import annotations
 import datetime
 import difflib
 import re
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
+# The data section lives in its own module; its names are found here like every section's.
+from sft_pipeline.common.data_params import COLUMN_KEYS as COLUMN_KEYS
+from sft_pipeline.common.data_params import ColumnKey as ColumnKey
+from sft_pipeline.common.data_params import DataConfig as DataConfig
+from sft_pipeline.common.data_params import SchemaName as SchemaName
+from sft_pipeline.common.data_params import SourceConfig as SourceConfig
 from sft_pipeline.common.errors import UserError
+from sft_pipeline.common.param_base import COUNT_MAX, SEED_MAX, _Section
 
-# Bounds of numbers (README, Configuration, lists them). Every float must be finite (`.inf`,
-# `.nan` are refused by `allow_inf_nan=False`), and every count fits a signed 32-bit integer:
-# a YAML `1e30` where a count belongs is a typo, not a plan, and would fail deep in a library.
-# Seeds go to numpy, whose seeds are 32-bit unsigned integers.
-SEED_MAX = 2**32 - 1
-COUNT_MAX = 2**31 - 1
+# Bounds of numbers (README, Configuration, lists them): SEED_MAX, COUNT_MAX in param_base.
 # Tokens per row and per batch: far above any model's context, far below what overflows.
 LENGTH_MAX = 2**20
 # Adam-family learning rates live around 1e-6..1e-2; one above 1 is a typo (or a missing minus
@@ -77,61 +79,6 @@ def as_list(value: str | list[str] | tuple[str, ...]) -> list[str]:
 
 class ConfigError(UserError, ValueError):
     """A parameter section failed validation; the message names every bad key path."""
-
-
-class _Section(BaseModel):
-    # extra="forbid": an unknown key is almost always a typo (`learning_rte`), never intended.
-    # allow_inf_nan=False: `.inf` or `.nan` in a float parameter is refused with its key path.
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-SchemaName = Literal["auto", "prompt_response", "alpaca", "messages", "sharegpt", "text"]
-# The fields of the input formats that `data.columns` may map to a dataset column. The registry
-# of formats (sft_pipeline.data.schemas.FORMATS) is their source; this copy lets the parameter
-# check name a typo's nearest key without the bottom layer importing the data half, and a test
-# keeps the two equal (as it keeps `data.schema`'s names equal to the formats).
-COLUMN_KEYS = (
-    "prompt",
-    "response",
-    "completion",
-    "system",
-    "images",
-    "instruction",
-    "output",
-    "input",
-    "messages",
-    "tools",
-    "conversations",
-    "text",
-)
-ColumnKey = Literal[COLUMN_KEYS]  # type: ignore[valid-type]
-
-
-_Tag = Annotated[str, Field(min_length=1, pattern=r"\S")]
-
-
-class DataConfig(_Section):
-    path: str | list[str] = "data/01_raw/demo_sft.jsonl"
-    schema_: SchemaName = Field("auto", alias="schema")
-    # Maps our field names (`COLUMN_KEYS`) to the dataset's column names.
-    columns: dict[ColumnKey, str] = Field(default_factory=dict)
-    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    seed: int = Field(42, ge=0, le=SEED_MAX)
-    # For hf://datasets/<owner>/<name> paths: which split, and which config of the dataset.
-    split: str = Field("train", min_length=1)
-    subset: str | None = None
-    # Records read, converted and written per chunk: bounds ingestion's memory, never its output.
-    chunk_rows: int = Field(10_000, gt=0, le=COUNT_MAX)
-    # Folders (or files, globs) holding the images records name by path: DVC deps of
-    # ingest_records. "auto": found from the first records of each data file (ingestion stops
-    # on an image outside them, so none is ever untracked).
-    images: str | list[str] = "auto"
-    # Reasoning inline at the start of assistant content, moved to `reasoning_content` on ingest.
-    reasoning_tags: tuple[_Tag, _Tag] = ("<think>", "</think>")
-
-    model_config = ConfigDict(
-        extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False
-    )
 
 
 class ValidationConfig(_Section):

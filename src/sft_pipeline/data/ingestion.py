@@ -32,7 +32,7 @@ from sft_pipeline.data.records import (
     to_canonical,
 )
 from sft_pipeline.data.schemas import DETECT_ROWS
-from sft_pipeline.data.sources import Source, resolve_sources
+from sft_pipeline.data.sources import Source, resolve_sources, source_configs
 from sft_pipeline.data.turns import split_inline_reasoning
 
 log = logging.getLogger(__name__)
@@ -79,10 +79,24 @@ def iter_record_chunks(cfg: DataConfig) -> Iterator[list[dict[str, Any]]]:
     most `cfg.chunk_rows` (never spanning two files)."""
     from sft_pipeline.data.streams import Progress
 
-    sources = resolve_sources(cfg)
-    tracked = image_deps.TrackedImages(cfg)
     progress = Progress("ingest_records")
     total = 0
+    for name, one in source_configs(cfg):
+        for records in _source_chunks(one, progress):
+            for record in records:
+                record["source"] = name
+            total += len(records)
+            yield records
+        if name:
+            log.info("source %s: %d records so far in total", name, total)
+    progress.finish()
+    log.info("ingested %d records in total", total)
+
+
+def _source_chunks(cfg: DataConfig, progress) -> Iterator[list[dict[str, Any]]]:
+    """The chunks of one source (`data.path` alone, or one entry of `data.sources`)."""
+    sources = resolve_sources(cfg)
+    tracked = image_deps.TrackedImages(cfg)
     for source in sources:
         rows = readers.iter_rows(source.path, source.shown, cfg.chunk_rows)
         head = list(islice(rows, DETECT_ROWS))
@@ -98,10 +112,7 @@ def iter_record_chunks(cfg: DataConfig) -> Iterator[list[dict[str, Any]]]:
             count += len(records)
             progress.update(len(records))
             yield records
-        total += count
         log.info("read %d records from %s (format %s)", count, source.shown, schema)
-    progress.finish()
-    log.info("ingested %d records in total", total)
 
 
 def _chain(*iterables: Iterable[Row]) -> Iterator[Row]:

@@ -82,10 +82,11 @@ RECORD_COLUMNS = [
     "text",
     "raw",
     "dropped_keys",
+    "source",
 ]
 _INT_COLUMNS = {"source_row"}
 # Columns a row may leave out (records made before the column existed).
-_DEFAULTS = {"tools": "", "dropped_keys": ""}
+_DEFAULTS = {"tools": "", "dropped_keys": "", "source": ""}
 
 
 def content_id(messages: Any, text: str, tools: str = "") -> str:

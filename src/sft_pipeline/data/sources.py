@@ -1,4 +1,5 @@
-"""Which files `data.path` names: the one expansion of its entries, for every caller.
+"""Which files `data.path` (or each of `data.sources`) names: the one expansion of its entries,
+for every caller.
 
 An entry is a file, a `datasets.save_to_disk` folder, a glob (`data/*.jsonl`, `data/**/*.json`)
 or a Hub dataset (`hf://datasets/<owner>/<name>`, `sft_pipeline.data.hub`); `~` is the user's
@@ -97,6 +98,33 @@ def _missing(entry: str, problem: str) -> InputFileError:
     )
 
 
+def source_configs(cfg: DataConfig) -> list[tuple[str, DataConfig]]:
+    """(name, the data section as that source alone) of each entry of `data.sources`;
+    `data.path` alone is one source named "" (its records' `source` column stays empty)."""
+    if not cfg.sources:
+        return [("", cfg)]
+    return [
+        (
+            source.label,
+            cfg.model_copy(
+                update={
+                    "path": source.path,
+                    "schema_": source.schema_,
+                    "columns": source.columns,
+                    "split": source.split,
+                    "subset": source.subset,
+                    "sources": [],
+                }
+            ),
+        )
+        for source in cfg.sources
+    ]
+
+
+def _entries(cfg: DataConfig) -> list[str]:
+    return [entry for _, one in source_configs(cfg) for entry in as_list(one.path)]
+
+
 def resolve_sources(cfg: DataConfig) -> list[Source]:
     """Expand `data.path` (files, folders, globs, Hub datasets) in a deterministic order; a file
     reached twice (a symlink, an overlapping glob) is read once, where it is first found."""
@@ -130,7 +158,7 @@ def local_sources(cfg: DataConfig) -> list[Source]:
     ingestion's error and DVC's missing dep); Hub entries name no local file."""
     return [
         Source(p, shown(p))
-        for entry in as_list(cfg.path)
+        for entry in _entries(cfg)
         if not hub.is_hub_path(entry)
         for p in expand_paths(entry)
         if p.exists()
@@ -147,7 +175,7 @@ def local_data_files(cfg: DataConfig, root: Path) -> list[str]:
     """
     found: list[str] = []
     with contextlib.chdir(root):
-        for entry in as_list(cfg.path):
+        for entry in _entries(cfg):
             if hub.is_hub_path(entry):
                 continue
             globbed = has_magic(os.path.expanduser(entry))

@@ -48,6 +48,8 @@ RECORD_SCHEMA = pa.schema(
         ("text", pa.string()),
         ("raw", pa.string()),
         ("dropped_keys", pa.string()),
+        # The `data.sources` entry a record came from ("" for `data.path` alone).
+        ("source", pa.string()),
     ]
 )
 

@@ -95,6 +95,8 @@ CANONICAL = pa.DataFrameSchema(
 
 def _canonical(records: pd.DataFrame) -> pd.DataFrame:
     """The chunk's canonical columns in order, checked by pandera; a malformed table stops."""
+    if "source" not in records.columns:  # records made before mixtures: one unnamed source
+        records = records.assign(source="")
     missing = [c for c in RECORD_COLUMNS if c not in records.columns]
     if missing:
         raise ValueError(f"records lack canonical columns {missing}; got {list(records.columns)}")
@@ -205,8 +207,10 @@ def validate_stream(
     counts: Counter[str] = Counter()
     dropped: Counter[str] = Counter()  # per-message keys ingestion left out, by messages
     progress = Progress("validate_records", len(records))
+    per_source: dict[str, Counter[str]] = {}
     for chunk in iter_record_frames(records):
         valid, rejected, chunk_counts = _validate_chunk(chunk, cfg, seen, tuple(reasoning_tags))
+        _count_sources(per_source, chunk, valid)
         valid_out.write(valid)
         rejected_out.write(rejected)
         counts.update(chunk_counts)
@@ -215,6 +219,12 @@ def validate_stream(
     progress.finish()
     report = _report(progress.done, valid_out.rows, rejected_out.rows, counts)
     report["dropped_message_keys"] = dict(sorted(dropped.items()))
+    if set(per_source) - {""}:
+        # Per `data.sources` entry; they add up to the totals above.
+        report["sources"] = {
+            name: {"ingested": c["ingested"], "valid": c["valid"], "rejected": c["rejected"]}
+            for name, c in per_source.items()
+        }
     if dropped:
         log.warning(
             "per-message keys no chat template reads were left out of the messages (messages "
@@ -222,6 +232,15 @@ def validate_stream(
             report["dropped_message_keys"],
         )
     return valid_out.close(), rejected_out.close(), report
+
+
+def _count_sources(per_source: dict[str, Counter[str]], chunk, valid) -> None:
+    """Add a chunk's records per source (ingested, valid, rejected) to `per_source`."""
+    names = chunk["source"] if "source" in chunk.columns else [""] * len(chunk)
+    ingested, kept = Counter(names), Counter(valid["source"])
+    for name, n in ingested.items():
+        counts = per_source.setdefault(name, Counter())
+        counts.update({"ingested": n, "valid": kept[name], "rejected": n - kept[name]})
 
 
 def check_rejected_fraction(

@@ -28,12 +28,13 @@ def ingest_records(
     chunk_rows: int = 10_000,
     images: Any = "auto",  # str or list of str
     reasoning_tags: Any = ("<think>", "</think>"),  # two strings (DataConfig checks them)
+    sources: Any = None,  # list of source sections (DataConfig checks them)
 ):
     from sft_pipeline.data.ingestion import ingest_to_parquet
 
     data = {"path": path, "schema": schema, "columns": columns}
     data |= {"split": split, "subset": subset, "chunk_rows": chunk_rows, "images": images}
-    data |= {"reasoning_tags": reasoning_tags}
+    data |= {"reasoning_tags": reasoning_tags, "sources": sources or []}
     records = ingest_to_parquet(C.parse_section(C.DataConfig, data, "data"))
     log.info("ingested %d records", len(records))
     return records
@@ -55,7 +56,10 @@ def split_records(
     eval_fraction: float,
     seed: int,
     max_rejected_fraction: float,
+    sources: Any = None,  # list of source sections (DataConfig checks them)
+    mixture_rows: Any = None,  # int or None
 ):
+    from sft_pipeline.data.mixture import mix_stream
     from sft_pipeline.data.splitting import split_stream
     from sft_pipeline.data.validation import check_rejected_fraction
     from sft_pipeline.run.hooks import artifact_path
@@ -70,7 +74,12 @@ def split_records(
         artifact_path("rejected_records"),
     )
     data = {"eval_fraction": eval_fraction, "seed": seed}
-    return split_stream(valid_records, C.parse_section(C.DataConfig, data, "data"))
+    data |= {"sources": sources or [], "mixture_rows": mixture_rows}
+    cfg = C.parse_section(C.DataConfig, data, "data")
+    train, evaluation = split_stream(valid_records, cfg)
+    if cfg.sources:
+        train, _counts = mix_stream(train, cfg)
+    return train, evaluation
 
 
 def prepare_base_model(model: dict[str, Any]):
