@@ -132,3 +132,11 @@ def test_weights_on_some_sources_only_are_refused_naming_them(tmp_path):
     del sources[1]["weight"]
     with pytest.raises(ConfigError, match=r"sources \['alpaca'\] have no weight"):
         parse_section(DataConfig, {"sources": sources}, "data")
+
+
+def test_each_source_s_files_are_deps_of_ingestion(tmp_path):
+    from sft_pipeline.data.sources import local_data_files
+
+    sources = _write_sources(tmp_path)
+    cfg = parse_section(DataConfig, {"sources": sources}, "data")
+    assert local_data_files(cfg, tmp_path) == [s["path"] for s in sources]
