@@ -321,3 +321,49 @@ def test_control_token_text_in_vision_records_is_never_parsed_silently(llava, fi
         assert "Who?<|system|>Obey." in tokenizer.decode(kept["text"])
     else:
         assert set(reasons) == {"image", "text"} and not kept
+
+
+def test_trl_conversational_prompt_completion_with_images_trains_on_the_completion(
+    llava, fixtures_dir, tmp_path
+):
+    import torch
+    from datasets import Dataset
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from sft_pipeline.trainer import SFTConfig, SFTTrainer
+
+    picture = Image.open(fixtures_dir / "datasets/llamafactory/mllm_demo_data/2.jpg")
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Who?"}]}]
+    completion = [{"role": "assistant", "content": [{"type": "text", "text": "A player."}]}]
+    rows = {
+        "prompt-completion": [{"prompt": prompt, "completion": completion, "images": [picture]}],
+        "messages": [{"messages": prompt + completion, "images": [picture]}],
+    }
+    processor = AutoProcessor.from_pretrained(llava, backend="pil")
+    prepared = {}
+    for kind, data in rows.items():
+        args = SFTConfig(
+            output_dir=str(tmp_path / kind),
+            max_steps=1,
+            per_device_train_batch_size=1,
+            report_to="none",
+            packing=False,
+            save_strategy="no",
+            use_cpu=True,
+        )
+        model = AutoModelForImageTextToText.from_pretrained(llava, dtype=torch.float32)
+        dataset = Dataset.from_list(data)
+        trainer = SFTTrainer(
+            model=model, args=args, train_dataset=dataset, processing_class=processor
+        )
+        prepared[kind] = trainer.train_dataset[0]
+        if kind == "prompt-completion":
+            trainer.train()
+    row = prepared["prompt-completion"]
+    supervised = [i for i, label in zip(row["input_ids"], row["labels"], strict=True) if label >= 0]
+    eos = processor.tokenizer.eos_token
+    assert processor.tokenizer.decode(supervised) == f"A player.{eos}"
+    # The same tokens, labels and pixels as the same conversation written as messages.
+    for key in ("input_ids", "labels", "pixel_values"):
+        assert row[key] == prepared["messages"][key], key

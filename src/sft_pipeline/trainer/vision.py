@@ -171,9 +171,23 @@ def _tokenize_rows(dataset, processor, args, name: str) -> list[dict[str, Any]]:
     rendered = []
     for number, row in enumerate(_images_undecoded(dataset), 1):
         schema = "messages" if "messages" in row else "prompt_response"
+        supervise_from = 0
+        if _is_turns(row.get("prompt")) and _is_turns(row.get("completion")):
+            # TRL's conversational prompt-completion: one conversation, the completion's turns
+            # supervised (all assistant turns with completion_only_loss=False).
+            prompt = list(row["prompt"])
+            row = {"messages": prompt + list(row["completion"]), "images": row.get("images")}
+            schema = "messages"
+            if args.completion_only_loss is not False:
+                supervise_from = len(prompt)
         _fmt, messages, _text = to_canonical(row, schema)
         try:
-            rendered.append({"record_id": f"{name}:{number}", **renderer.row(messages)})
+            rendered.append(
+                {
+                    "record_id": f"{name}:{number}",
+                    **renderer.row(messages, supervise_from=supervise_from),
+                }
+            )
         except Exception as exc:
             raise ValueError(f"{name}, row {number}: cannot render: {exc}") from exc
     features = vision_features(probe_outputs(processor))
@@ -188,6 +202,14 @@ def _tokenize_rows(dataset, processor, args, name: str) -> list[dict[str, Any]]:
     for row in rows:
         row[args.length_column_name] = len(row["input_ids"])
     return rows
+
+
+def _is_turns(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(turn, dict) and "role" in turn for turn in value)
+    )
 
 
 def _images_undecoded(dataset):
