@@ -140,3 +140,16 @@ def test_each_source_s_files_are_deps_of_ingestion(tmp_path):
     sources = _write_sources(tmp_path)
     cfg = parse_section(DataConfig, {"sources": sources}, "data")
     assert local_data_files(cfg, tmp_path) == [s["path"] for s in sources]
+
+
+def test_rendered_rows_of_a_mixture_name_their_source_for_evaluation(tmp_path):
+    from sft_pipeline.common.config import TemplateConfig
+    from tests.conftest import build_tiny_tokenizer
+    from tests.data.rows import render_records
+
+    _mixed, evaluation, _report, _counts = _mixture(tmp_path, _write_sources(tmp_path))
+    rows = render_records(
+        evaluation, build_tiny_tokenizer(), TemplateConfig(chat_template="chatml")
+    )
+    assert [row["source"] for row in rows] == evaluation["source"].tolist()
+    assert set(evaluation["source"]) == {"chat", "alpaca", "pairs"}

@@ -99,6 +99,12 @@ def test_a_qwen3_conversation_with_three_assistant_turns_trains_as_three_rows_as
         for m in THREE_TURNS[1::2]
     ]
     _assert_trained_as_prompted(qwen3, THREE_TURNS, rows, [1, 3, 5], cfg, expected)
+    # Evaluation scores their answers alone and whether generations close the reasoning.
+    assert [(row["reasoning"], row["reference"]) for row in rows] == [
+        (True, "4."),
+        (True, "12."),
+        (True, "7."),
+    ]
 
 
 def test_whole_on_a_template_that_drops_earlier_reasoning_is_refused_naming_it_and_per_turn(qwen3):

@@ -91,9 +91,11 @@ def _render_group(columns: dict[str, list]) -> tuple[str, int, int, int]:
     merges_before = renderer.system_merges
     timeout = _record_timeout()
     rows = []
+    # Rows of a mixture name their source, for evaluation per source (none for `data.path`).
+    names = columns.get("source") or [""] * len(columns["record_id"])
     with _alarm_raises() as bounded:
-        for rid, source, row_number, messages, tools, text in zip(
-            *(columns[c] for c in _COLUMNS), strict=True
+        for rid, source, row_number, messages, tools, text, name in zip(
+            *(columns[c] for c in _COLUMNS), names, strict=True
         ):
             try:
                 if bounded:
@@ -112,7 +114,8 @@ def _render_group(columns: dict[str, list]) -> tuple[str, int, int, int]:
                     f"{source}, row {row_number} (record {rid}): cannot render with "
                     f"{renderer.name}: {exc}"
                 ) from exc
-            rows.extend(json_line({"record_id": rid, **row}) for row in rendered)
+            extra = {"source": name} if name else {}
+            rows.extend(json_line({"record_id": rid, **row, **extra}) for row in rendered)
     records = len(columns["record_id"])
     return "".join(rows), len(rows), renderer.system_merges - merges_before, records
 
@@ -208,7 +211,11 @@ def render_stream(records, tokenizer, cfg: TemplateConfig, name: str = "texts"):
         _ = renderer.template
     out = JSONLinesSpool(name)
     progress = Progress(f"render_conversations ({name})", len(records))
-    groups = ({c: frame[c].tolist() for c in _COLUMNS} for frame in iter_record_frames(records))
+    wanted = [*_COLUMNS, "source"]
+    groups = (
+        {c: frame[c].tolist() for c in wanted if c in frame.columns}
+        for frame in iter_record_frames(records)
+    )
     workers = _workers(-(-len(records) // ROW_GROUP_ROWS))
     merges = 0
     _RENDERER = renderer

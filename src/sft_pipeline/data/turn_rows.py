@@ -142,6 +142,9 @@ def _prepared(messages, mode: str | None, inline: set[int]) -> list[dict[str, An
 def _checked(renderer, row: dict[str, Any], messages, reasoned: list[int]) -> dict[str, Any]:
     """The row, once every trained turn's reasoning is found in its supervised text."""
     supervised = "".join(s["text"] for s in row["segments"] if s["supervised"])
+    if reasoned:
+        # Evaluation scores the answer alone and whether generations close their reasoning.
+        row["reasoning"] = True
     for i in reasoned:
         if reasoning_of(messages[i]).strip() not in supervised:
             raise ReasoningDroppedError(
