@@ -54,32 +54,34 @@ def tokenized(tokenizer, repeat: int):
     return Dataset.from_list(rows)
 
 
+# The training section every run here shares; fp32 pinned, so that machines with other CPU
+# flags would train alike too.
+TRAINING = {
+    "max_steps": 4,
+    "learning_rate": 1e-2,
+    "lr_scheduler_type": "constant",
+    "warmup_ratio": 0.0,
+    "logging_steps": 1,
+    "save_steps": 100,
+    "per_device_eval_batch_size": 2,
+    "precision": "fp32",
+}
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
+
+
 def run_training(base_dir: Path, out: Path, **training):
     """`train_adapter`, the pipeline's training node, on a small LoRA job."""
     from sft_pipeline.model.loading import load_tokenizer
     from sft_pipeline.pipelines.sft.nodes import train_adapter
 
     tokenizer = load_tokenizer(base_dir)
-    params = {
-        "output_dir": str(out / "checkpoints"),
-        "max_steps": 4,
-        "learning_rate": 1e-2,
-        "lr_scheduler_type": "constant",
-        "warmup_ratio": 0.0,
-        "logging_steps": 1,
-        "save_steps": 100,
-        "per_device_eval_batch_size": 2,
-        # Pinned: `auto` times a step in each precision, and two runs on a busy machine may
-        # time them otherwise.
-        "precision": "fp32",
-        **training,
-    }
+    params = {"output_dir": str(out / "checkpoints"), **TRAINING, **training}
     artifact, history, summary = train_adapter(
         base_dir,
         tokenized(tokenizer, 4),
         tokenized(tokenizer, 1),
         {"load_in_4bit": False},
-        {"r": 4, "alpha": 8, "dropout": 0.0},
+        LORA,
         params,
         # 16 rows pack into 8 bins of 96 tokens: 2 global batches of 4 per epoch, so 4 steps are
         # two whole epochs (the second reshuffled). A partial last batch is where processes
@@ -234,17 +236,10 @@ def test_two_machines_on_loopback_started_in_either_order_equal_one_process(
         "train_tokens": str(tmp_path / "train"),
         "eval_tokens": str(tmp_path / "eval"),
         "quantization": {"load_in_4bit": False},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "lora": LORA,
         "training": {
+            **TRAINING,
             "output_dir": str(output_dir),
-            "max_steps": 4,
-            "learning_rate": 1e-2,
-            "lr_scheduler_type": "constant",
-            "warmup_ratio": 0.0,
-            "logging_steps": 1,
-            "save_steps": 100,
-            "per_device_eval_batch_size": 2,
-            "precision": "fp32",
             "per_device_train_batch_size": 2,
             "num_processes": 2,  # the total over both machines
             "accelerate_config": str(config),

@@ -517,22 +517,31 @@ def test_same_params_give_byte_identical_data_artifacts(tmp_path: Path, tmp_path
     assert not differ, f"not byte-identical: {differ}"
 
 
+def pushed_clone(tmp_path_factory, tmp_path) -> tuple[Path, Path]:
+    """(clone A, its git origin): the reproduced project with its run committed and pushed, the
+    git history to a bare repository, the artifacts to a DVC remote folder."""
+    shared, _, _ = pc.reproduced_project(tmp_path_factory)
+    a = tmp_path / "a"
+    shutil.copytree(shared, a, symlinks=True)
+    origin = tmp_path / "origin.git"
+    pc.run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], tmp_path)
+    pc.run(["dvc", "remote", "add", "-d", "storage", str(tmp_path / "remote")], a)
+    pc.run(["git", "remote", "add", "origin", str(origin)], a)
+    pc.run(["git", "add", "-A"], a)
+    pc.run(["git", "commit", "-q", "-m", "run"], a)
+    pc.run(["git", "push", "-q", "origin", "main"], a)
+    pc.run(["dvc", "push"], a)
+    return a, origin
+
+
 @pytest.mark.slow
 def test_a_run_pushed_from_one_clone_is_pulled_into_a_fresh_clone_with_nothing_to_run(
     tmp_path_factory, tmp_path
 ) -> None:
-    shared, _, _ = pc.reproduced_project(tmp_path_factory)
-    # Clone A: the reproduced project, its run committed and pushed to a remote.
-    a = tmp_path / "a"
-    shutil.copytree(shared, a, symlinks=True)
-    remote = tmp_path / "remote"
-    pc.run(["dvc", "remote", "add", "-d", "storage", str(remote)], a)
-    pc.run(["git", "add", "-A"], a)
-    pc.run(["git", "commit", "-q", "-m", "run"], a)
-    pc.run(["dvc", "push"], a)
+    _, origin = pushed_clone(tmp_path_factory, tmp_path)
     # Clone B: fresh, never ran a stage, has no checkpoints folder.
     b = tmp_path / "b"
-    pc.run(["git", "clone", "-q", str(a), str(b)], tmp_path)
+    pc.run(["git", "clone", "-q", str(origin), str(b)], tmp_path)
     pc.run(["dvc", "pull"], b)
     assert not (b / "data/06_models/checkpoints").exists()
     assert json.loads(pc.run(["dvc", "status", "--json"], b)) == {}
@@ -551,17 +560,7 @@ def test_a_run_pushed_from_one_clone_is_pulled_into_a_fresh_clone_with_nothing_t
 def test_an_experiment_pushed_from_one_clone_applies_in_another_with_nothing_to_run(
     tmp_path_factory, tmp_path
 ) -> None:
-    shared, _, _ = pc.reproduced_project(tmp_path_factory)
-    a = tmp_path / "a"
-    shutil.copytree(shared, a, symlinks=True)
-    origin = tmp_path / "origin.git"
-    pc.run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], tmp_path)
-    pc.run(["dvc", "remote", "add", "-d", "storage", str(tmp_path / "remote")], a)
-    pc.run(["git", "remote", "add", "origin", str(origin)], a)
-    pc.run(["git", "add", "-A"], a)
-    pc.run(["git", "commit", "-q", "-m", "run"], a)
-    pc.run(["git", "push", "-q", "origin", "main"], a)
-    pc.run(["dvc", "push"], a)
+    a, origin = pushed_clone(tmp_path_factory, tmp_path)
     params = "conf/base/parameters_sft.yml:training.learning_rate=3e-3"
     pc.run(["dvc", "exp", "run", "-n", "lr-3e-3", "-S", params], a)
     pc.run(["dvc", "exp", "push", "origin", "lr-3e-3"], a)  # git refs and DVC cache
