@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from sft_pipeline.common import transformers_private
 from sft_pipeline.common.errors import TrainingDivergedError
 from sft_pipeline.common.ownership import own_checkpoints
 
@@ -75,7 +76,7 @@ class NonFiniteGuard(TrainerCallback):
                     max_steps=state.max_steps,
                     losses=losses,
                     grad_norm=norms[(bad_loss or bad_norm)[0]],
-                    learning_rate=trainer._get_learning_rate(),
+                    learning_rate=transformers_private.learning_rate(trainer),
                     ranks=sorted(set(bad_loss) | set(bad_norm)),
                     last_checkpoint=_last_checkpoint(args.output_dir),
                     fp16=bool(args.fp16),

@@ -13,6 +13,24 @@ What it adds to `Trainer`:
 - logged `mean_token_accuracy`, `num_tokens`, `supervised_tokens` and non-padding tokens/s;
 - a stop at the first optimizer step with a non-finite loss or gradient norm, on every process,
   before the step is applied or checkpointed (`guard.py`): diverged weights are never saved.
+
+The `Trainer` methods it overrides, and why (each calls the original where it still applies):
+
+    __init__                  TRL's constructor: a model id, `peft_config`, raw datasets prepared
+    compute_loss              the chunked supervised-token loss (`loss.py`), `loss_type`
+    training_step             hands the step's loss to the non-finite guard
+    evaluate                  prepares a raw eval dataset (plain, dict, stream) as training does
+    prediction_step           logits only when a metric asks (`compute_metrics`,
+                              `preprocess_logits_for_metrics`); the chunked loss otherwise
+    log                       token metrics (accuracy, supervised tokens, tokens/s) in each log
+    _get_train_sampler        seeded length-grouped order (private: transformers_private)
+    _get_grad_norm            the pre-clip norm for the guard (private)
+    _track_num_input_tokens   non-padding counts of packed rows (private)
+    _save_checkpoint, _save   marked checkpoints, rotation among ours, JSON arguments
+                              (`checkpoints.py`; private)
+
+The private ones are listed, with the transformers release they were checked against, in
+`sft_pipeline.common.transformers_private`, which checks at import that they still exist.
 """
 
 from __future__ import annotations
@@ -27,6 +45,7 @@ from datasets import Dataset, IterableDataset
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
+from sft_pipeline.common.transformers_private import check_trainer_hooks
 from sft_pipeline.trainer import inputs as checks
 from sft_pipeline.trainer import vision
 from sft_pipeline.trainer.checkpoints import OwnCheckpoints
@@ -45,6 +64,7 @@ from sft_pipeline.trainer.sampling import SeededLengthGroupedSampler, row_length
 from sft_pipeline.trainer.sft_config import SFTConfig
 
 log = logging.getLogger(__name__)
+check_trainer_hooks(Trainer)
 
 
 # Config attributes that change logits after the LM head; with any of them set, the loss goes
