@@ -112,9 +112,9 @@ def pinned_clock(template: str, day: datetime.date) -> Iterator[None]:
     argument cannot replace it (callables are turned into placeholders), so the global is
     swapped for the render and put back after, leaving other callers of that template alone.
     """
-    from transformers.utils.chat_template_utils import _compile_jinja_template
+    from sft_pipeline.common.transformers_private import compiled_template
 
-    globals_ = _compile_jinja_template(template).environment.globals
+    globals_ = compiled_template(template).environment.globals
     moment = datetime.datetime.combine(day, datetime.time())
     previous = globals_.get("strftime_now")
     globals_["strftime_now"] = moment.strftime

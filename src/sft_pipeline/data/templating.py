@@ -239,15 +239,18 @@ class Renderer:
         conversations the template's control tokens (its special tokens and the added tokens its
         text writes), for text records the special tokens."""
         if conversation not in self._control:
-            from transformers.utils.chat_template_utils import _get_control_token_patterns
+            from sft_pipeline.common.transformers_private import (
+                control_token_patterns,
+                template_control_tokens,
+            )
 
             if conversation:
-                tokens = tuple(self.tokenizer._get_control_tokens(self.template))
+                tokens = template_control_tokens(self.tokenizer, self.template)
             else:
                 tokens = tuple(
                     t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special
                 )
-            self._control[conversation] = _get_control_token_patterns(tokens)
+            self._control[conversation] = control_token_patterns(tokens)
         return self._control[conversation]
 
     def _check_tool_support(
