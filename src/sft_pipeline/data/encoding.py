@@ -73,18 +73,17 @@ def encode_prompted(
     if not rest:
         return ids, offsets
     newline = list(_encode(tokenizer, ["\n"])[0][0])
+    n = len(newline)
     tails_ids, tails_offsets = _encode(tokenizer, ["\n" + texts[k][cuts[k] :] for k in rest])
     for k, tail_ids, tail_offsets in zip(rest, tails_ids, tails_offsets, strict=True):
-        cut, text = cuts[k], texts[k]
-        if list(tail_ids[: len(newline)]) == newline:
-            tail_ids, tail_offsets = (
-                tail_ids[len(newline) :],
-                [(a - 1, b - 1) for a, b in tail_offsets[len(newline) :]],
-            )
+        cut = cuts[k]
+        if list(tail_ids[:n]) == newline:
+            tail_ids, tail_offsets, shift = tail_ids[n:], tail_offsets[n:], cut - 1
         else:  # the newline merged with the continuation's start: encode it on its own
-            (tail_ids,), (tail_offsets,) = _encode(tokenizer, [text[cut:]])
-        ids[k] = [*ids[k], *tail_ids]
-        offsets[k] = [*offsets[k], *((cut + max(a, 0), cut + b) for a, b in tail_offsets)]
+            (tail_ids,), (tail_offsets,) = _encode(tokenizer, [texts[k][cut:]])
+            shift = cut
+        ids[k].extend(tail_ids)
+        offsets[k].extend([(a + shift, b + shift) for a, b in tail_offsets])
     return ids, offsets
 
 
