@@ -101,6 +101,9 @@ def test_the_same_seed_draws_the_same_rows_and_another_seed_others(tmp_path):
 def test_per_source_counts_reconcile_in_the_validation_report(tmp_path):
     sources = _write_sources(tmp_path, bad=5)
     _mixed, _eval, report, _counts = _mixture(tmp_path, sources)
+    records = ingest(parse_section(DataConfig, {"sources": sources}, "data"))
+    _valid, rejected, _ = validate_stream(records, ValidationConfig(max_rejected_fraction=1.0))
+    assert [row["source"] for row in rejected] == ["pairs"] * 5
     assert report["sources"] == {
         "chat": {"ingested": 60, "valid": 60, "rejected": 0},
         "alpaca": {"ingested": 40, "valid": 40, "rejected": 0},

@@ -167,6 +167,8 @@ def _validate_chunk(
                 "source_row": int(records.at[position, "source_row"]),
                 "reasons": found,
                 "record": json.loads(records.at[position, "raw"]),
+                # The `data.sources` entry, for a mixture's rejects (none for `data.path`).
+                **({"source": name} if (name := records.at[position, "source"]) else {}),
             }
         )
     return records[kept].reset_index(drop=True), rejected, counts
