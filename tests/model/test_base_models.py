@@ -53,13 +53,21 @@ def _tokenize(row: dict, tokenizer) -> dict:
 
 
 @pytest.mark.parametrize("name", BASE_TOKENIZERS)
-def test_prompt_completion_strings_are_joined_like_trl_with_exact_labels(fixtures_dir, name):
+def test_prompt_completion_strings_train_the_prompt_ids_inference_sees_with_exact_labels(
+    fixtures_dir, name
+):
     tokenizer = _tokenizer(fixtures_dir, name)
     eos = tokenizer.eos_token
     for prompt, completion in PAIRS:
         example = _tokenize(render_prompt_completion(prompt, completion, tokenizer), tokenizer)
-        # The ids the model gets for this text from its own tokenizer (BOS included where used).
-        assert example["input_ids"] == tokenizer(prompt + completion + eos)["input_ids"]
+        # The prompt as the model's own tokenizer encodes it alone (BOS included where used), as
+        # at inference, then the completion: "Name a colour. " ends in its own space token, where
+        # encoding the joined text would merge it into the completion's first word.
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        assert example["input_ids"][: len(prompt_ids)] == prompt_ids
+        assert tokenizer.decode(example["input_ids"]) == tokenizer.decode(
+            tokenizer(prompt + completion + eos)["input_ids"]
+        )
         runs, unsupervised = supervised_runs(example)
         assert len(runs) == 1
         assert tokenizer.decode(runs[0]).strip() == (completion + eos).strip()
