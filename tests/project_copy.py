@@ -84,6 +84,19 @@ def run(
     return output
 
 
+def kedro(project: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """`python -m kedro ARGS` in `project` with `env()`; the caller checks how it ended."""
+    return subprocess.run(
+        [sys.executable, "-m", "kedro", *args],
+        cwd=project,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def ran_stages(dvc_output: str) -> set[str]:
     """Stages DVC executed, from its "Running stage 'x'" lines."""
     return set(_RUNNING.findall(dvc_output))

@@ -86,15 +86,7 @@ def _project(root: Path, chat: bool) -> Path:
 
 
 def _kedro(project: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "kedro", *args, "--env", pc.TINY_ENV],
-        cwd=project,
-        env=pc.env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
+    return pc.kedro(project, *args, "--env", pc.TINY_ENV)
 
 
 _DIRECT = """

@@ -3,9 +3,6 @@ merged model or export for anything downstream to pick up."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 from safetensors.torch import load_file, save_file
 
@@ -24,15 +21,7 @@ def test_a_base_whose_forward_overflows_fails_the_run_and_ships_nothing(tmp_path
     save_file(weights, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
     pc.set_params(project, {"export": {"gguf": ["f16"]}, "training": {"save_steps": 1}})
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "kedro", "run", "--pipeline=sft", "--env", pc.TINY_ENV],
-        cwd=project,
-        env=pc.env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
+    proc = pc.kedro(project, "run", "--pipeline=sft", "--env", pc.TINY_ENV)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 1, output[-4000:]
     assert "training diverged at optimizer step 1" in output, output[-4000:]

@@ -76,12 +76,8 @@ class RowRenderer(Renderer):
         self.joined_rows += 1
         return row
 
-    def render(
-        self,
-        messages: list[dict[str, Any]],
-        add_generation_prompt: bool,
-        tools: list[dict[str, Any]] | None = None,
-    ) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool, tools=None) -> str:
+        """As the pipeline's `Renderer.render`, with this row's switches and joined turns."""
         if self._joining:
             return self._joined(messages, add_generation_prompt, tools)
         return self._native(messages, add_generation_prompt, tools)
