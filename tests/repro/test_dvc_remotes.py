@@ -1,6 +1,7 @@
-"""A run shared through an object store: `dvc push` to and `dvc pull` from a real S3-compatible
-server (moto, in server mode on loopback), with the credentials of conf/local/credentials.yml
-given to DVC by `kedro dvc credentials`."""
+"""A run shared through DVC remotes: pushed from one clone and pulled (or an experiment applied) in
+a fresh one with nothing to run, through a folder remote and a real S3-compatible server (moto,
+in server mode on loopback) with the credentials of conf/local/credentials.yml given to DVC by
+`kedro dvc credentials`."""
 
 from __future__ import annotations
 
@@ -19,8 +20,6 @@ from tests import project_copy as pc
 
 pytestmark = pytest.mark.slow
 
-pytest.importorskip("dvc_s3", reason="DVC's S3 plugin is the `s3` extra (make setup installs it)")
-pytest.importorskip("moto", reason="moto (the loopback S3 server) is a dev dependency")
 
 BUCKET = "sft-runs"
 POLICY = (
@@ -32,6 +31,10 @@ POLICY = (
 @pytest.fixture(scope="module")
 def s3_server():
     """(endpoint URL, access key id, secret key) of a moto server that checks credentials."""
+    pytest.importorskip(
+        "dvc_s3", reason="DVC's S3 plugin is the `s3` extra (make setup installs it)"
+    )
+    pytest.importorskip("moto", reason="moto (the loopback S3 server) is a dev dependency")
     import boto3
 
     with socket.socket() as s:
@@ -129,3 +132,61 @@ def test_a_wrong_credential_is_one_clear_error_naming_the_remote(s3_server, tmp_
     )
     assert proc.returncode != 0
     assert "no DVC remote 'storag' (did you mean 'storage'?)" in proc.stdout + proc.stderr
+
+
+def pushed_clone(tmp_path_factory, tmp_path) -> tuple[Path, Path]:
+    """(clone A, its git origin): the reproduced project with its run committed and pushed, the
+    git history to a bare repository, the artifacts to a DVC remote folder."""
+    shared, _, _ = pc.reproduced_project(tmp_path_factory)
+    a = tmp_path / "a"
+    shutil.copytree(shared, a, symlinks=True)
+    origin = tmp_path / "origin.git"
+    pc.run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], tmp_path)
+    pc.run(["dvc", "remote", "add", "-d", "storage", str(tmp_path / "remote")], a)
+    pc.run(["git", "remote", "add", "origin", str(origin)], a)
+    pc.run(["git", "add", "-A"], a)
+    pc.run(["git", "commit", "-q", "-m", "run"], a)
+    pc.run(["git", "push", "-q", "origin", "main"], a)
+    pc.run(["dvc", "push"], a)
+    return a, origin
+
+
+@pytest.mark.slow
+def test_a_run_pushed_from_one_clone_is_pulled_into_a_fresh_clone_with_nothing_to_run(
+    tmp_path_factory, tmp_path
+) -> None:
+    _, origin = pushed_clone(tmp_path_factory, tmp_path)
+    # Clone B: fresh, never ran a stage, has no checkpoints folder.
+    b = tmp_path / "b"
+    pc.run(["git", "clone", "-q", str(origin), str(b)], tmp_path)
+    pc.run(["dvc", "pull"], b)
+    assert not (b / "data/06_models/checkpoints").exists()
+    assert json.loads(pc.run(["dvc", "status", "--json"], b)) == {}
+    second = pc.run(["dvc", "repro"], b)
+    assert pc.ran_stages(second) == set(), second
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps("What is the capital of France?") + "\n")
+    answers = tmp_path / "answers.jsonl"
+    model = ["--model", "data/06_models/merged", "--max-new-tokens", "4"]
+    pc.run(["kedro", "sft", "generate", *model, "--prompts", str(prompts), "-o", str(answers)], b)
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["num_tokens"] >= 1
+
+
+@pytest.mark.slow
+def test_an_experiment_pushed_from_one_clone_applies_in_another_with_nothing_to_run(
+    tmp_path_factory, tmp_path
+) -> None:
+    a, origin = pushed_clone(tmp_path_factory, tmp_path)
+    params = "conf/base/parameters_sft.yml:training.learning_rate=3e-3"
+    pc.run(["dvc", "exp", "run", "-n", "lr-3e-3", "-S", params], a)
+    pc.run(["dvc", "exp", "push", "origin", "lr-3e-3"], a)  # git refs and DVC cache
+    b = tmp_path / "b"
+    pc.run(["git", "clone", "-q", str(origin), str(b)], tmp_path)
+    pc.run(["dvc", "exp", "pull", "origin", "lr-3e-3"], b)
+    pc.run(["dvc", "exp", "apply", "lr-3e-3"], b)
+    pc.run(["dvc", "pull"], b)
+    assert json.loads(pc.run(["dvc", "status", "--json"], b)) == {}
+    assert pc.ran_stages(pc.run(["dvc", "repro"], b)) == set()
+    effective = pc.read_json(b, "data/06_models/adapter/training_params.json")
+    assert effective["training"]["learning_rate"] == pytest.approx(3e-3)
