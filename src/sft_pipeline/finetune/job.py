@@ -212,4 +212,7 @@ def build_sft_config(job: TrainJob, precision: device.Precision):
         dataloader_pin_memory=device.on_cuda(),
         disable_tqdm=False,
         max_length=job.max_length,
+        # The tokens artifact holds rows the pipeline rendered: after the last supervised
+        # token (a template's newline after end-of-turn) nothing is trained.
+        trim_unsupervised_tail=True,
     )

@@ -91,7 +91,7 @@ def prepare_dataset(
     encoder = RowEncoder(tokenizer, args, formatting_func, name, dataset.column_names, dataset[0])
     ids, labels = encoder.encode(dataset)
     ids, labels = _truncate_and_check(
-        ids, labels, _row_limit(args, packing), name, trim=encoder.kind != PRETOKENIZED
+        ids, labels, _row_limit(args, packing), name, trim=_trims(args, encoder.kind)
     )
     if packing:
         capacity = args.max_length or max(len(row) for row in ids)
@@ -106,6 +106,13 @@ def prepare_dataset(
         )
         return Dataset.from_dict(packed)
     return Dataset.from_dict(_columns(ids, labels, args, packing=False))
+
+
+def _trims(args: SFTConfig, kind: str) -> bool:
+    """Whether rows end at their last supervised token (`trim_unsupervised_tail`)."""
+    if args.trim_unsupervised_tail is None:
+        return kind != PRETOKENIZED
+    return bool(args.trim_unsupervised_tail)
 
 
 def _row_limit(args: SFTConfig, packing: bool) -> int | None:
@@ -158,7 +165,7 @@ def _prepare_stream(
             _row_limit(args, packing),
             name,
             streaming=True,
-            trim=encoder.kind != PRETOKENIZED,
+            trim=_trims(args, encoder.kind),
         )
         return _columns(ids, labels, args, packing)
 

@@ -54,6 +54,15 @@ class SFTConfig(TrainingArguments):
             "no compute on padding; random batches then cost no more than length-grouped ones."
         },
     )
+    trim_unsupervised_tail: bool | None = field(
+        default=None,
+        metadata={
+            "help": "End each row at its last supervised token: what follows is never trained "
+            "and only costs compute. None: for rows the trainer renders, not for pre-tokenized "
+            "rows (the user's own tokens, kept whole as TRL keeps them). The pipeline sets "
+            "True: its tokens artifact is pre-tokenized rows it rendered itself."
+        },
+    )
     eval_packing: bool | None = field(
         default=None, metadata={"help": "Pack the eval set too; defaults to `packing`."}
     )
