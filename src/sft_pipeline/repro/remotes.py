@@ -7,9 +7,9 @@
           secret_access_key: ...
 
 DVC reads a remote's credentials from its own configuration, never from Kedro's. This writes the
-ones of `conf/local/credentials.yml` there (`dvc remote modify --local`), so the committed
-`.dvc/config` holds only the remote's URL and options, then lists each remote's storage folder
-with them: a wrong key is one error naming the remote here, not a bare "403 Forbidden" at the
+ones of `conf/local/credentials.yml` there (through DVC's own config API: what
+`dvc remote modify --local` writes), so the committed `.dvc/config` holds only the remote's URL
+and options, then lists each remote's storage folder with them: a wrong key is one error naming the remote here, not a bare "403 Forbidden" at the
 next `dvc push`.
 """
 
@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import subprocess
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,20 +37,21 @@ class RemoteCredentialsError(UserError, RuntimeError):
     """A remote named in credentials.yml is unknown, or refuses the credentials given."""
 
 
-def _dvc(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True, check=False
-    )
-
-
 def remote_urls(project: Path) -> dict[str, str]:
-    """{remote name: URL} of the project's DVC configuration."""
-    listed = _dvc(["remote", "list"], project)
-    if listed.returncode != 0:
-        raise RemoteCredentialsError(f"`dvc remote list` failed in {project}: {listed.stderr}")
-    # One remote a line: name, URL, and "(default)" after the default one.
-    rows = [line.split() for line in listed.stdout.splitlines() if line.strip()]
-    return {row[0]: row[1] for row in rows if len(row) >= 2}
+    """{remote name: URL} of the project's DVC configuration (every level merged)."""
+    from dvc.repo import Repo
+
+    with Repo(str(project)) as repo:
+        return {name: conf.get("url", "") for name, conf in repo.config["remote"].items()}
+
+
+def _write_local(project: Path, name: str, keys: Mapping[str, Any]) -> None:
+    """Set `keys` on remote `name` in `.dvc/config.local` (what `dvc remote modify --local`
+    writes)."""
+    from dvc.repo import Repo
+
+    with Repo(str(project)) as repo, repo.config.edit("local") as local:
+        local["remote"].setdefault(name, {}).update({k: str(v) for k, v in keys.items()})
 
 
 def remote_type(url: str) -> str:
@@ -82,15 +81,13 @@ def apply_credentials(project: Path, credentials: Mapping[str, Any], source: str
         allowed = CREDENTIAL_KEYS.get(kind, ())
         if not isinstance(keys, Mapping) or not keys:
             raise RemoteCredentialsError(f"{where}: expected a mapping of {', '.join(allowed)}")
-        for key, value in keys.items():
+        for key in keys:
             if key not in allowed:
                 raise RemoteCredentialsError(
                     f"{where}.{key}: not a credential of a {kind} remote; expected one of "
                     f"{', '.join(allowed) or '(none: this remote type takes no credentials)'}"
                 )
-            done = _dvc(["remote", "modify", "--local", str(name), str(key), str(value)], project)
-            if done.returncode != 0:
-                raise RemoteCredentialsError(f"{where}.{key}: {done.stderr.strip()}")
+        _write_local(project, str(name), keys)
         check_remote(project, str(name), known[name], where)
     return [str(name) for name in remotes]
 
