@@ -9,8 +9,8 @@
 DVC reads a remote's credentials from its own configuration, never from Kedro's. This writes the
 ones of `conf/local/credentials.yml` there (through DVC's own config API: what
 `dvc remote modify --local` writes), so the committed `.dvc/config` holds only the remote's URL
-and options, then lists each remote's storage folder with them: a wrong key is one error naming the remote here, not a bare "403 Forbidden" at the
-next `dvc push`.
+and options, then lists each remote's storage folder with them: a wrong key is one error naming
+the remote here, not a bare "403 Forbidden" at the next `dvc push`.
 """
 
 from __future__ import annotations
