@@ -279,8 +279,12 @@ def prepare_output_dir(output_dir: Path, fingerprint: dict[str, Any], resume: st
             if resume_from is None or checkpoint_step(checkpoint) > checkpoint_step(resume_from):
                 log.info("removing incomplete checkpoint %s", checkpoint)
                 shutil.rmtree(checkpoint)
-    write_text(stored_path, json.dumps(fingerprint, indent=2, sort_keys=True, default=str))
+    _write_fingerprint(stored_path, fingerprint)
     return resume_from
+
+
+def _write_fingerprint(path: Path, fingerprint: dict[str, Any]) -> None:
+    write_text(path, json.dumps(fingerprint, indent=2, sort_keys=True, default=str))
 
 
 def set_aside(output_dir: Path, checkpoints: list[Path], stored: dict[str, Any]) -> Path:
@@ -295,7 +299,7 @@ def set_aside(output_dir: Path, checkpoints: list[Path], stored: dict[str, Any])
     if aside.exists() and (not there or there.get("fingerprint") != stored.get("fingerprint")):
         shutil.rmtree(aside)
     aside.mkdir(exist_ok=True)
-    write_text(aside / FINGERPRINT_FILE, json.dumps(stored, indent=2, sort_keys=True, default=str))
+    _write_fingerprint(aside / FINGERPRINT_FILE, stored)
     for checkpoint in checkpoints:
         target = aside / checkpoint.name
         if target.exists():
