@@ -85,6 +85,13 @@ def maybe_json_list(value: Any) -> Any:
     return value
 
 
+def is_messages(value: Any) -> bool:
+    """Whether `value` is a list of `{role, ...}` messages (TRL's conversational columns).
+
+    An assistant message that only calls tools may come without `content` (TRL's examples)."""
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value)
+
+
 def normalize_turns(turns: Any) -> Any:
     """Map each turn to {role, content} (+ tool fields, module doc); `from`/`value` turns use
     ShareGPT role names.

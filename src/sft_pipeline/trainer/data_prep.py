@@ -52,6 +52,7 @@ from typing import Any
 from datasets import Dataset, IterableDataset
 
 from sft_pipeline.common.labels import IGNORE_INDEX
+from sft_pipeline.data.turns import is_messages
 from sft_pipeline.trainer.formatting import Formatter
 from sft_pipeline.trainer.packing import pack_by_strategy
 from sft_pipeline.trainer.sft_config import SFTConfig
@@ -186,16 +187,11 @@ def dataset_type(columns: Iterable[str], first: dict[str, Any], formatting_func)
     if formatting_func is not None:
         return LANGUAGE_MODELLING
     if {"prompt", "completion"} <= columns:
-        if _is_messages(first["prompt"]) and _is_messages(first["completion"]):
+        if is_messages(first["prompt"]) and is_messages(first["completion"]):
             return CONVERSATIONAL_PROMPT_COMPLETION
         if isinstance(first["prompt"], str) and isinstance(first["completion"], str):
             return PROMPT_COMPLETION
     return RECORDS  # refined by the records schema in RowEncoder
-
-
-def _is_messages(value: Any) -> bool:
-    # An assistant message that only calls tools may come without `content` (TRL's examples).
-    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value)
 
 
 class RowEncoder:

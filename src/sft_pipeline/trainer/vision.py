@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sft_pipeline.data.turns import is_messages
 from sft_pipeline.data.vision_tokens import SHAPE_SUFFIX, TOKEN_KEYS
 from sft_pipeline.model.loading import PROJECTOR, VISION_TOWER
 from sft_pipeline.trainer.packing import best_fit_decreasing, join_rows
@@ -172,7 +173,7 @@ def _tokenize_rows(dataset, processor, args, name: str) -> list[dict[str, Any]]:
     for number, row in enumerate(_images_undecoded(dataset), 1):
         schema = "messages" if "messages" in row else "prompt_response"
         supervise_from = 0
-        if _is_turns(row.get("prompt")) and _is_turns(row.get("completion")):
+        if is_messages(row.get("prompt")) and is_messages(row.get("completion")):
             # TRL's conversational prompt-completion: one conversation, the completion's turns
             # supervised (all assistant turns with completion_only_loss=False).
             prompt = list(row["prompt"])
@@ -202,14 +203,6 @@ def _tokenize_rows(dataset, processor, args, name: str) -> list[dict[str, Any]]:
     for row in rows:
         row[args.length_column_name] = len(row["input_ids"])
     return rows
-
-
-def _is_turns(value: Any) -> bool:
-    return (
-        isinstance(value, list)
-        and bool(value)
-        and all(isinstance(turn, dict) and "role" in turn for turn in value)
-    )
 
 
 def _images_undecoded(dataset):
