@@ -229,15 +229,23 @@ def run_system(name: str, steps: int, records: int, out_dir: str) -> dict:
 
         # Without packing ours groups rows by length (less padding) unless told to draw randomly.
         extra = {"train_sampling_strategy": "random"} if "-random" in name else {}
+        max_length, train = 512, Dataset.from_list(rows)
         if name.endswith("-padfree"):
-            extra["padding_free"] = True
+            # The rows tokenized and truncated to 512 as in the other runs, then each batch
+            # re-packed into rows of at most 512 tokens (max_length=None: nothing to truncate).
+            prep = _train_args(SFTConfig, out_dir, steps, precision, max_length=512)
+            train = SFTTrainer(
+                model=model, args=prep, train_dataset=train, processing_class=tokenizer
+            ).train_dataset
+            extra.update(padding_free=True, padding_free_row_tokens=max_length)
+            max_length = None
         args = _train_args(
-            SFTConfig, out_dir, steps, precision, max_length=512, packing=packing, **extra
+            SFTConfig, out_dir, steps, precision, max_length=max_length, packing=packing, **extra
         )
         trainer = SFTTrainer(
             model=model,
             args=args,
-            train_dataset=Dataset.from_list(rows),
+            train_dataset=train,
             processing_class=tokenizer,
             peft_config=lora_config(),
         )

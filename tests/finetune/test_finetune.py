@@ -147,6 +147,22 @@ def test_full_fine_tuning_of_a_4bit_base_is_a_clear_config_error(tmp_path, token
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_padding_free_training_joins_batches_into_rows_of_the_tokenization_length(tmp_path):
+    from sft_pipeline.finetune.job import build_sft_config
+
+    def config(**training):
+        job = TrainJob(Path("."), None, None, *LORA, training_config(tmp_path, **training), 96)
+        return build_sft_config(job, "fp32")
+
+    free = config(padding_free=True)
+    # Rows come truncated from the tokenization node: the trainer joins each batch into rows
+    # of at most 96 tokens instead of truncating a joined row.
+    assert (free.max_length, free.padding_free_row_tokens) == (None, 96)
+    assert (config().max_length, config().padding_free_row_tokens) == (96, None)
+    packed = config(padding_free=True, packing=True)
+    assert (packed.max_length, packed.padding_free_row_tokens) == (96, 96)
+
+
 def test_bad_training_values_name_the_key():
     from sft_pipeline.common.config import parse_section
 

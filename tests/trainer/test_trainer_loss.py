@@ -37,8 +37,7 @@ def _trainer(tmp_path, model, rows, **config) -> SFTTrainer:
         output_dir=str(tmp_path / "out"),
         report_to="none",
         use_cpu=True,
-        max_length=64,
-        **config,
+        **{"max_length": 64, **config},
     )
     return SFTTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(rows), tokenizer=_Tok()
@@ -184,7 +183,10 @@ def test_slicing_a_batch_into_forwards_keeps_loss_and_gradients(tmp_path):
 def test_padding_free_batches_keep_loss_and_gradients_without_padding(tmp_path):
     rows = _rows(8, seed=5)
     padded_step = _one_step(tmp_path / "a", rows, 8, 1)
-    assert_same_step(padded_step, _one_step(tmp_path / "b", rows, 8, 1, padding_free=True))
+    joined = _one_step(tmp_path / "b", rows, 8, 1, padding_free=True, max_length=None)
+    assert_same_step(padded_step, joined)
+    in_rows = dict(padding_free=True, max_length=None, padding_free_row_tokens=64)
+    assert_same_step(padded_step, _one_step(tmp_path / "c", rows, 8, 1, **in_rows))
 
     padded = DataCollatorForSFT(pad_token_id=0)(rows)
     free = DataCollatorForSFT(pad_token_id=0, padding_free_capacity=64)(rows)

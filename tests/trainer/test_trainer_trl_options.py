@@ -352,6 +352,32 @@ def test_qwen3_multi_turn_trains_every_assistant_turn_with_its_reasoning_block(
     assert "And of Italy?" in text and "And of Italy?" not in supervised
 
 
+def test_padding_free_with_max_length_and_no_packing_is_refused_naming_the_fixes(
+    qwen_dir, tmp_path
+):
+    with pytest.raises(ValueError, match="`max_length` is not enforced") as error:
+        _trainer(qwen_dir, tmp_path, padding_free=True, max_length=16)
+    assert "packing=True" in str(error.value) and "padding_free_row_tokens" in str(error.value)
+    packed = _trainer(qwen_dir, tmp_path, padding_free=True, packing=True, max_length=16)
+    assert max(len(ids) for ids in packed.train_dataset["input_ids"]) <= 16
+
+
+def test_padding_free_row_tokens_bounds_each_joined_row(qwen_dir, tmp_path):
+    trainer = _trainer(
+        qwen_dir,
+        tmp_path,
+        padding_free=True,
+        max_length=None,
+        padding_free_row_tokens=24,
+        per_device_train_batch_size=4,
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    longest = max(len(ids) for ids in trainer.train_dataset["input_ids"])
+    assert batch["input_ids"].shape[0] > 1
+    assert batch["input_ids"].shape[1] <= max(24, longest)
+    assert batch["document_ids"].max() <= 4
+
+
 def test_padding_free_without_max_length_puts_each_batch_in_one_row(qwen_dir, tmp_path):
     trainer = _trainer(
         qwen_dir, tmp_path, padding_free=True, max_length=None, per_device_train_batch_size=4

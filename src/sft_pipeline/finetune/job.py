@@ -211,7 +211,10 @@ def build_sft_config(job: TrainJob, precision: device.Precision):
         # Pinned host memory only speeds up copies to a GPU (on a CPU, torch warns per loader).
         dataloader_pin_memory=device.on_cuda(),
         disable_tqdm=False,
-        max_length=job.max_length,
+        # Rows are truncated by the tokenization node; a padding-free batch is joined into rows
+        # of at most max_length tokens (the trainer's max_length would be the joined row's).
+        max_length=None if training.padding_free and not training.packing else job.max_length,
+        padding_free_row_tokens=job.max_length if training.padding_free else None,
         # The tokens artifact holds rows the pipeline rendered: after the last supervised
         # token (a template's newline after end-of-turn) nothing is trained.
         trim_unsupervised_tail=True,

@@ -55,12 +55,26 @@ WHOLE_BATCH = 2**31 - 1
 def padding_free_capacity(args: SFTConfig) -> int | None:
     """The row size padding-free batches are re-packed into, None when not padding-free.
 
-    With `max_length` a batch becomes rows of at most that many tokens; without it (what TRL
-    users write, as TRL does not enforce `max_length` there) the whole batch is one row.
+    With `padding_free_row_tokens` a batch becomes rows of at most that many tokens; without it
+    the whole batch is one row, as in TRL. Image rows (the only ones padding-free with a
+    `max_length`) are re-packed into `max_length` rows.
     """
     if not args.padding_free:
         return None
-    return args.max_length or WHOLE_BATCH
+    return args.padding_free_row_tokens or args.max_length or WHOLE_BATCH
+
+
+def check_padding_free(args: SFTConfig, vision_model: bool) -> None:
+    """A padding-free batch joins its rows, so `max_length` cannot bound the row the model sees;
+    refused as TRL refuses it (image rows are exempt there too: their batches are re-packed
+    into `max_length` rows)."""
+    if args.padding_free and not args.packing and args.max_length is not None and not vision_model:
+        raise ValueError(
+            f"SFTConfig: with padding_free=True and packing=False, `max_length` is not enforced "
+            f"(each batch's rows are joined into one row longer than max_length={args.max_length})."
+            " Set packing=True, or max_length=None with rows already truncated (add "
+            "padding_free_row_tokens=N to re-pack each batch into rows of at most N tokens)"
+        )
 
 
 def check_prompt_learning(model, args: SFTConfig) -> None:

@@ -49,9 +49,18 @@ class SFTConfig(TrainingArguments):
     padding_free: bool = field(
         default=False,
         metadata={
-            "help": "Without packing: re-pack each batch's rows into rows of at most "
-            "`max_length` tokens, kept apart like packed ones. Same rows per step (same loss), "
-            "no compute on padding; random batches then cost no more than length-grouped ones."
+            "help": "Without packing: join each batch's rows into one row (or rows of at most "
+            "`padding_free_row_tokens`), kept apart like packed ones. Same rows per step (same "
+            "loss), no compute on padding. As in TRL it needs max_length=None (rows already "
+            "truncated) unless packing, since a joined batch is longer than `max_length`."
+        },
+    )
+    padding_free_row_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "With padding_free and no packing: re-pack each batch into rows of at most "
+            "this many tokens instead of one row, which bounds attention's cost per row (rows "
+            "longer than it keep a row of their own)."
         },
     )
     trim_unsupervised_tail: bool | None = field(

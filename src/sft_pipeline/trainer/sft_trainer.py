@@ -137,6 +137,7 @@ class SFTTrainer(OwnCheckpoints, Trainer):
         if peft_config is not None:
             model = _apply_peft(model, peft_config, args)
         checks.check_prompt_learning(model, args)
+        checks.check_padding_free(args, vision.is_vision_model(model))
         if args.gradient_checkpointing and hasattr(model, "peft_config"):
             # Frozen embeddings give checkpointed blocks inputs without grad.
             model.enable_input_require_grads()
