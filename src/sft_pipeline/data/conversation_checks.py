@@ -209,6 +209,10 @@ def missing_turn(role: str) -> Callable[[View, ValidationConfig], list[str]]:
     return rule
 
 
+no_user_turn = missing_turn("user")
+no_assistant_turn = missing_turn("assistant")
+
+
 def last_not_assistant(view: View, cfg: ValidationConfig) -> list[str]:
     turns = view["turns"]
     if not cfg.require_assistant_last or not isinstance(turns, list) or not turns:

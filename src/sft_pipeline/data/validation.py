@@ -43,40 +43,49 @@ class Rule:
     check: Callable[[View, ValidationConfig], list[str]]
 
 
-# In the order a rejected record lists its reasons: (code, what it means, check).
-RULES = tuple(
-    Rule(*row)
-    for row in (
-        ("bad_messages", "messages are not a list of objects", conv.bad_messages),
-        ("bad_turn", "a message is not an object with role and content", conv.bad_turn),
-        ("content_not_string", "content is neither text nor parts", conv.content_not_string),
-        ("unsupported_value", "bytes, or a non-text key", value_checks.unsupported_values),
-        ("empty_content", "a message without text, calls or images", conv.empty_content),
-        ("unclosed_reasoning", "a reasoning tag never closed", reasoning.unclosed_tag),
-        (
-            "reasoning_outside_assistant",
-            "reasoning on a non-assistant turn",
-            reasoning.outside_assistant,
-        ),
-        ("empty_answer", "reasoning with no answer after it", reasoning.empty_answer),
-        ("bad_turn_control", "train/weight that are not usable", reasoning.bad_control),
-        ("no_trained_turn", "every assistant turn context only", reasoning.no_trained_turn),
-        ("unknown_role", "not system, user, assistant or tool", conv.unknown_role),
-        ("not_alternating", "turns out of order", conv.not_alternating),
-        ("bad_tools", "tools that are not named functions", tool_checks.bad_tools),
-        ("malformed_tool_call", "a call without name or object", tool_checks.malformed_tool_call),
-        ("undeclared_function", "a call of an undeclared tool", tool_checks.undeclared_function),
-        ("orphan_tool_result", "a result of no call before it", tool_checks.orphan_tool_result),
-        ("no_user_turn", "no user message", conv.missing_turn("user")),
-        ("no_assistant_turn", "no assistant message", conv.missing_turn("assistant")),
-        ("last_not_assistant", "the assistant does not speak last", conv.last_not_assistant),
-        ("empty_text", "a text record without text", conv.empty_text),
-        ("too_long", "over validation.max_chars characters", conv.too_long),
-        ("image_count", "placeholders and images differ in number", conv.image_count),
-        ("image_missing", "an image file that does not exist", conv.image_missing),
-        ("image_unreadable", "an image unreadable or over a size limit", conv.image_unreadable),
-        ("image_in_assistant_turn", "an assistant's image", conv.image_not_in_user_turn),
-    )
+# Where the checks the table names live (each name in exactly one of them).
+CHECK_MODULES = (conv, value_checks, reasoning, tool_checks)
+
+
+def _rules(table: str) -> tuple[Rule, ...]:
+    """The rules of a `code | description | check` table, each check found by its name."""
+    rules = []
+    for line in filter(None, map(str.strip, table.splitlines())):
+        code, description, name = (cell.strip() for cell in line.split("|"))
+        (check,) = [getattr(m, name) for m in CHECK_MODULES if hasattr(m, name)]
+        rules.append(Rule(code, description, check))
+    return tuple(rules)
+
+
+# In the order a rejected record lists its reasons: code | what it means | check.
+RULES = _rules(
+    """
+    bad_messages                | messages are not a list of objects       | bad_messages
+    bad_turn                    | not an object with role and content      | bad_turn
+    content_not_string          | content is neither text nor parts        | content_not_string
+    unsupported_value           | bytes, or a non-text key                 | unsupported_values
+    empty_content               | a message without text, calls or images  | empty_content
+    unclosed_reasoning          | a reasoning tag never closed             | unclosed_tag
+    reasoning_outside_assistant | reasoning on a non-assistant turn        | outside_assistant
+    empty_answer                | reasoning with no answer after it        | empty_answer
+    bad_turn_control            | train/weight that are not usable         | bad_control
+    no_trained_turn             | every assistant turn context only        | no_trained_turn
+    unknown_role                | not system, user, assistant or tool      | unknown_role
+    not_alternating             | turns out of order                       | not_alternating
+    bad_tools                   | tools that are not named functions       | bad_tools
+    malformed_tool_call         | a call without name or object            | malformed_tool_call
+    undeclared_function         | a call of an undeclared tool             | undeclared_function
+    orphan_tool_result          | a result of no call before it            | orphan_tool_result
+    no_user_turn                | no user message                          | no_user_turn
+    no_assistant_turn           | no assistant message                     | no_assistant_turn
+    last_not_assistant          | the assistant does not speak last        | last_not_assistant
+    empty_text                  | a text record without text               | empty_text
+    too_long                    | over validation.max_chars characters     | too_long
+    image_count                 | placeholders and images differ in number | image_count
+    image_missing               | an image file that does not exist        | image_missing
+    image_unreadable            | an image unreadable or over a size limit | image_unreadable
+    image_in_assistant_turn     | an assistant's image                     | image_not_in_user_turn
+    """
 )
 DUPLICATE = "duplicate"  # the same content as an earlier record (validation.reject_duplicates)
 

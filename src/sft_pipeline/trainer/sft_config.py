@@ -20,6 +20,11 @@ from sft_pipeline.model.device import resolve_precision
 log = logging.getLogger(__name__)
 
 
+def _option(default: Any, text: str) -> Any:
+    """A field with its default and the help text `HfArgumentParser` shows on a command line."""
+    return field(default=default, metadata={"help": text})
+
+
 @dataclass
 class SFTConfig(TrainingArguments):
     """Training arguments for `SFTTrainer`; every `TrainingArguments` field is accepted too."""
@@ -31,85 +36,58 @@ class SFTConfig(TrainingArguments):
         "dataset_kwargs",
     ]
 
-    max_length: int | None = field(
-        default=1024,
-        metadata={
-            "help": "Truncate tokenized rows to this many tokens; the bin size when packing."
-        },
+    max_length: int | None = _option(
+        1024, "Truncate tokenized rows to this many tokens; the bin size when packing."
     )
-    max_seq_length: int | None = field(
-        default=None, metadata={"help": "Alias of `max_length` (the older TRL name)."}
+    max_seq_length: int | None = _option(None, "Alias of `max_length` (the older TRL name).")
+    packing: bool = _option(
+        False, "Best-fit-decreasing packing of rows into `max_length` bins, kept apart."
     )
-    packing: bool = field(
-        default=False,
-        metadata={
-            "help": "Best-fit-decreasing packing of rows into `max_length` bins, kept apart."
-        },
+    padding_free: bool = _option(
+        False,
+        "Without packing: join each batch's rows into one row (or rows of at most "
+        "`padding_free_row_tokens`), kept apart like packed ones. Same rows per step (same loss), "
+        "no compute on padding. As in TRL it needs max_length=None (rows already truncated) unless "
+        "packing, since a joined batch is longer than `max_length`.",
     )
-    padding_free: bool = field(
-        default=False,
-        metadata={
-            "help": "Without packing: join each batch's rows into one row (or rows of at most "
-            "`padding_free_row_tokens`), kept apart like packed ones. Same rows per step (same "
-            "loss), no compute on padding. As in TRL it needs max_length=None (rows already "
-            "truncated) unless packing, since a joined batch is longer than `max_length`."
-        },
+    padding_free_row_tokens: int | None = _option(
+        None,
+        "With padding_free and no packing: re-pack each batch into rows of at most this many tokens"
+        " instead of one row, which bounds attention's cost per row (rows longer than it keep a row"
+        " of their own).",
     )
-    padding_free_row_tokens: int | None = field(
-        default=None,
-        metadata={
-            "help": "With padding_free and no packing: re-pack each batch into rows of at most "
-            "this many tokens instead of one row, which bounds attention's cost per row (rows "
-            "longer than it keep a row of their own)."
-        },
+    trim_unsupervised_tail: bool | None = _option(
+        None,
+        "End each row at its last supervised token: what follows is never trained and only costs "
+        "compute. None: for rows the trainer renders, not for pre-tokenized rows (the user's own "
+        "tokens, kept whole as TRL keeps them). The pipeline sets True: its tokens artifact is pre-"
+        "tokenized rows it rendered itself.",
     )
-    trim_unsupervised_tail: bool | None = field(
-        default=None,
-        metadata={
-            "help": "End each row at its last supervised token: what follows is never trained "
-            "and only costs compute. None: for rows the trainer renders, not for pre-tokenized "
-            "rows (the user's own tokens, kept whole as TRL keeps them). The pipeline sets "
-            "True: its tokens artifact is pre-tokenized rows it rendered itself."
-        },
+    eval_packing: bool | None = _option(None, "Pack the eval set too; defaults to `packing`.")
+    pad_to_multiple_of: int | None = _option(
+        None, "Pad each batch's length up to a multiple of this."
     )
-    eval_packing: bool | None = field(
-        default=None, metadata={"help": "Pack the eval set too; defaults to `packing`."}
+    dataset_text_field: str = _option("text", "Column with plain text for language-modelling data.")
+    completion_only_loss: bool | None = _option(
+        None,
+        "Loss on the completion only (prompt-completion data, prompt/response records, a pre-"
+        "tokenized `completion_mask`). None: yes for those, no for plain text. False trains on "
+        "every token.",
     )
-    pad_to_multiple_of: int | None = field(
-        default=None, metadata={"help": "Pad each batch's length up to a multiple of this."}
+    assistant_only_loss: bool | None = _option(
+        None,
+        "Loss on the assistant turns only (conversational data). None: yes. False trains on every "
+        "token of the conversation; True on data without turns is an error.",
     )
-    dataset_text_field: str = field(
-        default="text", metadata={"help": "Column with plain text for language-modelling data."}
+    loss_chunk_size: int = _option(
+        512, "Supervised tokens per LM-head + cross-entropy chunk (bounds logit memory)."
     )
-    completion_only_loss: bool | None = field(
-        default=None,
-        metadata={
-            "help": "Loss on the completion only (prompt-completion data, prompt/response "
-            "records, a pre-tokenized `completion_mask`). None: yes for those, no for plain "
-            "text. False trains on every token."
-        },
-    )
-    assistant_only_loss: bool | None = field(
-        default=None,
-        metadata={
-            "help": "Loss on the assistant turns only (conversational data). None: yes. False "
-            "trains on every token of the conversation; True on data without turns is an error."
-        },
-    )
-    loss_chunk_size: int = field(
-        default=512,
-        metadata={
-            "help": "Supervised tokens per LM-head + cross-entropy chunk (bounds logit memory)."
-        },
-    )
-    max_tokens_per_forward: int = field(
-        default=0,
-        metadata={
-            "help": "Run each batch through forward+backward in row slices of at most this many "
-            "tokens (same gradients: every slice's loss is normalized by the step's supervised "
-            "tokens). Bounds activation memory at some speed cost (on a 2-core CPU, 4x512 "
-            "packed tokens took 57 s whole, 94 s in 2 slices, 176 s in 4). 0: never slice."
-        },
+    max_tokens_per_forward: int = _option(
+        0,
+        "Run each batch through forward+backward in row slices of at most this many tokens (same "
+        "gradients: every slice's loss is normalized by the step's supervised tokens). Bounds "
+        "activation memory at some speed cost (on a 2-core CPU, 4x512 packed tokens took 57 s "
+        "whole, 94 s in 2 slices, 176 s in 4). 0: never slice.",
     )
     model_init_kwargs: dict[str, Any] | None = field(
         default=None,
@@ -142,12 +120,10 @@ class SFTConfig(TrainingArguments):
             "every token trains)."
         },
     )
-    chat_template_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "A .jinja file, or a tokenizer folder or Hub id, whose chat template replaces "
-            "the tokenizer's before the data is rendered."
-        },
+    chat_template_path: str | None = _option(
+        None,
+        "A .jinja file, or a tokenizer folder or Hub id, whose chat template replaces the "
+        "tokenizer's before the data is rendered.",
     )
     train_sampling_strategy: str = field(
         default="group_by_length",

@@ -88,12 +88,7 @@ def prepare_base_model(model: dict[str, Any]):
     return prepare(C.parse_section(C.ModelConfig, model, "model"))
 
 
-def render_conversations(
-    train_records,
-    eval_records,
-    base_model: Path,
-    template: dict[str, Any],
-):
+def render_conversations(train_records, eval_records, base_model: Path, template: dict[str, Any]):
     from sft_pipeline.data.rendering import render_stream
     from sft_pipeline.model.loading import load_tokenizer_or_processor
 
@@ -105,12 +100,7 @@ def render_conversations(
     )
 
 
-def tokenize_conversations(
-    train_texts,
-    eval_texts,
-    base_model: Path,
-    tokenization: dict[str, Any],
-):
+def tokenize_conversations(train_texts, eval_texts, base_model: Path, tokenization: dict[str, Any]):
     from sft_pipeline.data.token_files import tokenize_stream
     from sft_pipeline.data.tokenization import summarize_token_stats
     from sft_pipeline.model.loading import load_tokenizer_or_processor
