@@ -94,6 +94,7 @@ def test_chat_prompts_with_the_date_the_model_was_trained_with(model_dir, tmp_pa
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from sft_pipeline.common.config import TemplateConfig
     from sft_pipeline.export.merge import MergedModel
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -103,7 +104,10 @@ def test_chat_prompts_with_the_date_the_model_was_trained_with(model_dir, tmp_pa
     )
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     day = datetime.date(2025, 1, 2)
-    MergedModel(model, tokenizer, "card", template_date=day).save_pretrained(tmp_path / "dated")
+    dated_cfg = TemplateConfig(date=day)
+    MergedModel(model, tokenizer, "card", template_cfg=dated_cfg).save_pretrained(
+        tmp_path / "dated"
+    )
     MergedModel(model, tokenizer, "card").save_pretrained(tmp_path / "undated")
     question = [{"role": "user", "content": "Hi"}]
     dated = load_chat_model(tmp_path / "dated").prompt_text(question)

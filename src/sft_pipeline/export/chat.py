@@ -1,24 +1,27 @@
 """Talk to a model folder: one streamed chat, or a batch of prompts answered into JSON Lines.
 
 Prompts are rendered exactly as in training: the tokenizer's chat template (the merged model's
-tokenizer carries the template its data was rendered with) with the generation prompt and the
-training's fixed date (`template.date`, for templates that print one), BOS
-prepended where the model expects one and the template has not written it, then tokenized
-without special tokens. Decoding is greedy and stops at EOS or the end-of-turn token of the
-model's generation config.
+tokenizer carries the template its data was rendered with) through the training's own renderer,
+with the generation prompt and the switches the merged folder recorded (`export/prompting.py`:
+the fixed date of `template.date`, `template.enable_thinking`, the trained system prompt), BOS
+prepended where the model expects one and the template has not written it, then encoded as
+training encoded a trained turn's prompt. Decoding is greedy and stops at EOS or the end-of-turn
+token of the model's generation config. A reply's reasoning goes back into the conversation as
+`reasoning_content`, as the training data held it, so the template treats it in later turns as
+it did in training (Qwen3 drops it from the history, SmolLM3 never shows it).
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, TextIO
 
-from sft_pipeline.common.config import DEFAULT_TEMPLATE_DATE
+from sft_pipeline.common.config import TemplateConfig
 from sft_pipeline.common.errors import UserError
 
 DEFAULT_MODEL_DIR = Path("data/06_models/merged")
@@ -33,25 +36,36 @@ class ChatModel:
     model: Any
     tokenizer: Any
     stop_ids: list[int]
-    # The day date-printing templates see (`template.date` of the training run).
-    date: datetime.date = DEFAULT_TEMPLATE_DATE
+    # How training rendered prompts: the template's date and switches the merged folder recorded
+    # (`export/prompting.py`), rendering with the tokenizer's own template.
+    prompting: TemplateConfig = field(
+        default_factory=lambda: TemplateConfig(chat_template="tokenizer")
+    )
 
-    def prompt_text(self, messages: list[dict[str, str]]) -> str:
-        from sft_pipeline.data.templating import render_chat, tokenizer_adds_bos, tokenizer_template
+    @cached_property
+    def renderer(self):
+        from sft_pipeline.data.templating import Renderer, tokenizer_template
 
-        template = tokenizer_template(self.tokenizer)
-        if not template:
+        if not tokenizer_template(self.tokenizer):
             raise ValueError(
                 f"{self.tokenizer.name_or_path}: the tokenizer has no chat template to render "
                 "a conversation with"
             )
-        text = render_chat(
-            self.tokenizer, messages, template, add_generation_prompt=True, day=self.date
-        )
-        bos = self.tokenizer.bos_token
-        if tokenizer_adds_bos(self.tokenizer) and not text.startswith(bos):
-            text = bos + text
-        return text
+        return Renderer(self.tokenizer, self.prompting)
+
+    def prompt_text(self, messages: list[dict[str, Any]]) -> str:
+        from sft_pipeline.export.prompting import render_prompt
+
+        text = render_prompt(self.renderer, messages)
+        bos = self.renderer.bos_text
+        return text if text.startswith(bos) else bos + text
+
+    def prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+        """The ids the model is fed for `messages`: the prompt encoded as training encoded a
+        trained turn's prompt (on its own, BOS split off), as `generate` encodes it too."""
+        from sft_pipeline.data.encoding import encode_texts
+
+        return encode_texts(self.tokenizer, [self.prompt_text(messages)])[0][0]
 
     def reply(self, messages: list[dict[str, str]], max_new_tokens: int, out: TextIO | None = None):
         """The greedy reply to `messages`; with `out`, its text is written there as it comes."""
@@ -63,9 +77,8 @@ class ChatModel:
                 out.write(text + ("\n" if stream_end else ""))
                 out.flush()
 
-        enc = self.tokenizer(
-            self.prompt_text(messages), add_special_tokens=False, return_tensors="pt"
-        ).to(self.model.device)
+        ids = torch.tensor([self.prompt_ids(messages)], device=self.model.device)
+        enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         streamer = (
             _Streamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if out else None
         )
@@ -78,14 +91,14 @@ class ChatModel:
                 pad_token_id=self.tokenizer.pad_token_id,
                 streamer=streamer,
             )
-        new = output[0, enc["input_ids"].shape[1] :].tolist()
+        new = output[0, ids.shape[1] :].tolist()
         end = next((k for k, t in enumerate(new) if t in self.stop_ids), len(new))
         return self.tokenizer.decode(new[:end], skip_special_tokens=True).strip()
 
 
 def load_chat_model(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR) -> ChatModel:
 
-    from sft_pipeline.export.merge import prompting_date
+    from sft_pipeline.export.prompting import read_prompting
     from sft_pipeline.model.loading import load_generation_config, load_model, load_tokenizer
     from sft_pipeline.model.stop_tokens import stop_token_ids
 
@@ -99,7 +112,7 @@ def load_chat_model(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR) -> ChatMod
     model = load_model(model_dir).eval()
     generation_config = load_generation_config(model_dir)
     stop_ids = stop_token_ids(tokenizer, generation_config)
-    return ChatModel(model, tokenizer, stop_ids, prompting_date(model_dir) or DEFAULT_TEMPLATE_DATE)
+    return ChatModel(model, tokenizer, stop_ids, read_prompting(model_dir))
 
 
 @dataclass
@@ -125,11 +138,20 @@ class ChatSession:
                     self.messages.append({"role": "system", "content": self.system})
                 self.messages.append({"role": "user", "content": text})
                 reply = self.chat.reply(self.messages, self.max_new_tokens, out=out)
-                self.messages.append({"role": "assistant", "content": reply})
+                self.messages.append(assistant_message(reply))
                 answers += 1
             out.write(prompt)
             out.flush()
         return answers
+
+
+def assistant_message(reply: str) -> dict[str, str]:
+    """A reply as the conversation keeps it: reasoning the model wrote inline at its start
+    (between the template's reasoning tags) kept apart as `reasoning_content`, as the training
+    data held it (module doc)."""
+    from sft_pipeline.data.turns import INLINE_TAGS, split_inline_reasoning
+
+    return split_inline_reasoning([{"role": "assistant", "content": reply}], INLINE_TAGS)[0]
 
 
 def read_prompts(path: str | os.PathLike) -> list[list[dict[str, str]]]:

@@ -42,7 +42,11 @@ def sft() -> None:
 
 @sft.command()
 @click.option("--model", "-m", default=None, help=_MODEL_HELP)
-@click.option("--system", default=None, help="System message at the start of the conversation.")
+@click.option(
+    "--system",
+    default=None,
+    help="System message at the start of the conversation (default: the one training used).",
+)
 @click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1))
 @click.pass_obj
 def chat(metadata, model: str | None, system: str | None, max_new_tokens: int) -> None:

@@ -10,7 +10,6 @@ token, and a model card.
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ from sft_pipeline.common.config import DataConfig, TemplateConfig
 from sft_pipeline.export.errors import NotShardwise
 from sft_pipeline.export.finite import require_finite, require_finite_model
 from sft_pipeline.export.model_card import model_card
+from sft_pipeline.export.prompting import write_prompting
 from sft_pipeline.model.loading import (
     is_vision_model,
     load_model,
@@ -35,13 +35,6 @@ from sft_pipeline.model.stop_tokens import configure_special_tokens
 
 log = logging.getLogger(__name__)
 
-# Common names of padding-capable tokens, tried after the tokenizer's own pad and unk tokens.
-
-
-# Beside the merged weights: how this project prompted the model in training, for `kedro sft
-# chat|generate` (the model card says the same in words).
-PROMPTING_FILE = "sft_prompting.json"
-
 
 @dataclass
 class MergedModel:
@@ -50,28 +43,17 @@ class MergedModel:
     model: Any
     tokenizer: Any
     model_card: str
-    # `template.date` of the run: the day date-printing chat templates were rendered with.
-    template_date: datetime.date | None = None
+    # The run's `template` parameters: recorded beside the weights (`export/prompting.py`) so
+    # that chat and the Ollama export prompt the model as training did.
+    template_cfg: TemplateConfig | None = None
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         path = Path(path)
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         (path / "README.md").write_text(self.model_card, encoding="utf-8")
-        if self.template_date is not None:
-            prompting = {"template_date": self.template_date.isoformat()}
-            (path / PROMPTING_FILE).write_text(json.dumps(prompting, indent=2) + "\n")
-
-
-def prompting_date(model_dir: Path) -> datetime.date | None:
-    """The `template.date` a merged folder was trained with (`PROMPTING_FILE`), or None."""
-    path = model_dir / PROMPTING_FILE
-    if not path.is_file():
-        return None
-    try:
-        return datetime.date.fromisoformat(json.loads(path.read_text())["template_date"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f'{path}: expected {{"template_date": "YYYY-MM-DD"}} ({exc})') from exc
+        if self.template_cfg is not None:
+            write_prompting(path, self.template_cfg)
 
 
 def adapter_kind(adapter_dir: Path) -> str:
@@ -164,7 +146,7 @@ def merge(
         model=model.eval(),
         tokenizer=processor or tokenizer,
         model_card=card,
-        template_date=template_date,
+        template_cfg=template_cfg,
     )
 
 
