@@ -248,3 +248,17 @@ def test_a_layout_template_renders_as_the_jinja_template_with_the_trained_switch
     assert f'{{{{ end }}}}<|im_start|>assistant\n{empty}"""' in text
     # The day training rendered with, whatever today is.
     assert 'SYSTEM """Today is 02 January 2025."""' in text
+
+
+def test_the_trained_system_prompt_becomes_the_modelfiles_system(tmp_path):
+    """Training gave every conversation without a system message the configured one; Ollama
+    does the same with the Modelfile's SYSTEM."""
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model("llama", len(tokenizer))
+    folder = _merged(tmp_path, tokenizer, model, TemplateConfig(system_prompt="Answer in French."))
+    text, name = modelfile(folder, "model-f16.gguf", [])
+    assert name == "chatml"
+    assert 'SYSTEM """Answer in French."""' in text
+    layout, _ = translate(tokenizer, read_prompting(folder))
+    question = [{"role": "user", "content": "Hi"}]
+    assert layout.render(question) == load_chat_model(folder).prompt_text(question)
