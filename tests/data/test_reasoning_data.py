@@ -101,18 +101,41 @@ def test_per_turn_control_that_cannot_be_honoured_is_a_reason(tmp_path):
     ]
     records = _records(
         tmp_path,
-        _ask({"content": "4", "weight": 0.5}),
+        _ask({"content": "4", "weight": -0.5}),
         _ask({"content": "4", "train": "no"}),
         two_turns,
         [{"role": "user", "content": "Hi", "weight": 1}, {"role": "assistant", "content": "4"}],
         _ask({"content": "4", "train": True, "weight": 1}),
+        _ask({"content": "4", "weight": "heavy"}),
+        [{"role": "user", "content": "Hi", "weight": 0.5}, {"role": "assistant", "content": "4"}],
     )
     reasons, report = _reasons(records)
+    expected = "expected a finite number >= 0 (0: context only; any other scales the turn's loss)"
     assert reasons == [
-        "bad_turn_control: message 2 (assistant): weight 0.5 would scale the turn's loss, which "
-        "training does not support yet; use 0 (context only) or 1",
+        f"bad_turn_control: message 2 (assistant): weight is -0.5, {expected}",
         "bad_turn_control: message 2 (assistant): train is 'no', expected true or false",
         "no_trained_turn: every assistant turn is context only (train: false or weight: 0)",
         "bad_turn_control: message 1 (user): only assistant turns train (train/weight)",
+        "bad_turn_control: message 2 (assistant): weight is 'heavy', expected a number",
+        "bad_turn_control: message 1 (user): only assistant turns train (train/weight)",
     ]
     assert report["valid"] == 1
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), -1])
+def test_a_weight_that_is_not_finite_or_negative_is_a_reason(tmp_path, weight):
+    # JSON Lines written by Python's json module spell these NaN and Infinity.
+    reasons, _report = _reasons(_records(tmp_path, _ask({"content": "4", "weight": weight})))
+    assert reasons == [
+        f"bad_turn_control: message 2 (assistant): weight is {weight!r}, expected a finite "
+        "number >= 0 (0: context only; any other scales the turn's loss)"
+    ]
+
+
+def test_weights_that_scale_a_turn_are_kept_on_the_canonical_record(tmp_path):
+    records = _records(
+        tmp_path, _ask({"content": "4", "weight": 0.5}), _ask({"content": "4", "weight": 2})
+    )
+    reasons, report = _reasons(records)
+    assert reasons == [] and report["valid"] == 2
+    assert [_messages(records, k)[1]["weight"] for k in (0, 1)] == [0.5, 2]

@@ -227,3 +227,153 @@ def test_the_render_node_writes_one_row_per_trained_turn_each_with_its_record_id
     assert [(row["record_id"], row["turn"]) for row in rows] == [
         (records["record_id"][0], turn) for turn in (2, 4, 6)
     ]
+
+
+WEIGHTED = [
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4.", "weight": 0.5},
+    {"role": "user", "content": "And times 3?"},
+    {"role": "assistant", "content": "12.", "weight": 2},
+]
+
+
+def _weighted_tokens(rows, tokenizer):
+    table = tokenize_batch(
+        [{"record_id": "r", **row} for row in rows], tokenizer, 100_000, Outcome(), weighted=True
+    )
+    return [table[c].to_pylist() for c in ("input_ids", "labels", "loss_weights")]
+
+
+def _without_control(messages):
+    return [{k: v for k, v in m.items() if k not in ("train", "weight")} for m in messages]
+
+
+def test_turn_weights_label_position_by_position_and_weigh_exactly_the_supervised_tokens(qwen3):
+    renderer = Renderer(qwen3, TemplateConfig(chat_template="chatml"))
+    rows = record_rows(renderer, WEIGHTED)
+    assert len(rows) == 1
+    ids, labels, weights = (column[0] for column in _weighted_tokens(rows, qwen3))
+    expected_labels = [IGNORE_INDEX] * len(ids)
+    expected_weights = [0.0] * len(ids)
+    plain = _without_control(WEIGHTED)
+    for turn, answer, weight in ((1, "4.<|im_end|>", 0.5), (3, "12.<|im_end|>", 2.0)):
+        prompt = qwen3(renderer.render(plain[:turn], True), add_special_tokens=False)["input_ids"]
+        body = qwen3(answer, add_special_tokens=False)["input_ids"]
+        span = slice(len(prompt), len(prompt) + len(body))
+        assert ids[: len(prompt)] == prompt and ids[span] == body
+        expected_labels[span] = body
+        expected_weights[span] = [weight] * len(body)
+    assert labels == expected_labels
+    assert weights == expected_weights
+    # The weight travels on the supervised segments only; the control keys never render.
+    assert [(s["text"], s.get("weight")) for s in rows[0]["segments"] if s["supervised"]] == [
+        ("4.<|im_end|>", 0.5),
+        ("12.<|im_end|>", 2.0),
+    ]
+
+
+def test_per_turn_rows_each_carry_their_turns_weight(qwen3):
+    messages = [dict(m) for m in THREE_TURNS]
+    messages[1]["weight"], messages[5]["weight"] = 0.5, 2
+    rows = record_rows(Renderer(qwen3, TemplateConfig()), messages)
+    _ids, labels, weights = _weighted_tokens(rows, qwen3)
+    for row_labels, row_weights, weight in zip(labels, weights, (0.5, 1.0, 2.0), strict=True):
+        supervised = np.asarray(row_labels) != IGNORE_INDEX
+        assert supervised.any() and not supervised.all()
+        assert set(np.asarray(row_weights)[supervised]) == {weight}
+        assert set(np.asarray(row_weights)[~supervised]) == {0.0}
+    assert "weight" not in json.dumps(rows[1])
+
+
+def test_the_weight_column_exists_only_for_data_that_weights_a_turn(tmp_path, qwen3):
+    from sft_pipeline.common.config import TokenizationConfig
+    from sft_pipeline.data.streams import JSONLines, json_line
+    from sft_pipeline.data.tokenization import FEATURES, tokenize_texts, weighted_rows
+
+    renderer = Renderer(qwen3, TemplateConfig(chat_template="chatml"))
+    plain = [{"record_id": "a", **record_rows(renderer, _without_control(WEIGHTED))[0]}]
+    weighted = [{"record_id": "b", **record_rows(renderer, WEIGHTED)[0]}]
+    cfg = TokenizationConfig(max_seq_length=512)
+    assert list(tokenize_texts(plain, qwen3, cfg)[0].features) == list(FEATURES)
+    tokens = tokenize_texts(plain + weighted, qwen3, cfg)[0]
+    assert list(tokens.features) == [*FEATURES, "loss_weights"]
+    # The row without weights trains every supervised token at 1.
+    supervised = np.asarray(tokens[0]["labels"]) != IGNORE_INDEX
+    assert set(np.asarray(tokens[0]["loss_weights"])[supervised]) == {1.0}
+    # A JSON Lines file: a tool call's argument named `weight` is not a turn weight.
+    path = tmp_path / "texts.jsonl"
+    path.write_text(json_line({**plain[0], "tool_call": {"reference": [{"weight": 3}]}}))
+    assert weighted_rows(JSONLines(path)) is False
+    path.write_text(path.read_text() + json_line(weighted[0]))
+    assert weighted_rows(JSONLines(path)) is True
+
+
+def test_roles_to_train_user_supervises_the_user_turns_content_and_end_of_turn(qwen3):
+    renderer = Renderer(qwen3, TemplateConfig(chat_template="chatml"))
+    plain = _without_control(WEIGHTED)
+    rows = record_rows(renderer, plain, roles=("assistant", "user"))
+    assert [s["text"] for s in rows[0]["segments"] if s["supervised"]] == [
+        "What is 2+2?<|im_end|>",
+        "4.<|im_end|>",
+        "And times 3?<|im_end|>",
+        "12.<|im_end|>",
+    ]
+    ids, labels = _tokens(rows, qwen3)
+    # The same text and ids as without user turns trained; only the labels differ.
+    assert ids == _tokens(record_rows(renderer, plain), qwen3)[0]
+    supervised = np.asarray(labels[0]) != IGNORE_INDEX
+    assert np.array_equal(np.asarray(labels[0])[supervised], np.asarray(ids[0])[supervised])
+    assert qwen3.decode(np.asarray(ids[0])[supervised]) == (
+        "What is 2+2?<|im_end|>4.<|im_end|>And times 3?<|im_end|>12.<|im_end|>"
+    )
+
+
+def test_per_turn_rows_train_each_user_turn_once_with_the_turn_it_leads_to(qwen3):
+    messages = [dict(m) for m in THREE_TURNS]
+    messages[2]["train"] = False  # context only, as for an assistant turn
+    rows = record_rows(Renderer(qwen3, TemplateConfig()), messages, roles=("assistant", "user"))
+    supervised = [[s["text"] for s in row["segments"] if s["supervised"]] for row in rows]
+    assert supervised == [
+        ["What is 2+2?<|im_end|>", "<think>\nTwo and two make four.\n</think>\n\n4.<|im_end|>"],
+        ["<think>\nFour times three.\n</think>\n\n12.<|im_end|>"],
+        ["Minus 5?<|im_end|>", "<think>\nTwelve less five.\n</think>\n\n7.<|im_end|>"],
+    ]
+    # Every row's prompt is still exactly what inference gives for its turn, and its labels
+    # are exactly the supervised texts.
+    ids, labels = _tokens(rows, qwen3)
+    for row_ids, row_labels, turn, texts in zip(ids, labels, [1, 3, 5], supervised, strict=True):
+        prompt = _inference_prompt(qwen3, _without_control(messages[:turn]), TemplateConfig())
+        assert row_ids[: len(prompt)] == prompt
+        trained = np.asarray(row_labels) != IGNORE_INDEX
+        assert qwen3.decode(np.asarray(row_ids)[trained]) == "".join(texts)
+
+
+def test_a_template_that_tests_user_content_is_refused_for_roles_to_train_user(fixtures_dir):
+    tokenizer = _gpt2(fixtures_dir, ["<|im_start|>", "<|im_end|>"])
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['content'].startswith('!') %}[command]{% endif %}"
+        "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    messages = [{"role": "user", "content": "!ping"}, {"role": "assistant", "content": "pong"}]
+    renderer = Renderer(tokenizer, TemplateConfig())
+    assert record_rows(renderer, messages)[0]["segments"][0]["text"].startswith("[command]")
+    with pytest.raises(ChatTemplateError, match=r"renders the user turns differently"):
+        record_rows(renderer, messages, roles=("assistant", "user"))
+
+
+@pytest.mark.parametrize(
+    ("roles", "expected"),
+    [
+        (["assistant", "users"], "training.roles_to_train.1: Input should be 'assistant', 'user'"),
+        (["user"], "leaves the assistant turns untrained"),
+    ],
+)
+def test_roles_to_train_names_the_key_and_the_allowed_roles(roles, expected):
+    from sft_pipeline.common.config import ConfigError, TrainingConfig, parse_section
+
+    with pytest.raises(ConfigError) as caught:
+        parse_section(TrainingConfig, {"roles_to_train": roles}, "training")
+    assert expected in str(caught.value)
+    assert "'system'" in str(caught.value)
+    assert parse_section(TrainingConfig, {}, "training").roles_to_train == ["assistant"]

@@ -78,6 +78,7 @@ def folders(tiny_model_dir, tmp_path):
 
 
 CFG = EvaluationConfig(max_samples=4, max_new_tokens=6, batch_size=3)
+KEYS = (*LOSS_METRICS, *GENERATION_METRICS)
 
 
 def test_evaluate_returns_finite_metrics_generations_and_plots(folders):
@@ -104,6 +105,10 @@ def test_evaluate_returns_finite_metrics_generations_and_plots(folders):
     )
     assert metrics["base/eval_loss"] != metrics["tuned/eval_loss"]
     assert list(metrics) == sorted(metrics)
+    # One source: exactly the keys metrics.json has always had (no per-source or answer part).
+    counts = {"num_eval_rows", "num_generation_samples", "num_supervised_tokens"}
+    measured = {f"{side}/{key}" for side in ("base", "tuned", "delta") for key in KEYS}
+    assert set(metrics) == counts | measured
     assert [g["record_id"] for g in generations] == [t["record_id"] for t in texts[:4]]
     for row in generations:
         assert set(row) == {
@@ -236,3 +241,33 @@ def test_a_prompt_with_control_token_text_is_generated_from_the_ids_training_use
     # The plain text would have given the model the forged system turn as real control tokens.
     assert parsed.count(start) == literal.count(start) + 1
     assert parsed.count(end) == literal.count(end) + 1
+
+
+def test_each_source_of_a_mixture_is_scored_on_its_own_rows(folders):
+    """Per-source losses are each source's rows scored alone; the whole split's loss is their
+    token-weighted mean, and its generations are the one-source run's."""
+    from transformers import AutoTokenizer
+
+    base, merged = folders
+    texts, tokens = make_eval_data(AutoTokenizer.from_pretrained(merged))
+    mixed = [dict(row, source="odd" if i % 2 else "even") for i, row in enumerate(texts)]
+    metrics, generations, _ = evaluate(base, merged, mixed, tokens, HISTORY, TOKEN_STATS, CFG)
+    plain, plain_generations, _ = evaluate(base, merged, texts, tokens, HISTORY, TOKEN_STATS, CFG)
+    model = load_model(merged).eval()
+    per_source = metrics["per_source"]
+    assert list(per_source) == ["even", "odd"]
+    for name, rows in (("even", [0, 2, 4]), ("odd", [1, 3])):
+        alone = supervised_loss(model, tokens.select(rows), CFG.batch_size)
+        assert per_source[name]["num_eval_rows"] == len(rows)
+        assert per_source[name]["num_supervised_tokens"] == alone["num_tokens"]
+        assert per_source[name]["tuned/eval_loss"] == pytest.approx(alone["eval_loss"], abs=1e-6)
+    weighted = sum(
+        per_source[n]["tuned/eval_loss"] * per_source[n]["num_supervised_tokens"]
+        for n in per_source
+    )
+    assert metrics["tuned/eval_loss"] == pytest.approx(weighted / metrics["num_supervised_tokens"])
+    assert metrics["tuned/eval_loss"] == pytest.approx(plain["tuned/eval_loss"], abs=1e-5)
+    assert per_source["even"]["num_generation_samples"] == 2  # of the first four prompts
+    assert [g.pop("source") for g in generations] == ["even", "odd", "even", "odd"]
+    assert generations == plain_generations
+    assert {k: v for k, v in metrics.items() if k != "per_source"}.keys() == plain.keys()

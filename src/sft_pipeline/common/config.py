@@ -67,6 +67,9 @@ REPORT_TO = (
     "wandb",
 )
 ReportTo = Literal[REPORT_TO]  # type: ignore[valid-type]
+# Roles `training.roles_to_train` may name (the roles of canonical turns that have content).
+TRAINABLE_ROLES = ("assistant", "user", "system")
+TrainableRole = Literal[TRAINABLE_ROLES]  # type: ignore[valid-type]
 # The fixed date chat templates see (`template.date`): Llama 3.1's own default `date_string`.
 DEFAULT_TEMPLATE_DATE = datetime.date(2024, 7, 26)
 
@@ -186,6 +189,20 @@ class TrainingConfig(_Section):
     # projector (LoRA adapters on their linear layers, or their weights in a full fine-tune).
     train_vision_tower: bool = False
     train_projector: bool = False
+    # Roles whose turns are supervised: the content (and closing control token) of a user or
+    # system turn trains with the assistant turn it leads to (data/turn_rows.py); read by
+    # render_conversations, which decides what is supervised.
+    roles_to_train: list[TrainableRole] = Field(default_factory=lambda: ["assistant"])
+
+    @field_validator("roles_to_train")
+    @classmethod
+    def _assistant_trains(cls, value: list[str]) -> list[str]:
+        if "assistant" not in value:
+            raise ValueError(
+                f"{value} leaves the assistant turns untrained; rows are built around them, so "
+                f"expected a list with 'assistant' and any of {list(TRAINABLE_ROLES)}"
+            )
+        return value
 
     @field_validator("max_steps")
     @classmethod

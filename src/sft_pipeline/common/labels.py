@@ -1,8 +1,11 @@
-"""The label rule's one constant: positions whose label is `IGNORE_INDEX` are not supervised.
+"""The label rule's constants: positions whose label is `IGNORE_INDEX` are not supervised, and
+`LOSS_WEIGHTS` names the optional column of per-token loss weights aligned with the labels.
 
-Tokenization writes it into the `labels` column; the trainer's collator, packing and loss and the
-evaluation's loss read it. -100 is the value `torch.nn.functional.cross_entropy` ignores by
-default and the one every Hugging Face model and TRL use.
+Tokenization writes them (`labels`; `loss_weights` only for data that weights turns); the
+trainer's collator, packing and loss and the evaluation's loss read them. -100 is the value
+`torch.nn.functional.cross_entropy` ignores by default and the one every Hugging Face model and
+TRL use.
 """
 
 IGNORE_INDEX = -100
+LOSS_WEIGHTS = "loss_weights"

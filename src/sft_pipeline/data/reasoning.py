@@ -9,8 +9,9 @@ How the chat template renders it (its own key, inline, or not at all) is decided
 (`sft_pipeline.data.turn_rows`).
 
 Per-turn control: `train: false` or `weight: 0` on an assistant message makes that turn context
-only. Weights other than 0 and 1 would scale the turn's loss, which the token rows cannot carry
-yet, so a record with one is rejected rather than trained at weight 1 without a word.
+only; any other weight (a finite number >= 0) scales that turn's loss (`sft_pipeline.data.
+turn_rows` puts it on the turn's supervised text, tokenization carries it per token). A weight
+that is negative, not finite or not a number is a reason, never trained at weight 1 silently.
 
 The checks below are validation rules (`sft_pipeline.data.validation.RULES`); each returns one
 reason per problem found.
@@ -18,6 +19,7 @@ reason per problem found.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from sft_pipeline.data.conversation_checks import View, dict_turns, label, text_of
@@ -56,24 +58,24 @@ def empty_answer(view: View, _cfg: Any = None) -> list[str]:
 
 
 def bad_control(view: View, _cfg: Any = None) -> list[str]:
-    """`train` must be a boolean, `weight` 0 or 1 (module doc), and only on assistant turns."""
+    """`train` must be a boolean, `weight` a finite number >= 0 (module doc), and only on
+    assistant turns."""
     problems = []
     for i, t in dict_turns(view):
         where = label(i, t)
         if "train" in t and not isinstance(t["train"], bool):
             problems.append(f"{where}: train is {t['train']!r}, expected true or false")
-        if "weight" in t:
-            weight = t["weight"]
-            if isinstance(weight, bool) or not isinstance(weight, int | float):
-                problems.append(f"{where}: weight is {weight!r}, expected a number")
-            elif weight not in (0, 1):
-                problems.append(
-                    f"{where}: weight {weight} would scale the turn's loss, which training does "
-                    "not support yet; use 0 (context only) or 1"
-                )
-        # Marking another turn context only is harmless (it never trains); training it is not
-        # something rendering does.
-        if t.get("role") != "assistant" and (t.get("train") is True or t.get("weight") == 1):
+        weight = t.get("weight", 0)
+        if isinstance(weight, bool) or not isinstance(weight, int | float):
+            problems.append(f"{where}: weight is {weight!r}, expected a number")
+        elif not math.isfinite(weight) or weight < 0:
+            problems.append(
+                f"{where}: weight is {weight!r}, expected a finite number >= 0 (0: context "
+                "only; any other scales the turn's loss)"
+            )
+        # Marking another turn context only is harmless (it never trains); weighting it is not
+        # something rendering does (`training.roles_to_train` trains other roles at weight 1).
+        elif t.get("role") != "assistant" and (t.get("train") is True or weight > 0):
             problems.append(f"{where}: only assistant turns train (train/weight)")
     return problems
 

@@ -39,8 +39,10 @@ MAX_WORKERS = 4
 _COLUMNS = ["record_id", "source_file", "source_row", "messages", "tools", "text"]
 # A bound on one record's rendering (a template is code: it may loop); seconds.
 RECORD_TIMEOUT_S = 60.0
-# The renderer forked workers inherit (set in the parent right before the fork).
+# The renderer forked workers inherit, and the roles whose turns train (`training.
+# roles_to_train`): set in the parent right before the fork.
 _RENDERER: Renderer | None = None
+_ROLES: tuple[str, ...] = ("assistant",)
 
 
 class RenderWorkerError(UserError, RuntimeError):
@@ -100,7 +102,9 @@ def _render_group(columns: dict[str, list]) -> tuple[str, int, int, int]:
             try:
                 if bounded:
                     signal.setitimer(signal.ITIMER_REAL, timeout)
-                rendered = record_rows(renderer, json.loads(messages), text, loads_tools(tools))
+                rendered = record_rows(
+                    renderer, json.loads(messages), text, loads_tools(tools), _ROLES
+                )
                 if bounded:
                     signal.setitimer(signal.ITIMER_REAL, 0)
             except _RecordTimeout:
@@ -193,10 +197,13 @@ def _workers(groups: int) -> int:
     return min(limit, groups)
 
 
-def render_stream(records, tokenizer, cfg: TemplateConfig, name: str = "texts"):
+def render_stream(
+    records, tokenizer, cfg: TemplateConfig, name: str = "texts", roles=("assistant",)
+):
     """Render a `RecordTable` (or DataFrame) row group by row group into a spooled JSON Lines
-    file; returns its `JSONLines` handle. Errors name the record's file and row."""
-    global _RENDERER
+    file; returns its `JSONLines` handle. Errors name the record's file and row. `roles`: the
+    roles whose turns train (`training.roles_to_train`)."""
+    global _RENDERER, _ROLES
     from sft_pipeline.data.streams import (
         ROW_GROUP_ROWS,
         JSONLinesSpool,
@@ -218,7 +225,7 @@ def render_stream(records, tokenizer, cfg: TemplateConfig, name: str = "texts"):
     )
     workers = _workers(-(-len(records) // ROW_GROUP_ROWS))
     merges = 0
-    _RENDERER = renderer
+    _RENDERER, _ROLES = renderer, tuple(roles)
     try:
         if workers:
             results = _in_workers(groups, workers)
@@ -229,7 +236,7 @@ def render_stream(records, tokenizer, cfg: TemplateConfig, name: str = "texts"):
             merges += merged
             progress.update(records_done)
     finally:
-        _RENDERER = None
+        _RENDERER, _ROLES = None, ("assistant",)
     progress.finish()
     if merges:
         log.info(

@@ -17,8 +17,16 @@ import pyarrow.compute as pc
 from datasets import Dataset
 
 from sft_pipeline.common.config import TokenizationConfig
+from sft_pipeline.common.labels import LOSS_WEIGHTS
 from sft_pipeline.data.encoding import require_fast
-from sft_pipeline.data.tokenization import FEATURES, Outcome, tokenize_batch, tokens_info
+from sft_pipeline.data.tokenization import (
+    FEATURES,
+    Outcome,
+    token_features,
+    tokenize_batch,
+    tokens_info,
+    weighted_rows,
+)
 
 
 def _content_parts(table: pa.Table):
@@ -28,10 +36,17 @@ def _content_parts(table: pa.Table):
     lengths = pc.list_value_length(table["input_ids"]).to_numpy(zero_copy_only=False)
     yield "lengths", lengths.astype(np.int64).tobytes()
     yield "record_ids", "".join(f"{r}\0" for r in table["record_id"].to_pylist()).encode()
+    if LOSS_WEIGHTS in table.column_names:
+        yield LOSS_WEIGHTS, pc.list_flatten(table[LOSS_WEIGHTS]).to_numpy().tobytes()
 
 
 def tokenize_stream(
-    texts, tokenizer, cfg: TokenizationConfig, name: str = "tokens", processor=None
+    texts,
+    tokenizer,
+    cfg: TokenizationConfig,
+    name: str = "tokens",
+    processor=None,
+    turn_weights: bool = True,
 ):
     """`tokenize_texts` over a `JSONLines` handle (or list) batch by batch, written straight into
     a spooled `save_to_disk` folder; returns (Dataset memory-mapped on it, rejected rows).
@@ -39,7 +54,9 @@ def tokenize_stream(
     `ArrowDataset.save` moves that folder into place instead of copying the table through
     memory. The dataset's fingerprint is a sha256 of its token content, so the same tokens give
     the same bytes, whatever the batch size. With a vision-language model's `processor`, rows
-    with images are expanded and their pixels stored (`sft_pipeline.data.vision_tokens`)."""
+    with images are expanded and their pixels stored (`sft_pipeline.data.vision_tokens`).
+    `turn_weights`: a `loss_weights` column where rows weight turns (False: none, for rows
+    that are scored, not trained)."""
     import hashlib
 
     from datasets.arrow_writer import ArrowWriter
@@ -59,7 +76,15 @@ def tokenize_stream(
         if hasattr(texts, "iter_batches")
         else (texts[i : i + cfg.batch_size] for i in range(0, len(texts), cfg.batch_size))
     )
-    features = FEATURES
+    weighted = turn_weights and weighted_rows(texts)
+    features = token_features(weighted)
+    if weighted:
+        digests[LOSS_WEIGHTS] = hashlib.sha256()
+    if weighted and processor is not None:
+        raise ValueError(
+            f"{name}: turn weights (a message's weight other than 0 or 1) are not carried for a "
+            "vision-language model's rows yet; use weights 0 or 1 with this model"
+        )
     if processor is not None:
         from sft_pipeline.data import vision_tokens
 
@@ -69,7 +94,9 @@ def tokenize_stream(
     pending: list[pa.Table] = []
     for batch in batches:
         if processor is None:
-            table = tokenize_batch(batch, tokenizer, limit, outcome, cfg.special_tokens_in_content)
+            table = tokenize_batch(
+                batch, tokenizer, limit, outcome, cfg.special_tokens_in_content, weighted
+            )
         else:
             table = vision_tokens.tokenize_vision_rows(
                 batch, processor, features, limit, outcome, cfg.special_tokens_in_content

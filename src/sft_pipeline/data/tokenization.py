@@ -17,6 +17,11 @@ Rows are truncated keeping their start (`truncate_or_reject`, the one rule for t
 rows); a row left without any supervised token is rejected with a reason rather than trained on
 (a batch of such rows would train on a loss of zero, silently). What became of each row is kept
 in one `Outcome`: rejected (with the reason), truncated, parsed as control tokens.
+
+Turn weights (`sft_pipeline.data.turn_rows`: a supervised segment's `"weight"`) become a float
+`loss_weights` column aligned with `labels`: each supervised token's weight is its segment's (the
+same first-non-whitespace anchor), 0 where the label is -100. The column exists only when some
+row of the data weights a turn, so data without weights tokenizes to the same bytes as before.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from datasets import Dataset, DatasetInfo, Features, Value
 from datasets import Sequence as HFSequence
 
 from sft_pipeline.common.config import TokenizationConfig
-from sft_pipeline.common.labels import IGNORE_INDEX
+from sft_pipeline.common.labels import IGNORE_INDEX, LOSS_WEIGHTS
 from sft_pipeline.data.encoding import (
     encode_literal_row,
     encode_prompted,
@@ -53,10 +58,12 @@ __all__ = [
     "encode_texts",
     "encoded_rows",
     "summarize_token_stats",
+    "token_features",
     "token_supervision",
     "tokenize_batch",
     "tokenize_texts",
     "truncate_or_reject",
+    "weighted_rows",
 ]
 
 log = logging.getLogger(__name__)
@@ -70,19 +77,53 @@ FEATURES = Features(
         "labels": HFSequence(Value("int32")),
     }
 )
+# A supervised segment's turn weight (module doc); tokens get it in the `LOSS_WEIGHTS` column.
+WEIGHT_KEY = "weight"
+# A JSON Lines row's segment with a weight, as `json.dumps` writes the key.
+_WEIGHT_BYTES = b'"' + WEIGHT_KEY.encode() + b'": '
+
+
+def token_features(weighted: bool) -> Features:
+    """The columns of a tokens dataset: `FEATURES`, plus `loss_weights` where turns weigh."""
+    if not weighted:
+        return FEATURES
+    return Features({**FEATURES, LOSS_WEIGHTS: HFSequence(Value("float32"))})
+
+
+def weighted_rows(texts) -> bool:
+    """Whether a rendered row weights a turn. A JSON Lines file (a handle with `path`) is
+    first searched for the key's bytes, 16 MiB at a time, and its rows are parsed only where
+    they are found (a tool call's argument may be named so too)."""
+    path = getattr(texts, "path", None)
+    if path is not None:
+        with open(path, "rb") as f:
+            tail = b""
+            while block := f.read(1 << 24):
+                if _WEIGHT_BYTES in tail + block[: len(_WEIGHT_BYTES)] or _WEIGHT_BYTES in block:
+                    break
+                tail = block[-len(_WEIGHT_BYTES) :]
+            else:
+                return False
+    return any(WEIGHT_KEY in seg for row in texts for seg in row.get("segments", ()))
 
 
 def supervised_char_mask(segments: Sequence[dict[str, Any]]) -> tuple[str, np.ndarray]:
     """The joined text and a per-character flag (length len(text) + 1) of supervised text."""
     text = "".join(s["text"] for s in segments)
-    mask = np.zeros(len(text) + 1, dtype=bool)
+    return text, char_values(segments, len(text), bool)
+
+
+def char_values(segments: Sequence[dict[str, Any]], n: int, dtype) -> np.ndarray:
+    """Per character of the `n` joined characters (and one past the end): its segment's weight
+    where supervised (1 unless it says), else 0; as `dtype` (bool: the supervised flag)."""
+    values = np.zeros(n + 1, dtype=dtype)
     pos = 0
     for seg in segments:
         end = pos + len(seg["text"])
         if seg["supervised"]:
-            mask[pos:end] = True
+            values[pos:end] = seg.get(WEIGHT_KEY, 1.0)
         pos = end
-    return text, mask
+    return values
 
 
 # str.isspace for every code point up to U+3000, the last whitespace character in Unicode.
@@ -232,11 +273,17 @@ def truncate_or_reject(
 
 
 def tokenize_batch(
-    batch, tokenizer, limit: int, outcome: Outcome, special_tokens_in_content: str = "literal"
+    batch,
+    tokenizer,
+    limit: int,
+    outcome: Outcome,
+    special_tokens_in_content: str = "literal",
+    weighted: bool = False,
 ) -> pa.Table:
-    """One batch of rendered rows as an Arrow table of int32 token columns; what became of the
-    rows that are not in it (or were cut) goes to `outcome`."""
-    record_ids, id_rows, label_rows = [], [], []
+    """One batch of rendered rows as an Arrow table of int32 token columns (and float32
+    `loss_weights` when `weighted`); what became of the rows that are not in it (or were cut)
+    goes to `outcome`."""
+    record_ids, id_rows, label_rows, weight_rows = [], [], [], []
     for row, text, char_mask, ids, offsets in encoded_rows(
         tokenizer, batch, special_tokens_in_content, outcome
     ):
@@ -249,29 +296,34 @@ def tokenize_batch(
         record_ids.append(row["record_id"])
         id_rows.append(ids_arr)
         label_rows.append(np.where(supervised, ids_arr, np.int32(IGNORE_INDEX)).astype(np.int32))
+        if weighted:
+            weights = char_values(row["segments"], len(text), np.float32)
+            weight_rows.append(token_supervision(text, weights, offsets)[: len(ids)])
     lengths = np.fromiter((len(r) for r in id_rows), np.int32, len(id_rows))
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32))
 
-    def lists(rows: list[np.ndarray]) -> pa.ListArray:
-        flat = np.concatenate(rows) if rows else np.zeros(0, np.int32)
-        return pa.ListArray.from_arrays(offsets, pa.array(flat, pa.int32()))
+    def lists(rows: list[np.ndarray], kind: pa.DataType | None = None) -> pa.ListArray:
+        kind = kind or pa.int32()
+        flat = np.concatenate(rows) if rows else np.zeros(0, kind.to_pandas_dtype())
+        return pa.ListArray.from_arrays(offsets, pa.array(flat, kind))
 
-    return pa.table(
-        {
-            "record_id": pa.array(record_ids, pa.string()),
-            "input_ids": lists(id_rows),
-            "attention_mask": lists([np.ones(n, np.int32) for n in lengths]),
-            "labels": lists(label_rows),
-        }
-    )
+    columns = {
+        "record_id": pa.array(record_ids, pa.string()),
+        "input_ids": lists(id_rows),
+        "attention_mask": lists([np.ones(n, np.int32) for n in lengths]),
+        "labels": lists(label_rows),
+    }
+    if weighted:
+        columns[LOSS_WEIGHTS] = lists(weight_rows, pa.float32())
+    return pa.table(columns)
 
 
-def tokens_info(limit: int, truncated: list[str]) -> DatasetInfo:
+def tokens_info(limit: int, truncated: list[str], features: Features = FEATURES) -> DatasetInfo:
     # The truncation record travels in the dataset's own metadata (saved in dataset_info.json),
     # so summarize_token_stats can report it without re-tokenizing.
     return DatasetInfo(
         description=json.dumps({"max_seq_length": limit, "truncated_record_ids": truncated}),
-        features=FEATURES,
+        features=features,
     )
 
 
@@ -282,6 +334,8 @@ def tokenize_texts(
     require_fast(tokenizer)
     outcome = Outcome()
     limit = cfg.max_seq_length
+    weighted = weighted_rows(texts)
+    features = token_features(weighted)
     tables = [
         tokenize_batch(
             texts[start : start + cfg.batch_size],
@@ -289,18 +343,19 @@ def tokenize_texts(
             limit,
             outcome,
             cfg.special_tokens_in_content,
+            weighted,
         )
         for start in range(0, len(texts), cfg.batch_size)
     ]
     outcome.log(len(texts), limit)
-    columns = {name: [] for name in FEATURES}
+    columns = {name: [] for name in features}
     for table in tables:
-        for name in FEATURES:
+        for name in features:
             columns[name].extend(table[name].to_pylist())
     # from_dict with explicit features and info: the fingerprint is a hash of the content, so
     # save_to_disk output is byte-identical for the same input.
     return Dataset.from_dict(
-        columns, features=FEATURES, info=tokens_info(limit, outcome.truncated)
+        columns, features=features, info=tokens_info(limit, outcome.truncated, features)
     ), outcome.rejected
 
 

@@ -5,15 +5,16 @@ of `eval_tokens` (the exact labels training used), and free generation on the pr
 `eval_texts` (greedy, batched with left padding) scored against the reference answers. When the
 data has tools, the held-out rows whose assistant calls a tool are also generated from the prompt
 before that call, and scored by `TOOL_CALL_METRICS` (the call parses, names the right function,
-has the reference arguments).
+has the reference arguments). Rows whose trained turn reasons are also scored on the answer alone;
+a mixture's rows also per source (`sft_pipeline.evaluation.scoring`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +27,9 @@ from sft_pipeline.evaluation.generation import (
     image_fields,
     prompt_for,
 )
-from sft_pipeline.evaluation.metrics import (
-    GENERATION_METRICS,
-    LOSS_METRICS,
-    TOOL_CALL_METRICS,
-    generation_scores,
-    tool_call_scores,
-)
+from sft_pipeline.evaluation.metrics import loss_metrics
 from sft_pipeline.evaluation.plots import plot_comparison, plot_token_lengths, plot_training_history
+from sft_pipeline.evaluation.scoring import LossTotals, Scored, SideOutputs, split_metrics
 from sft_pipeline.model.loading import load_model, load_tokenizer_or_processor
 
 log = logging.getLogger(__name__)
@@ -49,43 +45,45 @@ def evaluate(
     cfg: EvaluationConfig,
     base_quantization: QuantizationConfig | None = None,
     benchmarks: BenchmarkSuite | None = None,
+    reasoning_tags: tuple[str, str] = ("<think>", "</think>"),
 ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
-    """-> (flat metrics, generations side by side, {name: matplotlib Figure}).
+    """-> (metrics, generations side by side, {name: matplotlib Figure}).
 
     One model is in memory at a time. `base_quantization` (the 4-bit settings when training was
     QLoRA) loads the base in 4-bit on CUDA, as training held it, so evaluation needs no more
     memory than training did. `benchmarks` (checked tasks) scores each model while it is loaded,
-    through lm-evaluation-harness (`benchmarks/...` metrics).
+    through lm-evaluation-harness (`benchmarks/...` metrics). `reasoning_tags`: the tags
+    around a generation's reasoning block (`data.reasoning_tags`).
     """
     import torch
 
-    samples = [row for row in eval_texts if row.get("prompt") and row.get("reference")]
-    samples = samples[: cfg.max_samples]
-    calls = [
-        {
-            **row["tool_call"],
-            "record_id": row.get("record_id"),
-            "encoded": prompt_for(row, row["tool_call"]["prompt"]),
-        }
-        for row in eval_texts
-        if row.get("tool_call")
-    ][: cfg.max_samples]
+    samples, calls, source_of, total = [], [], {}, 0
+    for row in eval_texts:
+        total += 1
+        if row.get("source"):
+            source_of[row["record_id"]] = row["source"]
+        if row.get("prompt") and row.get("reference") and len(samples) < cfg.max_samples:
+            samples.append(row)
+        if row.get("tool_call") and len(calls) < cfg.max_samples:
+            calls.append(
+                {
+                    **row["tool_call"],
+                    "record_id": row.get("record_id"),
+                    "source": row.get("source", ""),
+                    "encoded": prompt_for(row, row["tool_call"]["prompt"]),
+                }
+            )
+    row_sources = [source_of.get(rid, "") for rid in eval_tokens["record_id"]]
     log.info(
         "evaluating on %d tokenized rows and %d of %d prompts (rows without a reference are"
         " language-modelling text and are scored by loss only)",
         len(eval_tokens),
         len(samples),
-        len(eval_texts),
+        total,
     )
     merged_tokenizer, merged_processor = load_tokenizer_or_processor(merged_dir)
     stop_ids = _stop_ids(Path(merged_dir), merged_tokenizer)
-    metrics: dict[str, Any] = {
-        "num_eval_rows": len(eval_tokens),
-        "num_generation_samples": len(samples),
-    }
-    if calls:
-        metrics["num_tool_call_samples"] = len(calls)
-    outputs: dict[str, list[dict[str, Any]]] = {}
+    outputs: dict[str, SideOutputs] = {}
     for name, model_dir in (("base", Path(base_model_dir)), ("tuned", Path(merged_dir))):
         torch.manual_seed(0)
         tokenizer, processor = (
@@ -95,39 +93,33 @@ def evaluate(
         )
         quantization = base_quantization if name == "base" and _on_cuda() else None
         model = load_model(model_dir, quantization=quantization).eval()
-        loss = supervised_loss(model, eval_tokens, cfg.batch_size)
+        losses = supervised_totals(model, eval_tokens, cfg.batch_size, row_sources)
         if processor is not None:
             generated = generate_with_images(model, processor, samples, stop_ids, cfg)
         else:
             prompts = [prompt_for(s, s["prompt"]) for s in samples]
             generated = generate(model, tokenizer, prompts, stop_ids, cfg, desc=name)
-        scores = generation_scores(generated, [s["reference"] for s in samples])
         called = generate(model, tokenizer, [c["encoded"] for c in calls], stop_ids, cfg)
-        scores |= tool_call_scores(called, [c["reference"] for c in calls])
-        metrics.update({f"{name}/{k}": v for k, v in {**loss, **scores}.items()})
-        outputs[name], outputs[f"{name}_calls"] = generated, called
+        outputs[name] = SideOutputs(losses, generated, called)
         if benchmarks is not None:  # last: lm-eval may give the tokenizer a pad token
             benchmarks.score(name, model, tokenizer)
         del model
-    metrics["num_supervised_tokens"] = metrics.pop("base/num_tokens", 0)
-    metrics.pop("tuned/num_tokens", None)
+    scored = Scored(row_sources, samples, calls, tuple(reasoning_tags))
+    metrics = split_metrics(scored, outputs)
     if benchmarks is not None:
         metrics.update(benchmarks.metrics())
-    for key in (*LOSS_METRICS, *GENERATION_METRICS, *TOOL_CALL_METRICS):
-        if f"base/{key}" in metrics:
-            metrics[f"delta/{key}"] = metrics[f"tuned/{key}"] - metrics[f"base/{key}"]
     generations = [
         {
             "record_id": sample.get("record_id"),
             "prompt": sample["prompt"],
             "reference": sample["reference"],
-            "base_output": base["text"],
-            "tuned_output": tuned["text"],
-            "base_stopped": base["stopped"],
-            "tuned_stopped": tuned["stopped"],
+            **_side_by_side(base, tuned),
             **image_fields(sample),
+            **({"source": sample["source"]} if sample.get("source") else {}),
         }
-        for sample, base, tuned in zip(samples, outputs["base"], outputs["tuned"], strict=True)
+        for sample, base, tuned in zip(
+            samples, outputs["base"].generated, outputs["tuned"].generated, strict=True
+        )
     ]
     generations += [
         {
@@ -135,13 +127,11 @@ def evaluate(
             "task": "tool_call",
             "prompt": call["prompt"],
             "reference": json.dumps(call["reference"], ensure_ascii=False),
-            "base_output": base["text"],
-            "tuned_output": tuned["text"],
-            "base_stopped": base["stopped"],
-            "tuned_stopped": tuned["stopped"],
+            **_side_by_side(base, tuned),
+            **({"source": call["source"]} if call["source"] else {}),
         }
         for call, base, tuned in zip(
-            calls, outputs["base_calls"], outputs["tuned_calls"], strict=True
+            calls, outputs["base"].called, outputs["tuned"].called, strict=True
         )
     ]
     plots = {
@@ -150,6 +140,16 @@ def evaluate(
         "base_vs_tuned": plot_comparison(metrics),
     }
     return dict(sorted(metrics.items())), generations, plots
+
+
+def _side_by_side(base: dict[str, Any], tuned: dict[str, Any]) -> dict[str, Any]:
+    """Both models' completions of one prompt, as eval_generations.jsonl lists them."""
+    return {
+        "base_output": base["text"],
+        "tuned_output": tuned["text"],
+        "base_stopped": base["stopped"],
+        "tuned_stopped": tuned["stopped"],
+    }
 
 
 def _stop_ids(model_dir: Path, tokenizer) -> list[int]:
@@ -171,43 +171,47 @@ def _on_cuda() -> bool:
 
 
 def supervised_loss(model, eval_tokens, batch_size: int) -> dict[str, float]:
-    """Mean NLL, perplexity and argmax accuracy over every supervised token (token-weighted).
+    """Mean NLL, perplexity and argmax accuracy over every supervised token (token-weighted)."""
+    if len(eval_tokens) == 0:
+        return {}
+    totals = supervised_totals(model, eval_tokens, batch_size)[""]
+    return loss_metrics(totals.nll, totals.correct, totals.tokens)
+
+
+def supervised_totals(
+    model, eval_tokens, batch_size: int, groups: Sequence[str] | None = None
+) -> dict[str, LossTotals]:
+    """NLL, correct argmax and supervised-token totals per group of rows (`groups`: a source
+    name per row; one group `""` without).
 
     Batches are padded by the trainer's collator and scored by the trainer's loss
     (`trainer.loss.causal_lm_loss`): the LM head runs only on supervised positions, in chunks.
+    A batch holds rows of one group only, so each group's totals are its own rows' sums.
     """
     import torch
 
     from sft_pipeline.trainer.collator import DataCollatorForSFT
     from sft_pipeline.trainer.loss import causal_lm_loss
 
-    if len(eval_tokens) == 0:
-        return {}
+    groups = [""] * len(eval_tokens) if groups is None else list(groups)
     device = next(model.parameters()).device
     collate = DataCollatorForSFT(pad_token_id=0)
     lengths = [len(ids) for ids in eval_tokens["input_ids"]]
+    rank = {name: k for k, name in enumerate(dict.fromkeys(groups))}
     # Longest first: similar lengths share a batch, so little compute goes to padding.
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    total_nll, total_correct, total_tokens = 0.0, 0, 0
+    order = sorted(range(len(lengths)), key=lambda i: (rank[groups[i]], -lengths[i], i))
+    totals = {name: LossTotals() for name in rank}
     with torch.inference_mode():
-        for batch in batches(order, batch_size):
-            rows = eval_tokens.select(batch)
-            # Text rows: ids and labels; rows with images also their stored processor arrays.
-            features = [{k: v for k, v in r.items() if k != "record_id"} for r in rows]
-            padded = {k: v.to(device) for k, v in collate(features).items()}
-            inputs = {k: v for k, v in padded.items() if k not in ("labels", "shift_labels")}
-            if "pixel_values" in inputs:
-                inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
-            nll, correct, count = causal_lm_loss(model, inputs, padded["shift_labels"])
-            total_nll += nll.item()
-            total_correct += int(correct)
-            total_tokens += int(count)
-    if total_tokens == 0:
-        return {"num_tokens": 0}
-    loss = total_nll / total_tokens
-    return {
-        "eval_loss": loss,
-        "perplexity": math.exp(loss),
-        "mean_token_accuracy": total_correct / total_tokens,
-        "num_tokens": total_tokens,
-    }
+        for name in rank:
+            for batch in batches([i for i in order if groups[i] == name], batch_size):
+                rows = eval_tokens.select(batch)
+                # Text rows: ids and labels; rows with images also their stored processor arrays.
+                features = [{k: v for k, v in r.items() if k != "record_id"} for r in rows]
+                padded = {k: v.to(device) for k, v in collate(features).items()}
+                inputs = {k: v for k, v in padded.items() if k not in ("labels", "shift_labels")}
+                if "pixel_values" in inputs:
+                    dtype = next(model.parameters()).dtype
+                    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+                nll, correct, count = causal_lm_loss(model, inputs, padded["shift_labels"])
+                totals[name].add(nll.item(), int(correct), int(count))
+    return totals

@@ -3,6 +3,7 @@ generated answers against references. No model and no torch here."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 LOSS_METRICS = ("eval_loss", "perplexity", "mean_token_accuracy")
@@ -13,6 +14,19 @@ GENERATION_METRICS = (
     "stopped_by_eos",
     "mean_generated_tokens",
 )
+
+
+def loss_metrics(nll: float, correct: int, tokens: int) -> dict[str, float]:
+    """Mean NLL, perplexity and argmax accuracy from the totals over supervised tokens."""
+    if tokens == 0:
+        return {"num_tokens": 0}
+    loss = nll / tokens
+    return {
+        "eval_loss": loss,
+        "perplexity": math.exp(loss),
+        "mean_token_accuracy": correct / tokens,
+        "num_tokens": tokens,
+    }
 
 
 def generation_scores(generated: list[dict[str, Any]], references: list[str]) -> dict[str, float]:
@@ -35,6 +49,55 @@ def generation_scores(generated: list[dict[str, Any]], references: list[str]) ->
         "chrf": float(sacrebleu.corpus_chrf(texts, [refs]).score),
         "stopped_by_eos": sum(g["stopped"] for g in generated) / n,
         "mean_generated_tokens": sum(g["num_tokens"] for g in generated) / n,
+    }
+
+
+# --- reasoning ----------------------------------------------------------------------------------
+
+# On held-out rows whose trained turn reasons (`reasoning` in eval_texts): the answer alone (what
+# the generation writes after its reasoning block) against the reference answer, and the share of
+# generations that close their block. A model that reasons well but never stops reasoning gives
+# no answer at all, which the generation metrics on the whole text would hide.
+REASONING_METRICS = (
+    "answer_exact_match",
+    "answer_rouge_l",
+    "answer_chrf",
+    "reasoning_closed_share",
+)
+
+
+def split_answer(text: str, prompt: str, tags: tuple[str, str]) -> tuple[str, bool]:
+    """(the answer, whether the reasoning block was closed) of a generated text.
+
+    The answer is what follows the last closing tag, as templates read it back from a reply. A
+    text without a closing tag has no answer when it is inside a block (it opens one, or its
+    prompt ends with the opening tag, as templates that start the reasoning for the model do);
+    otherwise the model answered without reasoning and the whole text is its answer."""
+    opening, closing = tags
+    if closing in text:
+        return text.rpartition(closing)[2].strip(), True
+    inside = text.lstrip().startswith(opening) or prompt.rstrip().endswith(opening)
+    return ("" if inside else text.strip()), False
+
+
+def reasoning_scores(
+    generated: list[dict[str, Any]],
+    prompts: list[str],
+    references: list[str],
+    tags: tuple[str, str],
+) -> dict[str, float]:
+    """`REASONING_METRICS` of generations of reasoning rows (answer scores as `generation_scores`
+    computes them, on the answers alone)."""
+    if not generated:
+        return {}
+    split = [split_answer(g["text"], p, tags) for g, p in zip(generated, prompts, strict=True)]
+    answers = [{**g, "text": answer} for g, (answer, _) in zip(generated, split, strict=True)]
+    scores = generation_scores(answers, references)
+    return {
+        "answer_exact_match": scores["exact_match"],
+        "answer_rouge_l": scores["rouge_l"],
+        "answer_chrf": scores["chrf"],
+        "reasoning_closed_share": sum(closed for _, closed in split) / len(split),
     }
 
 

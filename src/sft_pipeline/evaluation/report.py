@@ -1,11 +1,13 @@
 """The run report: one self-contained HTML page to look at after a run.
 
 It reads only the run's reports (metrics, training history and summary, token statistics,
-validation report, generations) and draws:
+validation report, generations; for a mixture also the rendered rows, counted per source) and
+draws:
 
     +-------------------------------------------------------------+
     | header: model, method, steps, rows kept / rejected          |
     | metrics: base | tuned | change, per metric                  |
+    | mixture only: per source, counts and the same metrics       |
     | training loss curve          | learning-rate curve          |
     | token-length histogram       | rejected records by reason   |
     | generations: prompt | reference | base | tuned              |
@@ -21,11 +23,17 @@ import base64
 import io
 import json
 from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from jinja2 import Environment
 
 from sft_pipeline.evaluation.benchmark_table import benchmark_rows
+from sft_pipeline.evaluation.scoring import PER_SOURCE
+
+# The page (Jinja, autoescaped), shipped beside this module as package data.
+PAGE_FILE = Path(__file__).with_name("report.html.jinja")
 
 # Metric key -> (label, higher is better). The order is the table's.
 METRICS = {
@@ -40,6 +48,10 @@ METRICS = {
     "tool_call_parsed": ("tool call parses", True),
     "tool_call_name_match": ("tool call: right function", True),
     "tool_call_exact_match": ("tool call: right function and arguments", True),
+    "answer_exact_match": ("answer after reasoning: exact match", True),
+    "answer_rouge_l": ("answer after reasoning: ROUGE-L", True),
+    "answer_chrf": ("answer after reasoning: chrF", True),
+    "reasoning_closed_share": ("reasoning block closed", True),
 }
 MAX_GENERATIONS = 20
 
@@ -51,8 +63,11 @@ def render_report(
     token_stats: dict[str, Any],
     validation_report: dict[str, Any],
     eval_generations: list[dict[str, Any]],
+    train_texts: Iterable[dict[str, Any]] = (),
+    eval_texts: Iterable[dict[str, Any]] = (),
 ) -> str:
-    """The report page as an HTML string."""
+    """The report page as an HTML string. `train_texts` and `eval_texts` (rendered rows) are
+    read only for a mixture, to count each source's rows."""
     from sft_pipeline.evaluation.plots import plot_token_lengths, plot_training_history
 
     charts = {
@@ -60,17 +75,65 @@ def render_report(
         "Learning rate": png_data_uri(plot_learning_rate(training_history)),
         "Tokens per row": png_data_uri(plot_token_lengths(token_stats)),
     }
-    template = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True).from_string(PAGE)
+    page = PAGE_FILE.read_text(encoding="utf-8")
+    template = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True).from_string(page)
     return template.render(
         facts=run_facts(training_summary or {}, validation_report or {}, token_stats or {}),
         metric_rows=metric_rows(metrics or {}),
         benchmarks=benchmark_report_rows(metrics or {}),
         counts=_counts(metrics or {}),
+        sources=source_rows(validation_report or {}, train_texts, eval_texts),
+        source_metrics=source_metric_rows(metrics or {}),
         charts=charts,
         rejections=rejection_rows(validation_report or {}, token_stats or {}),
         generations=generation_rows(eval_generations or []),
         total_generations=len(eval_generations or []),
     )
+
+
+def source_rows(
+    validation_report: dict[str, Any],
+    train_texts: Iterable[dict[str, Any]],
+    eval_texts: Iterable[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """Per source of a mixture (none for one source): its records as validation counted them
+    (read, rejected, valid) and its rendered rows (train, eval; a record drawn twice by the
+    mixture, or trained as one row per turn, is several rows), with its share of the train rows.
+    """
+    counted = validation_report.get("sources") or {}
+    if len(counted) < 2:
+        return []
+    train, held_out = _rows_per_source(train_texts), _rows_per_source(eval_texts)
+    total = sum(train.values())
+    return [
+        {
+            "name": name,
+            "ingested": c.get("ingested"),
+            "rejected": c.get("rejected"),
+            "valid": c.get("valid"),
+            "train_rows": train[name],
+            "eval_rows": held_out[name],
+            "share": f"{train[name] / total:.1%}" if total else "",
+        }
+        for name, c in counted.items()
+    ]
+
+
+def _rows_per_source(texts: Iterable[dict[str, Any]]) -> Counter[str]:
+    return Counter(row.get("source", "") for row in texts)
+
+
+def source_metric_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per source of a mixture (`per_source` in metrics.json): its counts and metric rows."""
+    return [
+        {
+            "name": name,
+            "eval_rows": m.get("num_eval_rows"),
+            "samples": m.get("num_generation_samples"),
+            "rows": metric_rows(m),
+        }
+        for name, m in (metrics.get(PER_SOURCE) or {}).items()
+    ]
 
 
 def metric_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
@@ -194,6 +257,7 @@ def _counts(metrics: dict[str, Any]) -> dict[str, Any]:
     return {
         "generation_samples": metrics.get("num_generation_samples"),
         "tool_call_samples": metrics.get("num_tool_call_samples"),
+        "reasoning_samples": metrics.get("num_reasoning_samples"),
         "supervised_tokens": metrics.get("num_supervised_tokens"),
     }
 
@@ -226,141 +290,3 @@ def png_data_uri(figure) -> str:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=90, metadata={"Software": None})
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-PAGE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>SFT run report</title>
-<style>
-  body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0;
-         color: #1d2330; background: #f5f6f8; }
-  main { max-width: 1180px; margin: 0 auto; padding: 24px; }
-  h1 { font-size: 22px; margin: 0 0 4px; }
-  h2 { font-size: 16px; margin: 28px 0 10px; }
-  .facts { color: #566; margin: 0; }
-  .facts span { margin-right: 18px; white-space: nowrap; }
-  section.card { background: #fff; border: 1px solid #dde1e6; border-radius: 8px;
-                 padding: 14px 16px; }
-  table { border-collapse: collapse; width: 100%; }
-  #generations { table-layout: fixed; }
-  img.thumb { max-width: 96px; max-height: 96px; margin: 0 4px 4px 0; }
-  th, td { text-align: left; padding: 6px 10px; border-bottom: 1px solid #e8eaee;
-           vertical-align: top; }
-  th { background: #f0f2f5; font-weight: 600; }
-  td.num { text-align: right; font-variant-numeric: tabular-nums; }
-  td.better { font-weight: 700; color: #0a6b2d; }
-  td.significant { background: #fff4d6; }
-  .ci { color: #788; font-size: 12px; white-space: nowrap; }
-  .grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(360px, 1fr));
-          gap: 16px; }
-  figure { margin: 0; }
-  figure img { width: 100%; height: auto; display: block; }
-  pre { margin: 0; white-space: pre-wrap; word-break: break-word;
-        font: 12px/1.4 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
-  .match { color: #0a6b2d; font-weight: 700; }
-  .miss { color: inherit; }
-  .empty { color: #788; font-style: italic; }
-</style>
-</head>
-<body>
-<main>
-<h1>SFT run report</h1>
-<p class="facts">
-{% for label, value in facts %}<span>{{ label }} <b>{{ value }}</b></span>{% endfor %}
-</p>
-
-<h2>Base vs tuned (held-out split)</h2>
-<section class="card">
-{% if metric_rows %}
-<table id="metrics">
-  <thead><tr><th>metric</th><th>base</th><th>tuned</th><th>change</th></tr></thead>
-  <tbody>
-  {% for row in metric_rows %}
-    <tr data-metric="{{ row.key }}"><td>{{ row.label }}</td>
-      <td class="num{{ ' better' if row.better == 'base' }}">{{ row.base }}</td>
-      <td class="num{{ ' better' if row.better == 'tuned' }}">{{ row.tuned }}</td>
-      <td class="num">{{ row.delta }}</td></tr>
-  {% endfor %}
-  </tbody>
-</table>
-<p class="facts">{{ counts.generation_samples or 0 }} prompts generated greedily;
-{% if counts.tool_call_samples %}
-  {{ counts.tool_call_samples }} tool calls generated (the prompt up to a reference call);
-{% endif %}
-  {{ counts.supervised_tokens or 0 }} supervised tokens scored. Bold: the better side.</p>
-{% else %}
-<p class="empty">No metrics: the run did not evaluate.</p>
-{% endif %}
-</section>
-
-{% if benchmarks %}
-<h2>Benchmarks (lm-evaluation-harness)</h2>
-<section class="card">
-<table id="benchmarks">
-  <thead><tr><th>task</th><th>metric</th><th>prompt</th><th>items</th><th>base</th>
-    <th>tuned</th><th>change</th></tr></thead>
-  <tbody>
-  {% for row in benchmarks %}
-    <tr data-task="{{ row.task }}" data-metric="{{ row.metric }}"><td>{{ row.task }}</td>
-      <td>{{ row.metric }}</td><td>{{ row.prompt }}</td>
-      <td class="num">{{ row.samples if row.samples is not none else '' }}</td>
-    {% for side in ('base', 'tuned', 'delta') %}
-      <td class="num{{ ' better' if row.better == side }}{{ ' significant' if side == 'delta'
-        and row.significant }}">{{ row.cells[side][0] }}
-        <span class="ci">{{ row.cells[side][1] }}</span></td>
-    {% endfor %}</tr>
-  {% endfor %}
-  </tbody>
-</table>
-<p class="facts">Brackets: 95% intervals (± 1.96 standard errors; the change's from both
-  sides' errors). Marked: a change beyond two standard errors. Bold: the better side there.</p>
-</section>
-{% endif %}
-
-<h2>Training and data</h2>
-<div class="grid">
-{% for title, uri in charts.items() %}
-  <section class="card"><figure><img alt="{{ title }}" src="{{ uri }}"></figure></section>
-{% endfor %}
-  <section class="card">
-    <table id="rejections">
-      <thead><tr><th>stage</th><th>reason rejected</th><th>records</th></tr></thead>
-      <tbody>
-      {% for row in rejections %}
-        <tr><td>{{ row.stage }}</td><td>{{ row.reason }}</td>
-          <td class="num">{{ row.count }}</td></tr>
-      {% else %}
-        <tr><td colspan="3" class="empty">No record was rejected.</td></tr>
-      {% endfor %}
-      </tbody>
-    </table>
-  </section>
-</div>
-
-<h2>Sample generations{% if total_generations > generations|length %}
-  (first {{ generations|length }} of {{ total_generations }}){% endif %}</h2>
-<section class="card">
-{% if generations %}
-<table id="generations">
-  <thead><tr><th>prompt</th><th>reference</th><th>base</th><th>tuned</th></tr></thead>
-  <tbody>
-  {% for g in generations %}
-    <tr><td>{% for src, name in g.images %}<img class="thumb" src="{{ src }}" alt="{{ name }}"
-      title="{{ name }}">{% endfor %}<pre>{{ g.prompt }}</pre></td>
-      <td><pre>{{ g.reference }}</pre></td>
-      <td><pre class="{{ 'match' if g.base_match else 'miss' }}">{{ g.base }}</pre></td>
-      <td><pre class="{{ 'match' if g.tuned_match else 'miss' }}">{{ g.tuned }}</pre></td></tr>
-  {% endfor %}
-  </tbody>
-</table>
-{% else %}
-<p class="empty">No generations (no eval prompt with a reference answer).</p>
-{% endif %}
-</section>
-</main>
-</body>
-</html>
-"""

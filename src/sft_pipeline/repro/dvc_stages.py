@@ -264,6 +264,12 @@ def _check_readers(project: Project, graph: CodeGraph) -> None:
             )
 
 
+def companion_files(code: Iterable[Path]) -> set[Path]:
+    """Package data a module reads from beside itself, named after it (`report.py` reads
+    `report.html.jinja`): a change to one re-runs the stage as a change to its module does."""
+    return {f for p in code for f in p.parent.glob(f"{p.stem}.*.jinja") if f.is_file()}
+
+
 def build_stage(node: Any, project: Project, graph: CodeGraph) -> dict[str, Any]:
     root, package = project.root, project.package
     inputs = [i for i in node.inputs if not (i == "parameters" or i.startswith("params:"))]
@@ -276,6 +282,7 @@ def build_stage(node: Any, project: Project, graph: CodeGraph) -> dict[str, Any]
     runs = node_modules(graph, node.func)
     extra = {f"{package}.settings"} | _dataset_modules(inputs + outputs, project.catalog, package)
     code = graph.files(runs | graph.closure(dict.fromkeys(extra, True)))
+    code |= companion_files(code)
 
     deps: list[str] = [dataset_path(i, project.catalog) for i in inputs]
     for fp in _file_params(project):

@@ -11,6 +11,10 @@ block-diagonal attention mask for its attention backend.
 With `padding_free_capacity`, unpacked rows are first re-packed, batch by batch, into as few rows
 of at most that many tokens as best-fit-decreasing finds: the batch holds the same rows (so the
 same loss as the padded batch: a sum over its supervised tokens), but no compute goes to padding.
+
+Rows with a `loss_weights` column (turn weights, aligned with `labels`) also give
+`shift_loss_weights`, aligned with `shift_labels` (0 on padding), which the loss multiplies each
+token's NLL by; rows without it build no weight tensor at all.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 
 import torch
 
-from sft_pipeline.common.labels import IGNORE_INDEX
+from sft_pipeline.common.labels import IGNORE_INDEX, LOSS_WEIGHTS
 from sft_pipeline.trainer.packing import pack_rows
 from sft_pipeline.trainer.vision import collate_vision, pack_vision_rows
 
@@ -44,6 +48,9 @@ class DataCollatorForSFT:
         input_ids = torch.full((batch_size, longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((batch_size, longest), IGNORE_INDEX, dtype=torch.long)
         packed = "seq_lengths" in features[0]
+        weighted = LOSS_WEIGHTS in features[0]
+        if weighted:
+            weights = torch.zeros((batch_size, longest), dtype=torch.float32)
         if packed:
             position_ids = torch.zeros((batch_size, longest), dtype=torch.long)
             document_ids = torch.zeros((batch_size, longest), dtype=torch.long)
@@ -55,6 +62,8 @@ class DataCollatorForSFT:
             input_ids[row, :n] = ids
             row_labels = feature.get("labels")
             labels[row, :n] = ids if row_labels is None else torch.as_tensor(row_labels)
+            if weighted:
+                weights[row, :n] = torch.as_tensor(feature[LOSS_WEIGHTS], dtype=torch.float32)
             if packed:
                 start = 0
                 for doc, length in enumerate(feature["seq_lengths"], start=1):
@@ -69,6 +78,9 @@ class DataCollatorForSFT:
         shift_labels = torch.full_like(labels, IGNORE_INDEX)
         shift_labels[:, :-1] = labels[:, 1:]
         batch = {"input_ids": input_ids, "labels": labels, "shift_labels": shift_labels}
+        if weighted:
+            batch["shift_loss_weights"] = torch.zeros_like(weights)
+            batch["shift_loss_weights"][:, :-1] = weights[:, 1:]
         if packed:
             batch["position_ids"] = position_ids
             batch["document_ids"] = document_ids
@@ -88,5 +100,6 @@ class DataCollatorForSFT:
             ids[i] if f.get("labels") is None else list(f["labels"]) for i, f in enumerate(features)
         ]
         capacity = max(self.padding_free_capacity, *map(len, ids))
-        packed = pack_rows(ids, labels, capacity)
+        weights = [f[LOSS_WEIGHTS] for f in features] if LOSS_WEIGHTS in features[0] else None
+        packed = pack_rows(ids, labels, capacity, weights)
         return [dict(zip(packed, row, strict=True)) for row in zip(*packed.values(), strict=True)]

@@ -11,7 +11,9 @@ The dataset's type is read from its columns (and its first row), with the semant
 - conversational: `messages` (or ShareGPT `conversations`); every assistant turn, with a `tools`
   column (function schemas, or their JSON string) handed to the chat template as `tools=`;
 - the pipeline's records: `prompt`/`response`, Alpaca `instruction`/`input`/`output`; the response;
-- pre-tokenized: `input_ids` (+ `labels`, `completion_mask` or `assistant_masks`); as given.
+- pre-tokenized: `input_ids` (+ `labels`, `completion_mask` or `assistant_masks`); as given,
+  with an optional `loss_weights` column (a finite weight >= 0 per token, aligned with the labels:
+  the loss multiplies each token's NLL by it), kept through truncation and packing.
 
 Strings are joined as they are (BOS when the model uses one + prompt + completion + EOS), so base
 models need no chat template. Conversations and the pipeline's records go through the pipeline's
@@ -46,12 +48,13 @@ trainer then needs `max_steps`.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from datasets import Dataset, IterableDataset
 
-from sft_pipeline.common.labels import IGNORE_INDEX
+from sft_pipeline.common.labels import IGNORE_INDEX, LOSS_WEIGHTS
 from sft_pipeline.data.turns import is_messages
 from sft_pipeline.trainer.formatting import Formatter
 from sft_pipeline.trainer.packing import pack_by_strategy
@@ -90,13 +93,12 @@ def prepare_dataset(
     if len(dataset) == 0:
         raise ValueError(f"{name} is empty")
     encoder = RowEncoder(tokenizer, args, formatting_func, name, dataset.column_names, dataset[0])
-    ids, labels = encoder.encode(dataset)
-    ids, labels = _truncate_and_check(
-        ids, labels, _row_limit(args, packing), name, trim=_trims(args, encoder.kind)
+    ids, labels, weights = _truncate_and_check(
+        *encoder.encode(dataset), _row_limit(args, packing), name, trim=_trims(args, encoder.kind)
     )
     if packing:
         capacity = args.max_length or max(len(row) for row in ids)
-        packed = pack_by_strategy(ids, labels, capacity, args.packing_strategy)
+        packed = pack_by_strategy(ids, labels, capacity, args.packing_strategy, weights)
         log.info(
             "%s: packed %d rows into %d rows of up to %d tokens (%.1f%% filled)",
             name,
@@ -106,7 +108,7 @@ def prepare_dataset(
             100.0 * sum(map(len, ids)) / (capacity * max(len(packed["input_ids"]), 1)),
         )
         return Dataset.from_dict(packed)
-    return Dataset.from_dict(_columns(ids, labels, args, packing=False))
+    return Dataset.from_dict(_columns(ids, labels, args, packing=False, weights=weights))
 
 
 def _trims(args: SFTConfig, kind: str) -> bool:
@@ -123,19 +125,25 @@ def _row_limit(args: SFTConfig, packing: bool) -> int | None:
     return args.max_length
 
 
-def _columns(ids: list, labels: list, args: SFTConfig, packing: bool) -> dict[str, list]:
+def _columns(ids: list, labels: list, args: SFTConfig, packing: bool, weights=None) -> dict:
     if packing:
         if not ids:
-            return _empty_packed()
-        packed = pack_by_strategy(ids, labels, args.max_length, args.packing_strategy)
+            return _empty_packed(weights)
+        packed = pack_by_strategy(ids, labels, args.max_length, args.packing_strategy, weights)
         # Every chunk of a stream has the same columns, whichever strategy packed it.
         packed.setdefault("seq_lengths", [[len(row)] for row in packed["input_ids"]])
         return packed
-    return {"input_ids": ids, "labels": labels, args.length_column_name: [len(r) for r in ids]}
+    columns = {"input_ids": ids, "labels": labels, args.length_column_name: [len(r) for r in ids]}
+    return columns if weights is None else {**columns, LOSS_WEIGHTS: weights}
 
 
-def _empty_packed() -> dict[str, list]:
-    return {"input_ids": [], "labels": [], "seq_lengths": []}
+def _empty_packed(weights=None) -> dict[str, list]:
+    return {
+        "input_ids": [],
+        "labels": [],
+        "seq_lengths": [],
+        **({} if weights is None else {LOSS_WEIGHTS: []}),
+    }
 
 
 def _prepare_stream(
@@ -159,16 +167,14 @@ def _prepare_stream(
         rows = [
             dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)
         ]
-        ids, labels = encoder.encode(rows)
-        ids, labels = _truncate_and_check(
-            ids,
-            labels,
+        ids, labels, weights = _truncate_and_check(
+            *encoder.encode(rows),
             _row_limit(args, packing),
             name,
             streaming=True,
             trim=_trims(args, encoder.kind),
         )
-        return _columns(ids, labels, args, packing)
+        return _columns(ids, labels, args, packing, weights)
 
     log.info(
         "%s: streamed; tokenized%s in chunks of %d rows",
@@ -244,15 +250,16 @@ class RowEncoder:
             return assistant_only is False or args.completion_only_loss is False
         return args.completion_only_loss is False
 
-    def encode(self, rows: Iterable[dict[str, Any]]) -> tuple[list, list]:
+    def encode(self, rows: Iterable[dict[str, Any]]) -> tuple[list, list, list | None]:
+        """(ids, labels, loss weights or None) of each row."""
         if self.kind == PRETOKENIZED:
             return self._pretokenized(rows)
-        return self._tokenize(rows)
+        return (*self._tokenize(rows), None)
 
-    def _pretokenized(self, rows: Iterable[dict[str, Any]]) -> tuple[list, list]:
+    def _pretokenized(self, rows: Iterable[dict[str, Any]]) -> tuple[list, list, list | None]:
         args = self.args
-        ids_out, labels_out = [], []
-        for row in rows:
+        ids_out, labels_out, weights_out = [], [], []
+        for index, row in enumerate(rows):
             ids = list(row["input_ids"])
             if row.get("labels") is not None and args.completion_only_loss is not False:
                 labels = list(row["labels"])
@@ -271,7 +278,9 @@ class RowEncoder:
                 ]
             ids_out.append(ids)
             labels_out.append(labels)
-        return ids_out, labels_out
+            if LOSS_WEIGHTS in row:
+                weights_out.append(_checked_weights(row[LOSS_WEIGHTS], len(ids), self.name, index))
+        return ids_out, labels_out, weights_out if weights_out else None
 
     def _tokenize(self, rows: Iterable[dict[str, Any]]) -> tuple[list, list]:
         from sft_pipeline.common.config import TokenizationConfig
@@ -367,20 +376,35 @@ def _schema_for(column_names: list[str], text_field: str, name: str) -> tuple[st
     return schema, {}
 
 
+def _checked_weights(values, n: int, name: str, index: int) -> list[float]:
+    """A row's `loss_weights`: one finite number >= 0 per token, else an error naming it."""
+    weights = [float(w) for w in values]
+    bad = next((w for w in weights if not math.isfinite(w) or w < 0), None)
+    if len(weights) != n or bad is not None:
+        found = f"{len(weights)} values for {n} tokens" if len(weights) != n else f"{bad}"
+        raise ValueError(
+            f"{name} row {index + 1}: {LOSS_WEIGHTS} has {found}; expected one finite number "
+            ">= 0 per token of input_ids"
+        )
+    return weights
+
+
 def _truncate_and_check(
     ids: list[list[int]],
     labels: list[list[int]],
+    weights: list[list[float]] | None,
     max_length: int | None,
     name: str,
     streaming: bool = False,
     trim: bool = True,
-) -> tuple[list, list]:
+) -> tuple[list, list, list | None]:
     """Keep each row's start up to `max_length`; drop (loudly) rows with nothing to learn.
 
     `trim`: end rendered rows at their last supervised token. Pre-tokenized rows are the
-    user's own tokens and keep them all (TRL stores them so too).
+    user's own tokens and keep them all (TRL stores them so too). `weights` (loss weights, or
+    None) are cut and dropped with their rows.
     """
-    kept_ids, kept_labels, empty, truncated = [], [], [], 0
+    kept_ids, kept_labels, kept_weights, empty, truncated = [], [], [], [], 0
     for index, (row_ids, row_labels) in enumerate(zip(ids, labels, strict=True)):
         if len(row_ids) != len(row_labels):
             raise ValueError(
@@ -401,6 +425,8 @@ def _truncate_and_check(
             row_ids, row_labels = row_ids[: supervised[-1] + 1], row_labels[: supervised[-1] + 1]
         kept_ids.append(row_ids)
         kept_labels.append(row_labels)
+        if weights is not None:
+            kept_weights.append(weights[index][: len(row_ids)])
     # A stream reports per chunk, and row numbers restart in each: keep that out of the warnings.
     report = log.debug if streaming else log.warning
     if truncated:
@@ -416,4 +442,4 @@ def _truncate_and_check(
         )
     if not kept_ids and not streaming:
         raise ValueError(f"{name}: no row has a supervised token; nothing to train on")
-    return kept_ids, kept_labels
+    return kept_ids, kept_labels, None if weights is None else kept_weights

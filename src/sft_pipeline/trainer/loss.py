@@ -10,6 +10,11 @@ nothing is recomputed.
 
 `causal_lm_loss` is the one entry point: the trainer's `compute_loss` and the evaluation's
 held-out loss both call it, so training and evaluation score the same tokens the same way.
+
+`token_weights` (the collator's `shift_loss_weights`, from a `loss_weights` column: turn weights)
+multiplies each supervised token's NLL and its gradient; the sum is still divided by the count of
+supervised tokens, so a turn of weight 2 counts as much as two such turns and one of weight 0.5
+half. Without weights nothing changes: no weight tensor is built or multiplied.
 """
 
 from __future__ import annotations
@@ -71,23 +76,31 @@ def causal_lm_loss(
     chunked: bool = True,
     unflatten: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
     dft: bool = False,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sum of NLL, correct argmax count, supervised token count) of one batch.
 
     The chunked LM head where it applies (`chunked` and a plain linear head), else the model's
     own logits (soft-capped or scaled heads, prompt learning). `unflatten` restores (batch,
     length, ...) when the forward ran on one flattened row. `dft`: each token's NLL weighted by
-    its detached probability (Dynamic Fine-Tuning).
+    its detached probability (Dynamic Fine-Tuning). `token_weights`: aligned with
+    `shift_labels`, each token's loss weight (module doc).
     """
     head = chunkable_head(model) if chunked else None
     if head is not None:
         decoder, weight, bias = head
         hidden = decoder(**model_inputs).last_hidden_state
         return supervised_cross_entropy(
-            unflatten(hidden), shift_labels, weight, bias, chunk_size, dft=dft
+            unflatten(hidden),
+            shift_labels,
+            weight,
+            bias,
+            chunk_size,
+            dft=dft,
+            token_weights=token_weights,
         )
     logits = model_logits(model, model_inputs, unflatten, shift_labels.shape[1])
-    return logits_cross_entropy(logits, shift_labels, dft=dft)
+    return logits_cross_entropy(logits, shift_labels, dft=dft, token_weights=token_weights)
 
 
 def model_logits(
@@ -111,10 +124,13 @@ def shift(labels: torch.Tensor) -> torch.Tensor:
 
 
 class _SupervisedLinearCrossEntropy(torch.autograd.Function):
-    """Sum of token NLLs of `hidden @ weight.T (+ bias)` against `targets`, chunked."""
+    """Sum of token NLLs of `hidden @ weight.T (+ bias)` against `targets`, chunked; each
+    times its entry of `scale` where given (loss weights)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, compute_dtype, want_grads, dft):
+    def forward(
+        ctx, hidden, weight, bias, targets, chunk_size, compute_dtype, want_grads, dft, scale
+    ):
         want_hidden, want_weight, want_bias = want_grads
         w = weight.to(compute_dtype)
         b = None if bias is None else bias.to(compute_dtype)
@@ -129,8 +145,12 @@ class _SupervisedLinearCrossEntropy(torch.autograd.Function):
             logits = F.linear(h, w, b).float()
             lse = torch.logsumexp(logits, dim=-1)
             nll = lse - logits.gather(1, t[:, None]).squeeze(1)
-            # DFT weighs each token by its probability, a constant for the gradient.
+            # DFT weighs each token by its probability, a constant for the gradient; a loss
+            # weight scales the token's NLL and gradient alike.
             weight_t = torch.exp(-nll) if dft else None
+            if scale is not None:
+                s = scale[start : start + chunk_size]
+                weight_t = s if weight_t is None else weight_t * s
             loss_sum += (nll if weight_t is None else nll * weight_t).sum()
             correct += (logits.argmax(dim=-1) == t).sum()
             if not any(want_grads):
@@ -163,7 +183,7 @@ class _SupervisedLinearCrossEntropy(torch.autograd.Function):
                 continue
             g = next(saved) * grad_loss
             grads.append(g if dtype is None else g.to(dtype))
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 def supervised_cross_entropy(
@@ -174,14 +194,15 @@ def supervised_cross_entropy(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     *,
     dft: bool = False,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return (sum of NLL, correct argmax count, supervised token count) for one batch.
 
     `hidden` is the backbone's final hidden state (batch, length, dim); `shift_labels[b, i]` is the
     token position i must predict, or -100. Divide the sum by the number of supervised tokens of
-    the whole optimizer step to get the loss.
+    the whole optimizer step to get the loss. `token_weights`: as in `causal_lm_loss`.
     """
-    selected, targets = _supervised_rows(hidden, shift_labels)
+    selected, targets, scale = _supervised_rows(hidden, shift_labels, token_weights)
     compute_dtype = weight.dtype
     if torch.is_autocast_enabled(hidden.device.type):
         compute_dtype = torch.get_autocast_dtype(hidden.device.type)
@@ -193,20 +214,25 @@ def supervised_cross_entropy(
     )
     with torch.autocast(hidden.device.type, enabled=False):
         loss_sum, correct = _SupervisedLinearCrossEntropy.apply(
-            selected, weight, bias, targets, chunk_size, compute_dtype, want_grads, dft
+            selected, weight, bias, targets, chunk_size, compute_dtype, want_grads, dft, scale
         )
     return loss_sum, correct, torch.tensor(targets.numel(), device=hidden.device)
 
 
 def logits_cross_entropy(
-    logits: torch.Tensor, shift_labels: torch.Tensor, *, dft: bool = False
+    logits: torch.Tensor,
+    shift_labels: torch.Tensor,
+    *,
+    dft: bool = False,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The same triple from full logits: the fallback for heads the chunked path cannot take."""
-    selected, targets = _supervised_rows(logits, shift_labels)
+    selected, targets, scale = _supervised_rows(logits, shift_labels, token_weights)
     selected = selected.float()
-    if dft:
+    if dft or scale is not None:
         nll = F.cross_entropy(selected, targets, reduction="none")
-        loss_sum = (nll * torch.exp(-nll.detach())).sum()
+        factor = torch.exp(-nll.detach()) if dft else 1.0
+        loss_sum = (nll * factor * (1.0 if scale is None else scale)).sum()
     else:
         loss_sum = F.cross_entropy(selected, targets, reduction="sum")
     correct = (selected.detach().argmax(dim=-1) == targets).sum()
@@ -214,10 +240,14 @@ def logits_cross_entropy(
 
 
 def _supervised_rows(
-    values: torch.Tensor, shift_labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values at supervised positions as rows, their target tokens), in position order."""
+    values: torch.Tensor, shift_labels: torch.Tensor, token_weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(values at supervised positions as rows, their target tokens, their float32 loss weights
+    or None), in position order."""
     flat_labels = shift_labels.reshape(-1)
     index = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
     rows = values.reshape(-1, values.shape[-1]).index_select(0, index)
-    return rows, flat_labels.index_select(0, index)
+    scale = None
+    if token_weights is not None:
+        scale = token_weights.reshape(-1).to(torch.float32).index_select(0, index)
+    return rows, flat_labels.index_select(0, index), scale

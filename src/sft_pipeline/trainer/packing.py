@@ -4,6 +4,10 @@ A packed row keeps each sequence's boundaries (`seq_lengths`), so the collator c
 `position_ids` and the trainer can keep the sequences apart in attention. The first label of every
 packed sequence is set to -100: predicting it from the previous sequence's last token would teach
 the model a transition that never occurs at inference.
+
+Per-token loss weights (`loss_weights`, turn weights), where rows have them, travel with their
+tokens through every strategy: the same cuts and joins as the labels, 0 where a label is set to
+-100 here.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import bisect
 from collections.abc import Sequence
 from typing import Any
 
-from sft_pipeline.common.labels import IGNORE_INDEX
+from sft_pipeline.common.labels import IGNORE_INDEX, LOSS_WEIGHTS
 
 
 def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -58,12 +62,28 @@ def join_rows(
     return ids, labs, lengths
 
 
+def _joined(rows: Sequence[Sequence[Any]], first: Any) -> list[Any]:
+    """Rows of per-token values joined end to end, each row's first value `first` (labels:
+    -100, so no row is predicted from the one before; loss weights: 0 with it)."""
+    out: list[Any] = []
+    for row in rows:
+        out.append(first)
+        out.extend(row[1:])
+    return out
+
+
 def pack_rows(
-    input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], capacity: int
+    input_ids: Sequence[Sequence[int]],
+    labels: Sequence[Sequence[int]],
+    capacity: int,
+    weights: Sequence[Sequence[float]] | None = None,
 ) -> dict[str, list[Any]]:
-    """Pack rows into columns `input_ids`, `labels`, `seq_lengths` (one entry per packed row)."""
+    """Pack rows into columns `input_ids`, `labels`, `seq_lengths` (one entry per packed row),
+    and `loss_weights` from `weights` where given."""
     bins = best_fit_decreasing([len(ids) for ids in input_ids], capacity)
     packed: dict[str, list[Any]] = {"input_ids": [], "labels": [], "seq_lengths": []}
+    if weights is not None:
+        packed[LOSS_WEIGHTS] = [_joined([weights[i] for i in m], 0.0) for m in bins]
     for members in bins:
         members_ids = [input_ids[i] for i in members]
         ids, labs, lengths = join_rows(members_ids, [labels[i] for i in members])
@@ -76,7 +96,8 @@ def pack_rows(
 def split_long_rows(
     input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], capacity: int
 ) -> tuple[list[list[int]], list[list[int]]]:
-    """Rows longer than `capacity` cut into pieces of at most `capacity` tokens (`bfd_split`).
+    """Rows longer than `capacity` cut into pieces of at most `capacity` tokens (`bfd_split`);
+    any column of per-token values (loss weights) is cut the same way by passing it as `labels`.
 
     Each piece is then packed as a sequence of its own, so a piece does not attend to the piece
     before it: nothing of a long row is dropped, but its later pieces lose their context.
@@ -91,7 +112,10 @@ def split_long_rows(
 
 
 def wrap_rows(
-    input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], capacity: int
+    input_ids: Sequence[Sequence[int]],
+    labels: Sequence[Sequence[int]],
+    capacity: int,
+    weights: Sequence[Sequence[float]] | None = None,
 ) -> dict[str, list[Any]]:
     """Rows joined end to end and cut every `capacity` tokens (`wrapped`), in dataset order.
 
@@ -99,17 +123,17 @@ def wrap_rows(
     piece, and a row may continue in the next piece. The first token of every row is still not
     a training target (it would be predicted from the previous row's end).
     """
-    ids: list[int] = []
-    labs: list[int] = []
-    for row_ids, row_labels in zip(input_ids, labels, strict=True):
-        ids.extend(row_ids)
-        labs.append(IGNORE_INDEX)
-        labs.extend(row_labels[1:])
+    ids = [token for row in input_ids for token in row]
+    labs = _joined(labels, IGNORE_INDEX)
     chunks = range(0, len(ids), capacity)
-    return {
+    wrapped = {
         "input_ids": [ids[s : s + capacity] for s in chunks],
         "labels": [labs[s : s + capacity] for s in chunks],
     }
+    if weights is not None:
+        joined = _joined(weights, 0.0)
+        wrapped[LOSS_WEIGHTS] = [joined[s : s + capacity] for s in chunks]
+    return wrapped
 
 
 def pack_by_strategy(
@@ -117,10 +141,14 @@ def pack_by_strategy(
     labels: Sequence[Sequence[int]],
     capacity: int,
     strategy: str = "bfd",
+    weights: Sequence[Sequence[float]] | None = None,
 ) -> dict[str, list[Any]]:
-    """Pack with `SFTConfig.packing_strategy`: 'bfd', 'bfd_split' or 'wrapped'."""
+    """Pack with `SFTConfig.packing_strategy`: 'bfd', 'bfd_split' or 'wrapped'; `weights`:
+    the rows' loss weights, packed alike (`loss_weights`)."""
     if strategy == "wrapped":
-        return wrap_rows(input_ids, labels, capacity)
+        return wrap_rows(input_ids, labels, capacity, weights)
     if strategy == "bfd_split":
+        if weights is not None:
+            _, weights = split_long_rows(input_ids, weights, capacity)
         input_ids, labels = split_long_rows(input_ids, labels, capacity)
-    return pack_rows(input_ids, labels, capacity)
+    return pack_rows(input_ids, labels, capacity, weights)

@@ -270,13 +270,16 @@ class SFTTrainer(OwnCheckpoints, Trainer):
         if shift_labels is None:
             shift_labels = shift(labels)
         document_ids = inputs.pop("document_ids", None)
+        token_weights = inputs.pop("shift_loss_weights", None)  # turn weights (collator)
         model_inputs, unflatten = self._model_inputs(model, inputs, document_ids)
         dft = self.args.loss_type == "dft"
         logits = None
         if with_logits:
             # For compute_metrics: one forward with full-vocabulary logits, the loss from them.
             logits = model_logits(model, model_inputs, unflatten, shift_labels.shape[1])
-            loss_sum, correct, count = logits_cross_entropy(logits, shift_labels, dft=dft)
+            loss_sum, correct, count = logits_cross_entropy(
+                logits, shift_labels, dft=dft, token_weights=token_weights
+            )
         else:
             loss_sum, correct, count = causal_lm_loss(
                 model,
@@ -287,6 +290,7 @@ class SFTTrainer(OwnCheckpoints, Trainer):
                 chunked=model is self.model,
                 unflatten=unflatten,
                 dft=dft,
+                token_weights=token_weights,
             )
         denominator = num_items_in_batch if num_items_in_batch is not None else count
         loss = loss_sum / torch.clamp(torch.as_tensor(denominator, device=loss_sum.device), min=1)

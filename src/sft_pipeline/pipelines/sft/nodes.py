@@ -188,6 +188,7 @@ def evaluate_model(
     training_summary: Any = None,  # dicts; no union annotation for Kedro's parameter check
     quantization: Any = None,
     template: Any = None,
+    reasoning_tags: Any = ("<think>", "</think>"),  # two strings (DataConfig checks them)
 ):
     from sft_pipeline.evaluation.benchmarks import check_regression, prepare_suite
     from sft_pipeline.evaluation.evaluate import evaluate
@@ -217,14 +218,16 @@ def evaluate_model(
         cfg,
         base_quantization,
         suite,
+        C.parse_section(C.DataConfig, {"reasoning_tags": reasoning_tags}, "data").reasoning_tags,
     )
     check_regression(metrics, cfg.max_regression)
     return metrics, generations, plots
 
 
 def report_run(*reports: Any) -> str:
-    """metrics, training_history, training_summary, token_stats, validation_report and
-    eval_generations (the pipeline's order) -> the report page."""
+    """metrics, training_history, training_summary, token_stats, validation_report,
+    eval_generations, train_texts and eval_texts (the pipeline's order; the texts are read only
+    for a mixture, to count rows per source) -> the report page."""
     from sft_pipeline.evaluation.report import render_report
 
     return render_report(*reports)

@@ -65,13 +65,17 @@ NODES = (
         nodes.evaluate_model,
         (
             "base_model merged_model eval_texts eval_tokens training_history token_stats "
-            "params:evaluation training_summary params:quantization params:template"
+            "params:evaluation training_summary params:quantization params:template "
+            "params:data.reasoning_tags"
         ),
         "metrics eval_generations evaluation_plots",
     ),
     (
         nodes.report_run,
-        "metrics training_history training_summary token_stats validation_report eval_generations",
+        (
+            "metrics training_history training_summary token_stats validation_report "
+            "eval_generations train_texts eval_texts"
+        ),
         "run_report",
     ),
     (
