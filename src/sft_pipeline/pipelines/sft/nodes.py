@@ -88,15 +88,25 @@ def prepare_base_model(model: dict[str, Any]):
     return prepare(C.parse_section(C.ModelConfig, model, "model"))
 
 
-def render_conversations(train_records, eval_records, base_model: Path, template: dict[str, Any]):
+def render_conversations(
+    train_records,
+    eval_records,
+    base_model: Path,
+    template: dict[str, Any],
+    roles_to_train: Any = ("assistant",),  # a list of roles (TrainingConfig checks it)
+):
     from sft_pipeline.data.rendering import render_stream
     from sft_pipeline.model.loading import load_tokenizer_or_processor
 
     cfg = C.parse_section(C.TemplateConfig, template, "template")
+    # Rendering decides which text is supervised, so it reads the roles that train.
+    roles = C.parse_section(
+        C.TrainingConfig, {"roles_to_train": roles_to_train}, "training"
+    ).roles_to_train
     tokenizer, _processor = load_tokenizer_or_processor(base_model)
     return (
-        render_stream(train_records, tokenizer, cfg, "train_texts"),
-        render_stream(eval_records, tokenizer, cfg, "eval_texts"),
+        render_stream(train_records, tokenizer, cfg, "train_texts", roles),
+        render_stream(eval_records, tokenizer, cfg, "eval_texts", roles),
     )
 
 
@@ -110,8 +120,10 @@ def tokenize_conversations(train_texts, eval_texts, base_model: Path, tokenizati
     train_tokens, train_rejected = tokenize_stream(
         train_texts, tokenizer, cfg, "train_tokens", processor
     )
+    # Turn weights shape the training objective only: held-out rows are scored at weight 1, so
+    # runs with other weights, and the base model, compare on the same loss.
     eval_tokens, eval_rejected = tokenize_stream(
-        eval_texts, tokenizer, cfg, "eval_tokens", processor
+        eval_texts, tokenizer, cfg, "eval_tokens", processor, turn_weights=False
     )
     stats = summarize_token_stats(
         {

@@ -36,7 +36,7 @@ NODES = (
     ),
     (
         nodes.render_conversations,
-        "train_records eval_records base_model params:template",
+        "train_records eval_records base_model params:template params:training.roles_to_train",
         "train_texts eval_texts",
     ),
     (
