@@ -16,6 +16,7 @@ from sft_pipeline.evaluation.scoring import (
     SideOutputs,
     split_metrics,
 )
+from tests.data.test_turn_rows import THREE_TURNS, qwen3, smollm3  # noqa: F401  (fixtures)
 
 TAGS = ("<think>", "</think>")
 
@@ -167,3 +168,24 @@ def test_the_report_of_one_source_has_no_per_source_part_and_reads_no_texts():
     page = render_report(metrics, [], {}, {}, validation, [], Unread(), Unread())
     assert page == render_report(metrics, [], {}, {}, validation, [])
     assert "Per source" not in page and 'id="metrics"' in page
+
+
+@pytest.mark.parametrize("template", ["qwen3", "smollm3"])
+def test_what_a_reasoning_row_trains_the_model_to_write_splits_into_its_reference(
+    template, request
+):
+    """With the real Qwen3 and SmolLM3 templates, each trained turn's supervised text (as the
+    model would write it, up to its end-of-turn token) closes its reasoning block and leaves
+    exactly the row's reference answer: the answer metrics compare like with like."""
+    from sft_pipeline.common.config import TemplateConfig
+    from sft_pipeline.data.templating import Renderer
+    from sft_pipeline.data.turn_rows import record_rows
+
+    tokenizer = request.getfixturevalue(template)
+    rows = record_rows(Renderer(tokenizer, TemplateConfig()), THREE_TURNS)
+    assert len(rows) == 3
+    for row in rows:
+        text = "".join(s["text"] for s in row["segments"])
+        written = text[len(row["prompt"]) :].split("<|im_end|>")[0].strip()
+        assert row["reasoning"] is True
+        assert split_answer(written, row["prompt"], TAGS) == (row["reference"], True)
