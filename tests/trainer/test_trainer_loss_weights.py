@@ -58,26 +58,28 @@ def test_one_training_step_loss_is_the_hand_computed_weighted_loss(tmp_path, con
     assert abs(_one_step(tmp_path / "plain", plain, 6, 1, **config)[0] - loss) > 1e-3
 
 
-def test_weighted_chunked_loss_and_grads_equal_weighted_full_logits():
-    torch.manual_seed(0)
-    hidden = torch.randn(3, 20, 16, dtype=torch.float64, requires_grad=True)
-    head = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
-    labels = torch.randint(0, 50, (3, 20))
+@pytest.mark.parametrize("dft", [False, True])
+def test_weighted_chunked_loss_and_grads_equal_weighted_full_logits(dft):
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 50, (3, 20), generator=generator)
     labels[:, :5] = -100
-    weights = torch.rand(3, 20, dtype=torch.float64) * 3
-    chunked = supervised_cross_entropy(hidden, labels, head, chunk_size=7, token_weights=weights)
-    grads_chunked = torch.autograd.grad(chunked[0], [hidden, head])
-    full = logits_cross_entropy(hidden @ head.T, labels, token_weights=weights)
-    grads_full = torch.autograd.grad(full[0], [hidden, head])
-
+    weights = torch.rand(3, 20, generator=generator, dtype=torch.float64) * 3
+    hidden, head = (
+        torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_()
+        for shape in ((3, 20, 16), (50, 16))
+    )
+    options = {"dft": dft, "token_weights": weights}
+    chunked = supervised_cross_entropy(hidden, labels, head, chunk_size=7, **options)
+    full = logits_cross_entropy(hidden @ head.T, labels, **options)
     assert torch.allclose(chunked[0], full[0].float(), atol=1e-5)
     assert chunked[1] == full[1] and chunked[2] == full[2] == 45
-    for a, b in zip(grads_chunked, grads_full, strict=True):
-        assert torch.allclose(a, b, atol=3e-5)
+    grads = [torch.autograd.grad(loss[0], [hidden, head]) for loss in (chunked, full)]
+    assert all(torch.allclose(a, b, atol=3e-5) for a, b in zip(*grads, strict=True))
+    # Each supervised token's NLL times its weight (and, for DFT, its probability).
     keep = labels != -100
-    logits = (hidden @ head.T)[keep]
-    nll = torch.nn.functional.cross_entropy(logits, labels[keep], reduction="none")
-    assert full[0].item() == pytest.approx((nll * weights[keep]).sum().item(), rel=1e-6)
+    nll = torch.nn.functional.cross_entropy((hidden @ head.T)[keep], labels[keep], reduction="none")
+    expected = nll * weights[keep] * (torch.exp(-nll) if dft else 1.0)
+    assert full[0].item() == pytest.approx(expected.sum().item(), rel=1e-6)
 
 
 def _weight_of(token: int) -> float:

@@ -18,6 +18,10 @@ from typing import Any
 
 from sft_pipeline.common.labels import IGNORE_INDEX, LOSS_WEIGHTS
 
+# Token ids or labels per row; per-token loss weights per row, or None for rows without.
+TokenRows = Sequence[Sequence[int]]
+WeightRows = Sequence[Sequence[float]] | None
+
 
 def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Group row indices into bins of total length <= `capacity`, longest rows first.
@@ -73,10 +77,7 @@ def _joined(rows: Sequence[Sequence[Any]], first: Any) -> list[Any]:
 
 
 def pack_rows(
-    input_ids: Sequence[Sequence[int]],
-    labels: Sequence[Sequence[int]],
-    capacity: int,
-    weights: Sequence[Sequence[float]] | None = None,
+    input_ids: TokenRows, labels: TokenRows, capacity: int, weights: WeightRows = None
 ) -> dict[str, list[Any]]:
     """Pack rows into columns `input_ids`, `labels`, `seq_lengths` (one entry per packed row),
     and `loss_weights` from `weights` where given."""
@@ -112,10 +113,7 @@ def split_long_rows(
 
 
 def wrap_rows(
-    input_ids: Sequence[Sequence[int]],
-    labels: Sequence[Sequence[int]],
-    capacity: int,
-    weights: Sequence[Sequence[float]] | None = None,
+    input_ids: TokenRows, labels: TokenRows, capacity: int, weights: WeightRows = None
 ) -> dict[str, list[Any]]:
     """Rows joined end to end and cut every `capacity` tokens (`wrapped`), in dataset order.
 
@@ -137,11 +135,11 @@ def wrap_rows(
 
 
 def pack_by_strategy(
-    input_ids: Sequence[Sequence[int]],
-    labels: Sequence[Sequence[int]],
+    input_ids: TokenRows,
+    labels: TokenRows,
     capacity: int,
     strategy: str = "bfd",
-    weights: Sequence[Sequence[float]] | None = None,
+    weights: WeightRows = None,
 ) -> dict[str, list[Any]]:
     """Pack with `SFTConfig.packing_strategy`: 'bfd', 'bfd_split' or 'wrapped'; `weights`:
     the rows' loss weights, packed alike (`loss_weights`)."""
