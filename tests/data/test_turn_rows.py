@@ -377,3 +377,26 @@ def test_roles_to_train_names_the_key_and_the_allowed_roles(roles, expected):
     assert expected in str(caught.value)
     assert "'system'" in str(caught.value)
     assert parse_section(TrainingConfig, {}, "training").roles_to_train == ["assistant"]
+
+
+def test_the_render_node_supervises_the_roles_it_is_given(tmp_path, qwen3):
+    from sft_pipeline.common.config import DataConfig
+    from sft_pipeline.data.rendering import render_stream
+    from tests.data.rows import ingest
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": WEIGHTED}) + "\n")
+    records = ingest(DataConfig(path=str(path)))
+    cfg = TemplateConfig(chat_template="chatml")
+    rows = list(render_stream(records, qwen3, cfg, roles=["assistant", "user"]))
+    assert [(s["text"], s.get("weight")) for s in rows[0]["segments"] if s["supervised"]] == [
+        ("What is 2+2?<|im_end|>", None),
+        ("4.<|im_end|>", 0.5),
+        ("And times 3?<|im_end|>", None),
+        ("12.<|im_end|>", 2.0),
+    ]
+    # The next rendering, without the parameter, trains the assistant turns alone.
+    assert (
+        sum(s["supervised"] for s in next(iter(render_stream(records, qwen3, cfg)))["segments"])
+        == 2
+    )
