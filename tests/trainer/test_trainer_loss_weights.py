@@ -139,3 +139,21 @@ def test_a_loss_weights_column_that_is_not_one_finite_weight_per_token_is_refuse
     message = str(caught.value)
     assert message.startswith("train_dataset row 1: loss_weights has ")
     assert found in message and "expected one finite number >= 0 per token" in message
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_a_streamed_dataset_keeps_each_weight_with_its_token(tmp_path, packing):
+    from datasets import Dataset
+
+    from sft_pipeline.trainer import SFTConfig
+    from sft_pipeline.trainer.data_prep import prepare_dataset
+
+    rows = _rows(10, seed=10)
+    for row in rows:
+        row["loss_weights"] = [0.0 if lab == -100 else _weight_of(lab) for lab in row["labels"]]
+    args = SFTConfig(output_dir=str(tmp_path), max_length=24, report_to="none", use_cpu=True)
+    stream = Dataset.from_list(rows).to_iterable_dataset()
+    prepared = list(prepare_dataset(stream, None, args, None, "train_dataset", packing))
+    assert sum(len(r["input_ids"]) for r in prepared) == sum(len(r["input_ids"]) for r in rows)
+    for row in prepared:
+        _aligned(row["input_ids"], row["labels"], row["loss_weights"])
