@@ -53,11 +53,11 @@ $(LLAMACPP_CONVERT)/.installed-$(LLAMACPP_VERSION): | $(STAMP)
 		|| echo "llama.cpp's converter not installed: the GGUF reference tests skip" >&2
 	rm -rf $(LLAMACPP_CONVERT)/sdist
 
-# Test files run in parallel, each whole on one worker (tests/conftest.py groups them).
+# Test files run in parallel, each whole on one worker: its module-scoped fixtures build once.
 TEST_WORKERS ?= 2
 
 test: setup llamacpp
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

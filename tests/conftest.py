@@ -138,18 +138,3 @@ def tiny_model_dir(tmp_path_factory):
         return save_tiny_model(tmp_path_factory.mktemp(f"tiny-{family}"), family, **overrides)
 
     return make
-
-
-# Parallel runs (`pytest -n 2`, what `make test` does): each test file runs whole on one worker,
-# so its module-scoped projects and models are built once; the files that share the reproduced
-# DVC project (tests/project_copy.py) run on the same worker, which builds it once.
-SHARED_DVC_PROJECT = {"test_dvc.py", "test_dvc_experiments.py", "test_notebook.py"}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.get_closest_marker("xdist_group") is not None:
-            continue
-        name = item.path.name
-        group = "dvc-project" if name in SHARED_DVC_PROJECT else str(item.path)
-        item.add_marker(pytest.mark.xdist_group(group))

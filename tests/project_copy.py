@@ -57,6 +57,9 @@ def env() -> dict[str, str]:
         "KEDRO_DISABLE_TELEMETRY": "1",
         "DVC_NO_ANALYTICS": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        # A copy has no tools/ of its own: its GGUF exports are checked by this checkout's
+        # llama.cpp client (`make llamacpp`), as the project's own runs are.
+        "SFT_PIPELINE_LLAMACPP": str(PROJECT_ROOT / "tools" / "llamacpp"),
         "GIT_AUTHOR_NAME": "test",
         "GIT_AUTHOR_EMAIL": "test@example.com",
         "GIT_COMMITTER_NAME": "test",
