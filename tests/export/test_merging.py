@@ -255,6 +255,26 @@ def test_real_phi3_tokenizer_end_of_turn_and_pad(fixtures_dir):
     assert pad not in eos and tokenizer.convert_ids_to_tokens(pad) == "<unk>"
 
 
+def test_a_token_the_chat_template_writes_is_never_the_pad(fixtures_dir):
+    """GPT-2's vocabulary with ChatML turns: <|im_start|> is special and not an EOS, but every
+    prompt holds it, and a consumer masking pad ids would hide each turn's opening; with no
+    other special token left, a pad token is added instead."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from sft_pipeline.model.stop_tokens import choose_pad_token_id, end_of_turn_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(fixtures_dir / "tokenizers" / "gpt2")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    template = fixtures_dir / "tokenizers" / "chat_templates" / "qwen2.5__tokenizer_config.json"
+    tokenizer.chat_template = json.loads(template.read_text())["chat_template"]
+    eos = end_of_turn_ids(tokenizer)
+    assert choose_pad_token_id(tokenizer, eos) is None
+    tokenizer.chat_template = None  # a template that never writes <|im_start|>: it may pad
+    assert tokenizer.convert_ids_to_tokens(choose_pad_token_id(tokenizer, eos)) == "<|im_start|>"
+
+
 def test_merged_tokenizer_carries_the_training_template(lora_setup, tmp_path):
     """A base model trained with template.chat_template=alpaca answers in that format after
     the merge: its tokenizer renders a chat the way the training data was rendered."""

@@ -387,3 +387,16 @@ def test_padding_free_without_max_length_puts_each_batch_in_one_row(qwen_dir, tm
     assert batch["document_ids"].max() == 4  # the four rows, kept apart
     trainer.train()
     assert trainer.state.log_history[-1]["train_loss"] > 0
+
+
+@pytest.mark.parametrize("control", [{"weight": 0.5}, {"weight": 0}, {"train": False}])
+def test_per_turn_train_or_weight_in_trainer_messages_is_refused_not_ignored(
+    qwen_dir, tmp_path, control
+):
+    conversation = [dict(m) for m in CONVERSATIONS[0]]
+    conversation[-1].update(control)
+    with pytest.raises(ValueError, match=r"row 1: .*message 2 sets .*applies in the pipeline"):
+        _trainer(qwen_dir, tmp_path, train=Dataset.from_dict({"messages": [conversation]}))
+    conversation[-1].update(train=True, weight=1)  # what the turn does anyway: accepted
+    trained = _trainer(qwen_dir, tmp_path, train=Dataset.from_dict({"messages": [conversation]}))
+    assert len(trained.train_dataset) == 1

@@ -42,9 +42,13 @@ def reference_runs(model, prompt_ids: list[list[int]]) -> list[list[int]]:
     runs = []
     device = next(model.parameters()).device
     for ids in prompt_ids:
+        prompt = torch.tensor([ids], device=device)
         with torch.inference_mode():
             out = model.generate(
-                torch.tensor([ids], device=device),
+                prompt,
+                # Every prompt token is attended: a mask derived from the pad id would hide a
+                # pad token the prompt itself holds.
+                attention_mask=torch.ones_like(prompt),
                 do_sample=False,
                 max_new_tokens=NEW_TOKENS,
             )

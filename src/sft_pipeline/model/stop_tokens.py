@@ -81,14 +81,24 @@ def end_of_turn_ids(tokenizer) -> list[int]:
 
 
 def choose_pad_token_id(tokenizer, eos_ids: list[int]) -> int | None:
-    """An existing token that is not an EOS id, or None when a pad token must be added."""
+    """An existing token that is not an EOS id nor written by the chat template, or None when a
+    pad token must be added.
+
+    A consumer that derives the attention mask from the pad id (`model.generate(input_ids)`
+    without a mask, as many scripts call it) would mask every occurrence of the pad token in a
+    prompt: padding with `<|im_start|>` would hide each turn's opening from the model.
+    """
     vocab = tokenizer.get_vocab()
     candidates = [tokenizer.pad_token_id, tokenizer.unk_token_id]
     candidates += [vocab.get(name) for name in _PAD_CANDIDATES]
     # Other special tokens except BOS (padding with BOS would confuse models that look for it).
     candidates += sorted(set(tokenizer.all_special_ids) - {tokenizer.bos_token_id})
+    templates = tokenizer.chat_template or ""
+    template = "".join(templates.values()) if isinstance(templates, dict) else templates
     for token_id in candidates:
-        if token_id is not None and token_id not in eos_ids:
+        if token_id is None or token_id in eos_ids:
+            continue
+        if tokenizer.convert_ids_to_tokens(token_id) not in template:
             return token_id
     return None
 

@@ -57,6 +57,7 @@ class RowRenderer(Renderer):
             self._row_kwargs = {}
 
     def row(self, messages, *args, **kwargs):
+        _refuse_turn_control(messages)
         try:
             return super().row(messages, *args, **kwargs)
         except ChatTemplateError as exc:
@@ -127,3 +128,18 @@ class RowRenderer(Renderer):
 
     def _native(self, messages, add_generation_prompt: bool, tools) -> str:
         return super().render(messages, add_generation_prompt, tools, **self._row_kwargs)
+
+
+def _refuse_turn_control(messages: list) -> None:
+    """Per-turn `train`/`weight` keys change what trains; the trainer's rendering does not apply
+    them, so a message that sets one is refused rather than trained as if it did not."""
+    for i, message in enumerate(messages, start=1):
+        if not isinstance(message, dict):
+            continue
+        if message.get("train", True) is not True or message.get("weight", 1) != 1:
+            raise ValueError(
+                f"message {i} sets train={message.get('train', True)!r}, "
+                f"weight={message.get('weight', 1)!r}: per-turn control applies in the "
+                "pipeline (data.path), not here; pass pre-tokenized rows with a loss_weights "
+                "column (0 for context-only tokens), or drop the key"
+            )
