@@ -201,13 +201,31 @@ def file_bytes(root: Path, relpath: str) -> dict[str, bytes]:
 
 
 def reproduced_project(tmp_path_factory) -> tuple[Path, str, dict[str, bytes]]:
-    """(project, output of its first full `dvc repro`, data artifact bytes right after it)."""
+    """(project, output of its first full `dvc repro`, data artifact bytes right after it).
+
+    Built once per test session, by whichever worker needs it first (the others wait for it),
+    then copied: each worker's tests edit a copy of their own.
+    """
+    import pickle
+
+    from filelock import FileLock
+
     if "project" not in _SHARED:
-        root = make_project(tmp_path_factory.mktemp("dvc") / "project")
-        run(["kedro", "dvc", "generate", "--env", TINY_ENV], root)
-        init_repo(root)
-        output = run(["dvc", "repro"], root)
-        snapshot = {k: v for a in DATA_ARTIFACTS for k, v in file_bytes(root, a).items()}
+        base = tmp_path_factory.getbasetemp()
+        # xdist workers' temp folders sit side by side in the session's folder.
+        session = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+        built, facts = session / "dvc-reproduced" / "project", session / "dvc-reproduced.pickle"
+        with FileLock(str(session / "dvc-reproduced.lock")):
+            if not facts.is_file():
+                make_project(built)
+                run(["kedro", "dvc", "generate", "--env", TINY_ENV], built)
+                init_repo(built)
+                output = run(["dvc", "repro"], built)
+                snapshot = {k: v for a in DATA_ARTIFACTS for k, v in file_bytes(built, a).items()}
+                facts.write_bytes(pickle.dumps((output, snapshot)))
+        root = tmp_path_factory.mktemp("dvc") / "project"
+        shutil.copytree(built, root, symlinks=True)
+        output, snapshot = pickle.loads(facts.read_bytes())
         _SHARED.update(project=root, output=output, snapshot=snapshot)
     return _SHARED["project"], _SHARED["output"], _SHARED["snapshot"]  # type: ignore[return-value]
 

@@ -454,7 +454,15 @@ def test_chat_template_param_and_file_rerun_from_rendering(project: Path) -> Non
     assert _changed_stages(project) == {"merge_adapter", "evaluate_model"}
     template.write_text(CUSTOM_TEMPLATE.replace("VERB", "writes"))
     assert _changed_stages(project) == reading_it
-    assert repro(project) == FROM_RENDERING
+    # Rendering re-runs and its texts change, which invalidates tokenization in turn (the
+    # raw-data test shows a whole downstream chain re-running for real).
+    before = pc.file_bytes(project, "data/04_feature/train_texts.jsonl")
+    ran = pc.ran_stages(pc.run(["dvc", "repro", "--single-item", "render_conversations"], project))
+    assert ran == {"render_conversations"}
+    assert pc.file_bytes(project, "data/04_feature/train_texts.jsonl") != before
+    # The report counts a mixture's rendered rows, so it reads the texts too.
+    readers = {"tokenize_conversations", "report_run"}
+    assert _changed_stages(project) == {*readers, "merge_adapter", "evaluate_model"}
 
 
 @pytest.mark.slow
