@@ -141,11 +141,12 @@ def tiny_model_dir(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Files with the most end-to-end (`slow`) tests first, each file whole and in its own
-    order: the workers of `pytest -n 2 --dist loadfile` take files in this order, so the long
-    ones start early and the short ones fill in at the end instead of one worker finishing
-    alone."""
+    """Files with one of the longest tests (`long`) first, then those with the most end-to-end
+    (`slow`) tests, each file whole and in its own order: the workers of `pytest -n 2 --dist
+    loadfile` take files in this order, so the long ones start early and the short ones fill in
+    at the end instead of one worker finishing alone."""
     from collections import Counter
 
+    long = {item.path for item in items if item.get_closest_marker("long")}
     slow = Counter(item.path for item in items if item.get_closest_marker("slow"))
-    items.sort(key=lambda item: -slow[item.path])
+    items.sort(key=lambda item: (item.path not in long, -slow[item.path]))

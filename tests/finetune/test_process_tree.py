@@ -97,6 +97,7 @@ def adapter(root: Path) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_sigkill_of_kedro_run_leaves_no_process_alive_and_the_next_run_resumes_exactly(tmp_path):
     import psutil
 

@@ -154,6 +154,7 @@ def _a_task_the_base_answers_perfectly(project: Path) -> None:
 
 
 @pytest.mark.parametrize("chat", [True, False], ids=["chat-template", "plain"])
+@pytest.mark.long
 def test_benchmarks_in_kedro_run_equal_lm_eval_run_directly(tmp_path, chat):
     project = _project(tmp_path / "project", chat)
     start = time.perf_counter()

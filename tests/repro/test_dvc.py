@@ -326,6 +326,7 @@ FROM_RENDERING = {"render_conversations", *FROM_TOKENIZATION}
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_full_repro_then_nothing_to_do(tmp_path_factory) -> None:
     root, first, _ = pc.reproduced_project(tmp_path_factory)
     assert pc.ran_stages(first) == set(pc.STAGES)

@@ -30,6 +30,7 @@ def _experiments(shown: list[dict]) -> dict[str, dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_queued_learning_rate_grid_runs_side_by_side_with_live_step_metrics_and_loss(
     tmp_path_factory,
 ) -> None:

@@ -174,6 +174,7 @@ def test_a_run_pushed_from_one_clone_is_pulled_into_a_fresh_clone_with_nothing_t
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_an_experiment_pushed_from_one_clone_applies_in_another_with_nothing_to_run(
     tmp_path_factory, tmp_path
 ) -> None:

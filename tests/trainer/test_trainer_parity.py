@@ -27,6 +27,7 @@ def _bench():
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_labels_and_first_batch_loss_equal_trl(fixtures_dir, tmp_path):
     pytest.importorskip("trl", reason="TRL is a benchmark-only extra")
     import torch
