@@ -248,3 +248,20 @@ def test_dvclive_logs_in_a_dvc_project_whose_git_repository_has_no_commit(
     summary = json.loads((tmp_path / "live/metrics.json").read_text())
     assert summary["train"]["loss"] == 1.5 and summary["step"] == 1
     assert not (tmp_path / "live/dvc.yaml").exists()
+
+
+def test_our_messages_quoting_template_text_print_as_written_under_kedros_rich_logging():
+    import logging
+
+    import kedro.framework.project  # noqa: F401 (configures Kedro's rich console logging)
+
+    from sft_pipeline.run.output import install_filters
+
+    install_filters()  # what a run's hooks do once Kedro configured its logging
+    handler = next(h for h in logging.getLogger().handlers if getattr(h, "markup", False))
+    quoted = "[INST] What is 2 + 2? [/INST]"
+    record = logging.LogRecord(
+        "sft_pipeline.export.ollama", logging.WARNING, __file__, 1, "writes %r", (quoted,), None
+    )
+    handler.handle(record)  # a markup reading of "[/INST]" stops with a MarkupError
+    assert handler.render_message(record, record.getMessage()).plain == f"writes {quoted!r}"

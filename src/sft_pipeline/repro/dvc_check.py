@@ -29,9 +29,12 @@ def load_project(project_path: Path, env: str) -> tuple[Any, dvc_stages.Project]
     from kedro.framework.project import pipelines, settings
     from kedro.framework.startup import bootstrap_project
 
+    from sft_pipeline.common.log_markup import keep_messages_as_written
+
     project_path = project_path.resolve()
     # Cheap where `kedro run` bootstrapped already (the pipelines stay registered).
     metadata = bootstrap_project(project_path)
+    keep_messages_as_written()  # bootstrapping configured Kedro's logging afresh
     conf_source = project_path / settings.CONF_SOURCE
     loader_args = dict(settings.CONFIG_LOADER_ARGS)
     base_env = loader_args.get("base_env") or "base"

@@ -20,6 +20,7 @@ from typing import Any
 
 from kedro.framework.hooks import hook_impl
 
+from sft_pipeline.common.log_markup import keep_messages_as_written
 from sft_pipeline.evaluation import benchmark_table
 
 # Nodes whose run ends with a summary: evaluation writes the metrics, the report shows them.
@@ -52,10 +53,12 @@ _BNB_KERNELS = _DropMessage("Failed to load CPU gemm_4bit_forward from kernels-c
 
 
 def install_filters() -> None:
-    """Silence the known third-party messages above (idempotent)."""
+    """Silence the known third-party messages above, and keep our own messages as written on
+    every handler that reads markup (idempotent)."""
     bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
     if _BNB_KERNELS not in bnb.filters:
         bnb.addFilter(_BNB_KERNELS)
+    keep_messages_as_written()
     warnings.filterwarnings(
         "ignore",
         message=r"`is_gradient_checkpointing` is deprecated",
