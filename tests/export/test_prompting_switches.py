@@ -180,13 +180,8 @@ def _jinja_prompt(tokenizer, messages, cfg: TemplateConfig) -> str:
 def test_qwen3s_modelfile_has_no_template_because_it_drops_earlier_reasoning(
     fixtures_dir, tiny_model, tmp_path, caplog, thinking
 ):
-    tokenizer = _tokenizer(fixtures_dir, "qwen3")
-    folder = _merged(tmp_path, tokenizer, tiny_model, TemplateConfig(enable_thinking=thinking))
     with caplog.at_level(logging.WARNING, logger="sft_pipeline.export.ollama"):
-        text, name = modelfile(folder, "model-f16.gguf", [])
-    assert name is None
-    assert "\nTEMPLATE " not in text
-    comment = " ".join(line[2:] for line in text.splitlines() if line.startswith("# "))
+        comment = _refused(fixtures_dir, "qwen3", tiny_model, tmp_path, thinking)
     assert "No TEMPLATE: the chat template renders an earlier reply that reasons in a <think> " in (
         comment
     )
@@ -195,18 +190,23 @@ def test_qwen3s_modelfile_has_no_template_because_it_drops_earlier_reasoning(
     assert "drops or moves the reasoning of earlier replies" in caplog.text
 
 
+def _refused(fixtures_dir, family, tiny_model, tmp_path, thinking) -> str:
+    """The comment of a Modelfile written with no TEMPLATE for `family`'s real template."""
+    tokenizer = _tokenizer(fixtures_dir, family)
+    folder = _merged(tmp_path, tokenizer, tiny_model, TemplateConfig(enable_thinking=thinking))
+    text, name = modelfile(folder, "model-f16.gguf", [])
+    assert name is None
+    assert "\nTEMPLATE " not in text
+    return " ".join(line[2:] for line in text.splitlines() if line.startswith("# "))
+
+
 @pytest.mark.parametrize("thinking", [None, False])
 def test_smollm3s_modelfile_has_no_template_because_of_its_own_system_block(
     fixtures_dir, tiny_model, tmp_path, thinking
 ):
     """SmolLM3 opens every prompt with a metadata block of its own (the date, the reasoning mode,
     its instructions or the system message), left unclosed: no layout writes that."""
-    tokenizer = _tokenizer(fixtures_dir, "smollm3")
-    folder = _merged(tmp_path, tokenizer, tiny_model, TemplateConfig(enable_thinking=thinking))
-    text, name = modelfile(folder, "model-f16.gguf", [])
-    assert name is None
-    assert "\nTEMPLATE " not in text
-    comment = " ".join(line[2:] for line in text.splitlines() if line.startswith("# "))
+    comment = _refused(fixtures_dir, "smollm3", tiny_model, tmp_path, thinking)
     assert "No TEMPLATE: this model's chat template is none of ChatML, Phi-3/Phi-4 and Alpaca" in (
         comment
     )
