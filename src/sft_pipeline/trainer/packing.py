@@ -54,16 +54,8 @@ def join_rows(
     input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]]
 ) -> tuple[list[int], list[int], list[int]]:
     """One packed row of these sequences: (input_ids, labels, seq_lengths)."""
-    ids: list[int] = []
-    labs: list[int] = []
-    lengths: list[int] = []
-    for row_ids, row_labels in zip(input_ids, labels, strict=True):
-        row_labels = list(row_labels)
-        row_labels[0] = IGNORE_INDEX
-        ids.extend(row_ids)
-        labs.extend(row_labels)
-        lengths.append(len(row_ids))
-    return ids, labs, lengths
+    lengths = [len(row_ids) for row_ids, _ in zip(input_ids, labels, strict=True)]
+    return [token for row in input_ids for token in row], _joined(labels, IGNORE_INDEX), lengths
 
 
 def _joined(rows: Sequence[Sequence[Any]], first: Any) -> list[Any]:
