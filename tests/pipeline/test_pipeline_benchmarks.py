@@ -7,6 +7,7 @@ regression beyond `evaluation.max_regression`, and a missing data file (before a
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -90,45 +91,49 @@ def _kedro(project: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 _DIRECT = """
-import json, sys
+import json, os, sys
 from lm_eval import simple_evaluate
 from lm_eval.tasks import TaskManager
 from sft_pipeline.evaluation.benchmarks import BOOTSTRAP_ITERS
-path, chat, limit, batch = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4])
-tasks = sys.argv[5].split(",")
-results = simple_evaluate(
-    "hf",
-    model_args={"pretrained": path, "dtype": "float32"},
-    device="cpu",
-    batch_size=batch,
-    tasks=tasks,
-    task_manager=TaskManager(include_path="conf/base/benchmarks", include_defaults=False),
-    limit=limit or None,
-    bootstrap_iters=BOOTSTRAP_ITERS,
-    log_samples=True,
-    apply_chat_template=chat,
-    fewshot_as_multiturn=chat,
-)
-# Per task, the choice each item's log-likelihoods rank first (multiple choice only).
-picks = {
-    task: [max(range(len(s["filtered_resps"])), key=lambda i: s["filtered_resps"][i][0])
-           for s in sorted(samples, key=lambda s: s["doc_id"])]
-    for task, samples in results["samples"].items()
-    if results["configs"][task]["output_type"] == "multiple_choice"
-}
-print("RESULTS=" + json.dumps({"results": results["results"], "picks": picks}))
+paths, chat = sys.argv[1].split(os.pathsep), sys.argv[2] == "1"
+limit, batch, tasks = int(sys.argv[3]), int(sys.argv[4]), sys.argv[5].split(",")
+for path in paths:
+    results = simple_evaluate(
+        "hf",
+        model_args={"pretrained": path, "dtype": "float32"},
+        device="cpu",
+        batch_size=batch,
+        tasks=tasks,
+        task_manager=TaskManager(include_path="conf/base/benchmarks", include_defaults=False),
+        limit=limit or None,
+        bootstrap_iters=BOOTSTRAP_ITERS,
+        log_samples=True,
+        apply_chat_template=chat,
+        fewshot_as_multiturn=chat,
+    )
+    # Per task, the choice each item's log-likelihoods rank first (multiple choice only).
+    picks = {
+        task: [max(range(len(s["filtered_resps"])), key=lambda i: s["filtered_resps"][i][0])
+               for s in sorted(samples, key=lambda s: s["doc_id"])]
+        for task, samples in results["samples"].items()
+        if results["configs"][task]["output_type"] == "multiple_choice"
+    }
+    print("RESULTS=" + json.dumps({"results": results["results"], "picks": picks}))
 """
 
 
 def _lm_eval_directly(
-    project: Path, model: Path, chat: bool, tasks=("sft_probe", "tiny_echo"), limit=LIMIT
-) -> dict:
-    """lm-eval's own `hf` model loading the folder, in its own process (as a user runs it):
-    {"results": lm-eval's results, "picks": {task: the choice ranked first, per item}}."""
-    args = [str(model), "1" if chat else "0", str(limit or 0), str(BATCH_SIZE), ",".join(tasks)]
+    project: Path, models: list[Path], chat: bool, tasks=("sft_probe", "tiny_echo"), limit=LIMIT
+) -> list[dict]:
+    """lm-eval's own `hf` model loading each folder, in a process of its own (as a user runs
+    it), one after the other: per model, {"results": lm-eval's results, "picks": {task: the
+    choice ranked first, per item}}."""
+    paths = os.pathsep.join(str(model) for model in models)
+    args = [paths, "1" if chat else "0", str(limit or 0), str(BATCH_SIZE), ",".join(tasks)]
     output = pc.run([sys.executable, "-c", _DIRECT, *args], project)
-    line = next(x for x in output.splitlines() if x.startswith("RESULTS="))
-    return json.loads(line.removeprefix("RESULTS="))
+    lines = [x for x in output.splitlines() if x.startswith("RESULTS=")]
+    assert len(lines) == len(models), output[-4000:]
+    return [json.loads(line.removeprefix("RESULTS=")) for line in lines]
 
 
 def _a_task_the_base_answers_perfectly(project: Path) -> None:
@@ -147,7 +152,7 @@ def _a_task_the_base_answers_perfectly(project: Path) -> None:
         name="base_pick", data="conf/base/benchmarks/data/base_pick.jsonl"
     )
     (tasks / "base_pick.yaml").write_text(text, encoding="utf-8")
-    picks = _lm_eval_directly(project, project / pc.TINY_MODEL, True, ("base_pick",), None)
+    [picks] = _lm_eval_directly(project, [project / pc.TINY_MODEL], True, ("base_pick",), None)
     for item, pick in zip(items, picks["picks"]["base_pick"], strict=True):
         item["answer"] = pick
     data.write_text("".join(json.dumps(i) + "\n" for i in items), encoding="utf-8")
@@ -169,8 +174,10 @@ def test_benchmarks_in_kedro_run_equal_lm_eval_run_directly(tmp_path, chat):
     assert metrics["benchmarks/tiny_echo/chat_template"] is chat
     assert metrics["benchmarks/sft_probe/samples"] == LIMIT
 
-    for side, model in (("base", pc.TINY_MODEL), ("tuned", "data/06_models/merged")):
-        direct = _lm_eval_directly(project, project / model, chat)["results"]
+    sides = {"base": pc.TINY_MODEL, "tuned": "data/06_models/merged"}
+    directly = _lm_eval_directly(project, [project / model for model in sides.values()], chat)
+    for side, run_directly in zip(sides, directly, strict=True):
+        direct = run_directly["results"]
         for task, metric in (("sft_probe", "acc"), ("tiny_echo", "exact_match")):
             key = f"benchmarks/{task}/{metric}"
             assert metrics[f"{key}/{side}"] == direct[task][f"{metric},none"], (task, side)

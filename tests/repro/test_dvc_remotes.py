@@ -179,15 +179,20 @@ def test_an_experiment_pushed_from_one_clone_applies_in_another_with_nothing_to_
     tmp_path_factory, tmp_path
 ) -> None:
     a, origin = pushed_clone(tmp_path_factory, tmp_path)
-    params = "conf/base/parameters_sft.yml:training.learning_rate=3e-3"
-    pc.run(["dvc", "exp", "run", "-n", "lr-3e-3", "-S", params], a)
-    pc.run(["dvc", "exp", "push", "origin", "lr-3e-3"], a)  # git refs and DVC cache
+    # A parameter of the evaluation: the experiment re-runs it and the report, and what it
+    # produced must arrive in clone B without a stage running there.
+    params = f"{pc.params_path(Path())}:evaluation.max_new_tokens=3"  # the stages' environment
+    pc.run(["dvc", "exp", "run", "-n", "short-answers", "-S", params], a)
+    metrics = "data/08_reporting/metrics.json"
+    produced = (a / metrics).read_bytes()
+    assert pc.read_json(a, metrics)["tuned/mean_generated_tokens"] <= 3
+    pc.run(["dvc", "exp", "push", "origin", "short-answers"], a)  # git refs and DVC cache
     b = tmp_path / "b"
     pc.run(["git", "clone", "-q", str(origin), str(b)], tmp_path)
-    pc.run(["dvc", "exp", "pull", "origin", "lr-3e-3"], b)
-    pc.run(["dvc", "exp", "apply", "lr-3e-3"], b)
+    pc.run(["dvc", "exp", "pull", "origin", "short-answers"], b)
+    pc.run(["dvc", "exp", "apply", "short-answers"], b)
     pc.run(["dvc", "pull"], b)
     assert json.loads(pc.run(["dvc", "status", "--json"], b)) == {}
     assert pc.ran_stages(pc.run(["dvc", "repro"], b)) == set()
-    effective = pc.read_json(b, "data/06_models/adapter/training_params.json")
-    assert effective["training"]["learning_rate"] == pytest.approx(3e-3)
+    assert (b / metrics).read_bytes() == produced
+    assert "max_new_tokens: 3" in pc.params_path(b).read_text()

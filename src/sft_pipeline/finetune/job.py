@@ -188,7 +188,7 @@ SAME_NAME = (
 
 def build_sft_config(job: TrainJob, precision: device.Precision):
     """Map the `training` section onto the trainer's `SFTConfig`: same names pass through."""
-    from sft_pipeline.trainer import SFTConfig
+    from sft_pipeline.trainer.sft_config import SFTConfig
 
     training = job.training
     eval_every = job.has_eval and training.eval_steps is not None

@@ -91,7 +91,7 @@ def train_here(
 
     from sft_pipeline.finetune import tracking
     from sft_pipeline.model.loading import load_tokenizer_or_processor
-    from sft_pipeline.trainer import SFTTrainer
+    from sft_pipeline.trainer.sft_trainer import SFTTrainer
 
     fingerprint, resume_from = prepared or run_state.prepare_run(job)
     precision = precision or model_setup.run_precision(job, resume_from)
