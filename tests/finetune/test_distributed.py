@@ -115,6 +115,11 @@ def assert_same_training(one, two) -> dict[str, float]:
     return {"loss": loss_diff, "adapter": weight_diff}
 
 
+@pytest.fixture(scope="module")
+def one_process(base_dir, tmp_path_factory):
+    return run_training(base_dir, tmp_path_factory.mktemp("one"), per_device_train_batch_size=4)
+
+
 def test_cpu_launch_starts_processes_rather_than_accelerates_one_process_launcher():
     command = accelerate_command(Path("/x/.launch"), 2)
     # `--cpu` alone would pick accelerate's single-process launcher.
@@ -134,8 +139,8 @@ def test_a_user_config_with_its_own_launcher_is_passed_through(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_process_at_the_same_global_batch(base_dir, tmp_path):
-    one = run_training(base_dir, tmp_path / "one", per_device_train_batch_size=4)
+def test_two_processes_equal_one_process_at_the_same_global_batch(base_dir, one_process, tmp_path):
+    one = one_process
     two = run_training(base_dir, tmp_path / "two", per_device_train_batch_size=2, num_processes=2)
     assert two[1]["num_processes"] == 2 and one[1]["num_processes"] == 1
     assert two[1]["global_batch_size"] == one[1]["global_batch_size"] == 4
@@ -191,11 +196,6 @@ def test_a_loss_that_turns_nan_on_one_rank_stops_every_rank_and_keeps_the_last_c
     assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-2"]
     assert not (out / "adapter").exists()
     assert not (checkpoints / ".launch" / "result").exists()
-
-
-@pytest.fixture(scope="module")
-def one_process(base_dir, tmp_path_factory):
-    return run_training(base_dir, tmp_path_factory.mktemp("one"), per_device_train_batch_size=4)
 
 
 def _free_port() -> int:

@@ -25,31 +25,6 @@ def kedro(project: Path, *args: str) -> str:
     return pc.run([sys.executable, "-m", "kedro", *args, "--env", pc.TINY_ENV], project)
 
 
-def test_full_sft_pipeline_runs_end_to_end(tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    project = pc.make_project(tmp_path / "project", records=60)
-    pc.set_params(project, E2E_PARAMS)
-    kedro(project, "run", "--pipeline=sft")
-
-    data = project / "data"
-    report = json.loads((data / "08_reporting/validation_report.json").read_text())
-    assert report["ingested"] == 60 == report["valid"] + report["rejected"]
-
-    metrics = json.loads((data / "08_reporting/metrics.json").read_text())
-    for side in ("base", "tuned"):
-        assert metrics[f"{side}/eval_loss"] > 0
-    history = json.loads((data / "08_reporting/training_history.json").read_text())
-    assert any("loss" in row for row in history)
-
-    generations = (data / "07_model_output/eval_generations.jsonl").read_text().splitlines()
-    assert len(generations) == 3
-    merged = AutoModelForCausalLM.from_pretrained(data / "06_models/merged")
-    assert not any("lora" in name for name, _ in merged.named_parameters())
-    assert (data / "06_models/merged/README.md").exists()
-    assert sorted(p.name for p in (data / "08_reporting/plots").glob("*.png"))
-
-
 DATASETS = {
     "alpaca": ("llamafactory/alpaca_en_demo.json", {}),
     "messages": ("llamafactory/kto_en_demo.json", {}),

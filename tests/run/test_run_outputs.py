@@ -1,5 +1,6 @@
-"""What a run leaves to look at: a quiet log ending with its result, the HTML report (rendered in
-a real headless browser), kedro-viz previews of every artifact kind, DVCLive's step metrics.
+"""What a run leaves to look at: each stage's artifact, a quiet log ending with its result, the
+HTML report (rendered in a real headless browser), kedro-viz previews of every artifact kind,
+DVCLive's step metrics.
 
 The slow tests share one tiny project run once through `kedro run` (tests/project_copy.py).
 """
@@ -30,11 +31,12 @@ NOISE = (
     "`project.license` as a TOML table is deprecated",
 )
 REPORT = "data/08_reporting/report.html"
+RECORDS = 24
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> tuple[Path, str]:
-    root = pc.make_project(tmp_path_factory.mktemp("outputs") / "project", records=24)
+    root = pc.make_project(tmp_path_factory.mktemp("outputs") / "project", records=RECORDS)
     pc.set_params(root, {"training": {"report_to": "dvclive"}})
     output = pc.run(["kedro", "run", "--pipelines=sft", "--env", pc.TINY_ENV], root)
     return root, output
@@ -138,6 +140,27 @@ def test_run_is_quiet_and_ends_with_metrics_and_paths(run) -> None:
     assert paths["merged model"].endswith("data/06_models/merged")
     # The progress of generation, per model.
     assert "generating base" in output and "generating tuned" in output
+
+
+@pytest.mark.slow
+def test_the_run_leaves_each_stage_s_artifact(run) -> None:
+    from transformers import AutoModelForCausalLM
+
+    root, _ = run
+    data = root / "data"
+    report = json.loads((data / "08_reporting/validation_report.json").read_text())
+    assert report["ingested"] == RECORDS == report["valid"] + report["rejected"]
+    metrics = json.loads((data / "08_reporting/metrics.json").read_text())
+    for side in ("base", "tuned"):
+        assert metrics[f"{side}/eval_loss"] > 0
+    history = json.loads((data / "08_reporting/training_history.json").read_text())
+    assert any("loss" in row for row in history)
+    generations = (data / "07_model_output/eval_generations.jsonl").read_text().splitlines()
+    assert len(generations) == pc.TINY_PARAMS["evaluation"]["max_samples"]
+    merged = AutoModelForCausalLM.from_pretrained(data / "06_models/merged")
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    assert (data / "06_models/merged/README.md").exists()
+    assert sorted(p.name for p in (data / "08_reporting/plots").glob("*.png"))
 
 
 @pytest.mark.slow
