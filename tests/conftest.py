@@ -140,13 +140,39 @@ def tiny_model_dir(tmp_path_factory):
     return make
 
 
+# The files of the longest tests, in the order the two workers start them: the first builds the
+# reproduced DVC project the others copy (tests/project_copy.py), the second needs no project,
+# so neither worker waits for the build.
+START_FIRST = (
+    "repro/test_dvc.py",
+    "finetune/test_process_tree.py",
+    "repro/test_dvc_experiments.py",
+    "pipeline/test_pipeline_benchmarks.py",
+    "repro/test_dvc_remotes.py",
+)
+
+
+def pytest_configure(config):
+    # `--dist loadfile` hands out files in collection order (below), not xdist's default of the
+    # files with the most tests first, which started the one-test minute-long files last.
+    config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config, items):
-    """Files with one of the longest tests (`long`) first, then those with the most end-to-end
-    (`slow`) tests, each file whole and in its own order: the workers of `pytest -n 2 --dist
-    loadfile` take files in this order, so the long ones start early and the short ones fill in
-    at the end instead of one worker finishing alone."""
+    """START_FIRST, then the other files with one of the longest tests (`long`), then those
+    with the most end-to-end (`slow`) tests, each file whole and in its own order: the workers
+    of `pytest -n 2 --dist loadfile` take files in this order, so the long ones start early and
+    the short ones fill in at the end instead of one worker finishing alone."""
     from collections import Counter
 
+    tests_dir = Path(__file__).parent
+    first = {tests_dir / name: rank for rank, name in enumerate(START_FIRST)}
     long = {item.path for item in items if item.get_closest_marker("long")}
     slow = Counter(item.path for item in items if item.get_closest_marker("slow"))
-    items.sort(key=lambda item: (item.path not in long, -slow[item.path]))
+    items.sort(
+        key=lambda item: (
+            first.get(item.path, len(first)),
+            item.path not in long,
+            -slow[item.path],
+        )
+    )

@@ -314,7 +314,6 @@ def test_export_model_node_follows_merge_adapter():
 
 
 @pytest.mark.slow
-@pytest.mark.long
 def test_smollm2_default_exports_to_f16(tmp_path, capsys):
     """The offline default (SmolLM2-135M-Instruct) through the export's own check, in f16 (q8_0
     goes through the same checks on the tiny models above: the real model's q8_0 doubled this
