@@ -29,7 +29,10 @@ than the prompt alone, for byte-level BPE tokenizers).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import chain
 from typing import Any
+
+import numpy as np
 
 
 def require_fast(tokenizer) -> None:
@@ -62,29 +65,40 @@ def encode_texts(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[lis
 
 def encode_prompted(
     tokenizer, texts: list[str], cuts: list[int]
-) -> tuple[list[list[int]], list[list[tuple]]]:
+) -> tuple[list[list[int]], list[np.ndarray]]:
     """Like `encode_texts`, but each text whose prompt ends at character `cuts[k]` (0: none)
     is encoded as its prompt on its own, then the rest as a continuation (module doc): the
-    prompt ids are exactly the ids inference feeds the model for that prompt."""
+    prompt ids are exactly the ids inference feeds the model for that prompt. Offsets come back
+    as one (tokens, 2) integer array per text, shifted into the whole text in one step."""
     ids, offsets = encode_texts(
         tokenizer, [t[:c] if c else t for t, c in zip(texts, cuts, strict=True)]
     )
+    spans = _arrays(offsets)
     rest = [k for k, c in enumerate(cuts) if c]
     if not rest:
-        return ids, offsets
+        return ids, spans
     newline = list(_encode(tokenizer, ["\n"])[0][0])
     n = len(newline)
     tails_ids, tails_offsets = _encode(tokenizer, ["\n" + texts[k][cuts[k] :] for k in rest])
-    for k, tail_ids, tail_offsets in zip(rest, tails_ids, tails_offsets, strict=True):
-        cut = cuts[k]
-        if list(tail_ids[:n]) == newline:
-            tail_ids, tail_offsets, shift = tail_ids[n:], tail_offsets[n:], cut - 1
+    skip, shift = [0] * len(rest), [0] * len(rest)
+    for j, k in enumerate(rest):
+        if list(tails_ids[j][:n]) == newline:
+            skip[j], shift[j] = n, cuts[k] - 1
         else:  # the newline merged with the continuation's start: encode it on its own
-            (tail_ids,), (tail_offsets,) = _encode(tokenizer, [texts[k][cut:]])
-            shift = cut
-        ids[k].extend(tail_ids)
-        offsets[k].extend([(a + shift, b + shift) for a, b in tail_offsets])
-    return ids, offsets
+            (tails_ids[j],), (tails_offsets[j],) = _encode(tokenizer, [texts[k][cuts[k] :]])
+            shift[j] = cuts[k]
+    for j, (k, tail) in enumerate(zip(rest, _arrays(tails_offsets), strict=True)):
+        ids[k].extend(tails_ids[j][skip[j] :])
+        spans[k] = np.concatenate([spans[k], tail[skip[j] :] + shift[j]])
+    return ids, spans
+
+
+def _arrays(offsets: list[list[tuple[int, int]]]) -> list[np.ndarray]:
+    """Each row's offsets as a (tokens, 2) int64 array, converted for all rows at once."""
+    lengths = [len(row) for row in offsets]
+    flat = chain.from_iterable(chain.from_iterable(offsets))  # fromiter: faster than asarray
+    spans = np.fromiter(flat, dtype=np.int64, count=2 * sum(lengths)).reshape(-1, 2)
+    return np.split(spans, np.cumsum(lengths)[:-1]) if offsets else []
 
 
 def _encode(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[tuple]]]:
