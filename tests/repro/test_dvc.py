@@ -355,8 +355,7 @@ def test_a_parameter_invalidates_exactly_the_node_that_reads_it(
 ) -> None:
     # conf/base lists every key a node reads (an override file lists only the keys it sets).
     base = pc.params_path(project, "base")
-    before = base.read_text()
-    assert _changed_stages(project) == set()
+    before = base.read_text()  # the project fixture starts reproduced: nothing changed
     pc.set_params(project, {section: {key: value}}, env="base")
     try:
         assert _changed_stages(project) == {stage}
@@ -541,3 +540,28 @@ def test_same_params_give_byte_identical_data_artifacts(tmp_path: Path, tmp_path
     assert sorted(again) == sorted(snapshot)
     differ = [k for k in snapshot if again[k] != snapshot[k]]
     assert not differ, f"not byte-identical: {differ}"
+
+
+@pytest.mark.slow
+def test_each_source_of_a_mixture_is_its_own_dep_and_an_edit_names_only_its_file(
+    project: Path,
+) -> None:
+    import yaml
+
+    from tests.data.test_mixture import _write_sources
+
+    mixture = _write_sources(project / "data" / "01_raw")
+    for source in mixture:
+        source["path"] = Path(source["path"]).relative_to(project).as_posix()
+    pc.set_params(project, {"data": {"sources": mixture}})
+    pc.run(["kedro", "dvc", "generate", "--env", pc.TINY_ENV], project)
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    raw = [d for d in stages["ingest_records"]["deps"] if d.startswith("data/01_raw/")]
+    assert raw == [source["path"] for source in mixture]  # and not data.path's file
+    ran = pc.ran_stages(pc.run(["dvc", "repro", "--single-item", "ingest_records"], project))
+    assert ran == {"ingest_records"}
+    edited = mixture[2]["path"]
+    with (project / edited).open("a") as f:
+        f.write(json.dumps({"question": "One more?", "reply": "Yes."}) + "\n")
+    status = json.loads(pc.run(["dvc", "status", "--json", "ingest_records"], project))
+    assert status == {"ingest_records": [{"changed deps": {edited: "modified"}}]}, status

@@ -286,9 +286,14 @@ def _with_spans(segments: list[dict[str, Any]], spans) -> list[dict[str, Any]]:
     return out
 
 
+_PREPARED_KEYS = (*CONTROL_KEYS, REASONING_KEY)
+
+
 def _prepared(messages, mode: str | None, inline: set[int]) -> list[dict[str, Any]]:
     """Messages as the template takes them: control keys removed, reasoning under the key the
     template reads, or written into the content of the turns in `inline` (dropped elsewhere)."""
+    if not any(key in m for m in messages for key in _PREPARED_KEYS):
+        return messages  # the common case: nothing to move or remove (never mutated below)
     out = []
     for k, message in enumerate(messages):
         message = {key: v for key, v in message.items() if key not in CONTROL_KEYS}
@@ -305,10 +310,11 @@ def _prepared(messages, mode: str | None, inline: set[int]) -> list[dict[str, An
 
 def _checked(renderer, row: dict[str, Any], messages, reasoned: list[int]) -> dict[str, Any]:
     """The row, once every trained turn's reasoning is found in its supervised text."""
+    if not reasoned:
+        return row
     supervised = "".join(s["text"] for s in row["segments"] if s["supervised"])
-    if reasoned:
-        # Evaluation scores the answer alone and whether generations close their reasoning.
-        row["reasoning"] = True
+    # Evaluation scores the answer alone and whether generations close their reasoning.
+    row["reasoning"] = True
     for i in reasoned:
         if reasoning_of(messages[i]).strip() not in supervised:
             raise ReasoningDroppedError(
