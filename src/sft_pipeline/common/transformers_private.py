@@ -20,8 +20,9 @@ fails at once, naming it, instead of leaving an override that silently never run
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 CHECKED_AGAINST = "5.24.0"
@@ -56,9 +57,15 @@ def learning_rate(trainer: Any) -> float:
 
 def compiled_template(template: str) -> Any:
     """transformers' compiled (cached, sandboxed) jinja template of a chat template text."""
+    return _compiler()(template)
+
+
+@functools.cache
+def _compiler() -> Callable[[str], Any]:
+    # Looked up once: every render asks for its template (to pin the clock).
     from transformers.utils.chat_template_utils import _compile_jinja_template
 
-    return _compile_jinja_template(template)
+    return _compile_jinja_template
 
 
 def template_control_tokens(tokenizer: Any, template: str) -> tuple[str, ...]:

@@ -35,11 +35,21 @@ def type_name(value: Any) -> str:
 
 
 def dict_turns(view: View) -> list[tuple[int, dict[str, Any]]]:
-    """(1-based position, turn) for every turn that is an object; other shapes have own rules."""
-    turns = view["turns"]
-    if not isinstance(turns, list):
-        return []
-    return [(i, t) for i, t in enumerate(turns, 1) if isinstance(t, dict)]
+    """(1-based position, turn) for every turn that is an object; other shapes have own rules.
+    Found once per record (most rules ask) and kept in the view; read it, never change it."""
+    found = view.get(_DICT_TURNS)
+    if found is None:
+        turns = view["turns"]
+        found = (
+            [(i, t) for i, t in enumerate(turns, 1) if isinstance(t, dict)]
+            if isinstance(turns, list)
+            else []
+        )
+        view[_DICT_TURNS] = found
+    return found
+
+
+_DICT_TURNS = "_dict_turns"
 
 
 def label(i: int, turn: dict[str, Any]) -> str:
