@@ -3,10 +3,7 @@
 Each row's segments are joined into the exact model text and encoded (`sft_pipeline.data.encoding`:
 ids and character offsets, a leading BOS split off, control-token text kept literal or not).
 Labels come from character spans: a token is supervised when its first non-whitespace character
-lies in a supervised segment. Anchoring on the first non-whitespace character handles
-SentencePiece tokens whose offsets start at the space they absorbed (`▁Paris` after `[/INST]`),
-byte-level BPE tokens such as `ĠParis` after `Assistant: `, and added tokens that swallow the
-whitespace after them (Phi-3's `<|end|>` covers `<|end|>\\n`).
+lies in a supervised segment (`sft_pipeline.data.token_anchors` says why that character).
 
 `tokenization.special_tokens_in_content` decides what becomes of a row whose content spells a
 control token: `literal` (the default) encodes that text as ordinary text, `reject` quarantines
@@ -30,7 +27,6 @@ import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -49,6 +45,12 @@ from sft_pipeline.data.encoding import (
     literal_texts,
     require_fast,
 )
+from sft_pipeline.data.token_anchors import (
+    WEIGHT_KEY,
+    char_values,
+    supervised_char_mask,
+    token_values,
+)
 
 # Importers of the encoding (generation, the GGUF check) also find it here.
 __all__ = [
@@ -59,7 +61,6 @@ __all__ = [
     "encoded_rows",
     "summarize_token_stats",
     "token_features",
-    "token_supervision",
     "tokenize_batch",
     "tokenize_texts",
     "truncate_or_reject",
@@ -77,8 +78,6 @@ FEATURES = Features(
         "labels": HFSequence(Value("int32")),
     }
 )
-# A supervised segment's turn weight (module doc); tokens get it in the `LOSS_WEIGHTS` column.
-WEIGHT_KEY = "weight"
 # A JSON Lines row's segment with a weight, as `json.dumps` writes the key.
 _WEIGHT_BYTES = b'"' + WEIGHT_KEY.encode() + b'": '
 
@@ -105,54 +104,6 @@ def weighted_rows(texts) -> bool:
             else:
                 return False
     return any(WEIGHT_KEY in seg for row in texts for seg in row.get("segments", ()))
-
-
-def supervised_char_mask(segments: Sequence[dict[str, Any]]) -> tuple[str, np.ndarray]:
-    """The joined text and a per-character flag (length len(text) + 1) of supervised text."""
-    text = "".join(s["text"] for s in segments)
-    return text, char_values(segments, len(text), bool)
-
-
-def char_values(segments: Sequence[dict[str, Any]], n: int, dtype) -> np.ndarray:
-    """Per character of the `n` joined characters (and one past the end): its segment's weight
-    where supervised (1 unless it says), else 0; as `dtype` (bool: the supervised flag)."""
-    values = np.zeros(n + 1, dtype=dtype)
-    pos = 0
-    for seg in segments:
-        end = pos + len(seg["text"])
-        if seg["supervised"]:
-            values[pos:end] = seg.get(WEIGHT_KEY, 1.0)
-        pos = end
-    return values
-
-
-# str.isspace for every code point up to U+3000, the last whitespace character in Unicode.
-_SPACE = np.array([chr(c).isspace() for c in range(0x3001)], dtype=bool)
-
-
-def whitespace_mask(text: str) -> np.ndarray:
-    """Per character of `text`: `str.isspace()`, computed over the code points at once."""
-    codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-    return _SPACE[np.minimum(codes, len(_SPACE) - 1)] & (codes < len(_SPACE))
-
-
-def token_supervision(
-    text: str, char_mask: np.ndarray, offsets: Sequence[Sequence[int]] | np.ndarray
-):
-    """Per token: is it supervised (by its first non-whitespace character, see module doc)."""
-    is_space = whitespace_mask(text)
-    # next_solid[c] = index of the first non-whitespace character at or after c.
-    positions = np.where(is_space, len(text), np.arange(len(text)))
-    next_solid = np.append(np.minimum.accumulate(positions[::-1])[::-1], len(text))
-    if isinstance(offsets, np.ndarray):
-        spans = offsets
-    else:
-        flat = chain.from_iterable(offsets)  # np.fromiter: ~3x faster than asarray on tuples
-        spans = np.fromiter(flat, dtype=np.int64, count=2 * len(offsets)).reshape(-1, 2)
-    starts, ends = spans[:, 0], spans[:, 1]
-    anchor = next_solid[starts]
-    anchor = np.where(anchor < ends, anchor, starts)
-    return char_mask[anchor]
 
 
 @dataclass
@@ -289,10 +240,15 @@ def tokenize_batch(
     `loss_weights` when `weighted`); what became of the rows that are not in it (or were cut)
     goes to `outcome`."""
     record_ids, id_rows, label_rows, weight_rows = [], [], [], []
-    for row, text, char_mask, ids, offsets in encoded_rows(
-        tokenizer, batch, special_tokens_in_content, outcome
-    ):
-        supervised = token_supervision(text, char_mask, offsets) if ids else np.zeros(0, bool)
+    encoded = list(encoded_rows(tokenizer, batch, special_tokens_in_content, outcome))
+    texts = [text for _, text, _, _, _ in encoded]
+    offsets_rows = [offsets for *_, offsets in encoded]
+    flags = token_values(texts, [mask for _, _, mask, _, _ in encoded], offsets_rows)
+    if weighted:
+        weights = [char_values(row["segments"], len(text), np.float32) for row, text, *_ in encoded]
+        token_weights = token_values(texts, weights, offsets_rows)
+    for k, (row, _text, _, ids, _) in enumerate(encoded):
+        supervised = flags[k]
         kept = truncate_or_reject(row["record_id"], ids, supervised, limit, outcome)
         if kept is None:
             continue
@@ -302,8 +258,7 @@ def tokenize_batch(
         id_rows.append(ids_arr)
         label_rows.append(np.where(supervised, ids_arr, np.int32(IGNORE_INDEX)).astype(np.int32))
         if weighted:
-            weights = char_values(row["segments"], len(text), np.float32)
-            weight_rows.append(token_supervision(text, weights, offsets)[: len(ids)])
+            weight_rows.append(token_weights[k][: len(ids)])
     lengths = np.fromiter((len(r) for r in id_rows), np.int32, len(id_rows))
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32))
 

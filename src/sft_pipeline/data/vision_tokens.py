@@ -41,11 +41,11 @@ from datasets import Sequence as HFSequence
 from sft_pipeline.common.labels import IGNORE_INDEX
 from sft_pipeline.data import images
 from sft_pipeline.data.streams import SHAPE_SUFFIX
+from sft_pipeline.data.token_anchors import token_supervision
 from sft_pipeline.data.tokenization import (
     FEATURES,
     Outcome,
     encoded_rows,
-    token_supervision,
     truncate_or_reject,
 )
 
