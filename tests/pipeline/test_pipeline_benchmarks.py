@@ -1,8 +1,9 @@
 """Benchmarks through `kedro run` equal lm-evaluation-harness run directly on the same models and
 task files: a local multiple-choice task (the shipped probe) and a local generation task, with
 the chat template (a chat model) and without (a base model without a template). The same
-project then shows the two ways a benchmark stops a run with exit code 1, naming the task: a
-regression beyond `evaluation.max_regression`, and a missing data file (before any model loads)."""
+project then shows a benchmark stopping a run with exit code 1, naming the task: a regression
+beyond `evaluation.max_regression` (a missing data file stops it before any model loads:
+tests/evaluation/test_benchmarks.py)."""
 
 from __future__ import annotations
 
@@ -204,12 +205,3 @@ def test_benchmarks_in_kedro_run_equal_lm_eval_run_directly(tmp_path, chat):
         text = failed.stdout + failed.stderr
         assert failed.returncode == 1, text[-3000:]
         assert "evaluation.max_regression=0.1" in text and "base_pick acc: base 1, tuned" in text
-
-        # A missing task dataset: one clear error naming the task, exit code 1, and no model
-        # loaded (the evaluation node fails before reading a weight).
-        (project / "conf/base/benchmarks/data/base_pick.jsonl").unlink()
-        failed = _kedro(project, "run", "--pipeline=sft", "--nodes=evaluate_model")
-        assert failed.returncode == 1
-        text = failed.stdout + failed.stderr
-        assert "task 'base_pick'" in text and "does not exist" in text
-        assert "Loading weights" not in text
