@@ -140,14 +140,15 @@ def tiny_model_dir(tmp_path_factory):
     return make
 
 
-# The files of the longest tests, in the order the two workers start them: the first builds the
-# reproduced DVC project the others copy (tests/project_copy.py), the second needs no project,
-# so neither worker waits for the build.
+# The files of the longest tests, in the order the two workers start them. xdist gives a worker
+# its next file while it still has two tests to run, so: the first file builds the reproduced
+# DVC project the others copy (tests/project_copy.py); the second worker meanwhile runs two
+# files that need no project (one minute, then about one), and only then one that copies it.
 START_FIRST = (
     "repro/test_dvc.py",
     "finetune/test_process_tree.py",
-    "repro/test_dvc_experiments.py",
     "pipeline/test_pipeline_benchmarks.py",
+    "repro/test_dvc_experiments.py",
     "repro/test_dvc_remotes.py",
 )
 
