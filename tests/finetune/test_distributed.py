@@ -272,7 +272,7 @@ def test_two_machines_on_loopback_started_in_either_order_equal_one_process(
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-            time.sleep(4)  # the other machine starts after this one waits for it
+            time.sleep(4)  # the other machine starts seconds after this one (in its rendezvous)
         for name, process in started.items():
             assert process.wait(timeout=400) == 0, (tmp_path / f"{name}.log").read_text()[-4000:]
     finally:
