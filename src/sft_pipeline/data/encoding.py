@@ -82,7 +82,7 @@ def encode_prompted(
     tails_ids, tails_offsets = _encode(tokenizer, ["\n" + texts[k][cuts[k] :] for k in rest])
     skip, shift = [0] * len(rest), [0] * len(rest)
     for j, k in enumerate(rest):
-        if list(tails_ids[j][:n]) == newline:
+        if tails_ids[j][:n] == newline:
             skip[j], shift[j] = n, cuts[k] - 1
         else:  # the newline merged with the continuation's start: encode it on its own
             (tails_ids[j],), (tails_offsets[j],) = _encode(tokenizer, [texts[k][cuts[k] :]])

@@ -158,8 +158,12 @@ def encoded_rows(
         outcome.parsed.extend(row["record_id"] for row in batch if literal_texts(row["segments"]))
     joined = [supervised_char_mask(row["segments"]) for row in batch]
     literal = [mode != "parse" and bool(literal_texts(row["segments"])) for row in batch]
-    plain = [(text, mask) for (text, mask), lit in zip(joined, literal, strict=True) if not lit]
-    texts, cuts = [text for text, _ in plain], [_prompt_end(text, m, bos) for text, m in plain]
+    plain = [
+        (row["segments"], text)
+        for row, (text, _), lit in zip(batch, joined, literal, strict=True)
+        if not lit
+    ]
+    texts, cuts = [text for _, text in plain], [_prompt_end(segs, t, bos) for segs, t in plain]
     plain_rows = zip(*encode_prompted(tokenizer, texts, cuts), strict=True) if plain else iter(())
     for row, (text, char_mask), lit in zip(batch, joined, literal, strict=True):
         if not lit:
@@ -183,10 +187,15 @@ def encoded_rows(
         yield row, text, char_mask, ids, offsets
 
 
-def _prompt_end(text: str, mask: np.ndarray, bos: str) -> int:
-    """Where a row's prompt ends (its first supervised character), 0 for a row with no prompt
-    beyond BOS (text records)."""
-    first = int(np.argmax(mask[: len(text)])) if len(text) and mask[: len(text)].any() else 0
+def _prompt_end(segments: Sequence[dict[str, Any]], text: str, bos: str) -> int:
+    """Where a row's prompt ends (its first supervised character, as `supervised_char_mask`
+    marks them), 0 for a row with no prompt beyond BOS (text records)."""
+    first = pos = 0
+    for seg in segments:
+        if seg["supervised"] and seg["text"] and seg.get(WEIGHT_KEY, 1.0):
+            first = pos
+            break
+        pos += len(seg["text"])
     if bos and text.startswith(bos) and first <= len(bos):
         return 0
     return first
