@@ -26,15 +26,20 @@ def supervised_char_mask(segments: Sequence[dict[str, Any]]) -> tuple[str, np.nd
     return text, char_values(segments, len(text), bool)
 
 
+def segment_value(segment: dict[str, Any]) -> float:
+    """A segment's weight where it is supervised (1 unless it says), else 0."""
+    return segment.get(WEIGHT_KEY, 1.0) if segment["supervised"] else 0.0
+
+
 def char_values(segments: Sequence[dict[str, Any]], n: int, dtype) -> np.ndarray:
-    """Per character of the `n` joined characters (and one past the end): its segment's weight
-    where supervised (1 unless it says), else 0; as `dtype` (bool: the supervised flag)."""
+    """Per character of the `n` joined characters (and one past the end): its segment's
+    `segment_value`, as `dtype` (bool: the supervised flag)."""
     values = np.zeros(n + 1, dtype=dtype)
     pos = 0
     for seg in segments:
         end = pos + len(seg["text"])
         if seg["supervised"]:
-            values[pos:end] = seg.get(WEIGHT_KEY, 1.0)
+            values[pos:end] = segment_value(seg)
         pos = end
     return values
 
@@ -70,13 +75,13 @@ def token_values(
     if not texts:
         return []
     joined = "\0".join(texts) + "\0"
-    starts = np.zeros(len(texts), dtype=np.int64)
-    np.cumsum([len(t) + 1 for t in texts[:-1]], out=starts[1:])
-    ends = starts + np.fromiter((len(t) for t in texts), np.int64, len(texts))
+    sizes = np.fromiter((len(t) + 1 for t in texts), np.int64, len(texts))  # with the sentinel
+    starts = np.cumsum(sizes) - sizes
+    ends = starts + sizes - 1
     is_space = whitespace_mask(joined)
     # next_solid[c] = index of the first non-whitespace character at or after c (a sentinel
     # at the latest); whitespace stands for its row's end, which nothing of the row lies past.
-    row_end = np.repeat(ends, [len(t) + 1 for t in texts])
+    row_end = np.repeat(ends, sizes)
     positions = np.where(is_space, row_end, np.arange(len(joined)))
     next_solid = np.minimum.accumulate(positions[::-1])[::-1]
     spans = [o if isinstance(o, np.ndarray) else _spans(o) for o in offsets]

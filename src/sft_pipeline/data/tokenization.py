@@ -48,6 +48,7 @@ from sft_pipeline.data.encoding import (
 from sft_pipeline.data.token_anchors import (
     WEIGHT_KEY,
     char_values,
+    segment_value,
     supervised_char_mask,
     token_values,
 )
@@ -192,7 +193,7 @@ def _prompt_end(segments: Sequence[dict[str, Any]], text: str, bos: str) -> int:
     marks them), 0 for a row with no prompt beyond BOS (text records)."""
     first = pos = 0
     for seg in segments:
-        if seg["supervised"] and seg["text"] and seg.get(WEIGHT_KEY, 1.0):
+        if seg["text"] and segment_value(seg):
             first = pos
             break
         pos += len(seg["text"])
